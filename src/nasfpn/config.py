@@ -1,0 +1,292 @@
+"""Configuration dataclasses: model, data and training settings.
+
+A config is plain data. Named presets live in ``presets.py``; a user YAML file and
+``key=value`` overrides refine them (``resolve_config``). ``config_to_dict`` and
+``config_from_dict`` turn a config into JSON-able data and back, so a checkpoint can carry
+the exact config it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    depth: int = 50
+    """ResNet depth: 10, 18, 34, 50 or 101 (10 is the paper's proxy-search backbone)."""
+    frozen_stages: int = 1
+    """Stages kept frozen (weights fixed, BN in eval mode): 0 = none, 1 = stem + layer1, ..."""
+    norm_eval: bool = False
+    """Keep every backbone BN in eval mode while training."""
+    pretrained: str | None = None
+    """ImageNet weights: "torchvision" (the torchvision ImageNet-1k v1 checkpoint), a URL or a file."""
+
+
+@dataclass(frozen=True)
+class NeckConfig:
+    kind: str = "nasfpn"
+    """"fpn" (the crop-640 FPN: BN convs, P6 from C5, ReLU before P7) or "nasfpn"."""
+    channels: int = 256
+    stacks: int = 7
+    """NAS-FPN: number of stacked pyramid networks."""
+    genotype: str = "nasfpn"
+    """NAS-FPN: a named genotype ("nasfpn", "fpn") or a genotype string (see models/nasfpn.py)."""
+    checkpoint_stacks: bool = False
+    """NAS-FPN: recompute each stack in the backward pass (activation checkpointing)."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    num_classes: int = 80
+    stacked_convs: int = 4
+    feat_channels: int = 256
+    separate_bn: bool = True
+    """Shared convs with one BN per level (MMDetection's RetinaSepBNHead); False: plain shared head."""
+    prior_prob: float = 0.01
+    deep_supervision: bool = False
+    """Anytime detection: also run the head on every intermediate NAS-FPN stack while training."""
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    octave_base_scale: float = 4.0
+    scales_per_octave: int = 3
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """Height / width ratios."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cls_weight: float = 1.0
+    box_weight: float = 1.0
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: float = 0.5
+    min_pos_iou: float = 0.0
+    match_low_quality: bool = True
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    score_thr: float = 0.05
+    nms_pre: int = 1000
+    """(anchor, class) pairs kept per level before NMS."""
+    nms_iou: float = 0.5
+    max_per_img: int = 100
+    min_bbox_size: float = 0.0
+    wh_ratio_clip: float = 16 / 1000
+    """Box-delta clamp: |dw|, |dh| <= |log(wh_ratio_clip)|."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 640
+    """Test: long side resized to this; train: crop size."""
+    pad_divisor: int = 128
+    """Test-time padding: height and width rounded up to a multiple of this."""
+    train_pad_to_size: bool = True
+    """Train: pad every image to image_size x image_size."""
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    """Train: random resize of the long side to image_size * U(lo, hi)."""
+    flip_prob: float = 0.5
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    """RGB mean in 0..255 pixel units."""
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    batch_size: int = 8
+    """Images per device."""
+    workers: int = 4
+    class_names: tuple[str, ...] = ()
+    """Label names; empty means COCO's 80 classes."""
+    category_ids: tuple[int, ...] = ()
+    """Dataset category id of each label; empty means COCO's ids."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    base_lr: float = 0.08
+    base_batch_size: int = 64
+    """lr is base_lr * total_batch / base_batch_size."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    norm_weight_decay: float = 0.0
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.1
+    milestones: tuple[int, ...] = (30, 40)
+    """Epochs after which lr is multiplied by gamma."""
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+    """Max global grad norm; 0 disables clipping."""
+    amp: str = "none"
+    """Mixed precision: "none", "bf16" or "fp16"."""
+    max_bad_steps: int = 20
+    """Stop after this many consecutive non-finite losses."""
+    eval_interval: int = 1
+    """Evaluate every this many epochs (and after the last)."""
+    seed: int = 0
+    deterministic: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-able nested dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert ``value`` (from JSON/YAML/CLI) to the dataclass field type ``tp``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} fits none of {tp}: {errors}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported field type {tp}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown key(s) {unknown}; valid: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data, "")
+
+
+def merge_dict(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values of ``update`` win, nested mappings merge."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dict(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.epochs=12"`` -> ``{"train": {"epochs": "12"}}`` (typed later by the dataclass)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"override {text!r} has an empty key")
+    import yaml
+
+    parsed: Any = yaml.safe_load(value) if value.strip() else ""
+    # Keep strings that YAML would turn into dates etc. as written.
+    if not isinstance(parsed, (int, float, bool, list, dict, type(None), str)):
+        parsed = value
+    out: dict[str, Any] = {parts[-1]: parsed}
+    for p in reversed(parts[:-1]):
+        out = {p: out}
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
+    """Refine ``cfg`` by a YAML/JSON file, then by ``key=value`` overrides."""
+    data = config_to_dict(cfg)
+    if file is not None:
+        import yaml
+
+        path = Path(file)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ValueError(f"cannot read config file {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at top level")
+        data = merge_dict(data, loaded)
+    for text in overrides or []:
+        data = merge_dict(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

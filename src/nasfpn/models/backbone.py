@@ -1,0 +1,112 @@
+"""ResNet backbone (pytorch style: stride on the 3x3 conv), returning C3, C4, C5.
+
+Module names equal torchvision's and MMDetection's (``conv1``, ``bn1``, ``layer1.0.conv1``,
+``layer2.0.downsample.0``, ...), so ImageNet checkpoints of either load without renaming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+# depth -> (block, blocks per stage). Depth 10 is the paper's proxy-task backbone.
+_SPECS: dict[int, tuple[type[nn.Module], list[int]]] = {
+    10: (tv_resnet.BasicBlock, [1, 1, 1, 1]),
+    18: (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+    34: (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+    50: (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    101: (tv_resnet.Bottleneck, [3, 4, 23, 3]),
+}
+
+_TORCHVISION_WEIGHTS = {
+    18: tv_resnet.ResNet18_Weights.IMAGENET1K_V1,
+    34: tv_resnet.ResNet34_Weights.IMAGENET1K_V1,
+    50: tv_resnet.ResNet50_Weights.IMAGENET1K_V1,
+    101: tv_resnet.ResNet101_Weights.IMAGENET1K_V1,
+}
+
+
+class ResNet(nn.Module):
+    """ResNet trunk without the classifier.
+
+    ``forward(x)`` returns ``[C3, C4, C5]`` (strides 8, 16, 32). ``feature_channels`` lists
+    their channel counts for the neck. ``frozen_stages`` freezes the stem (1) and the first
+    ``frozen_stages`` residual stages: no gradient, BN in eval mode. ``norm_eval`` keeps every
+    BN in eval mode while training.
+    """
+
+    def __init__(self, depth: int = 50, frozen_stages: int = 1, norm_eval: bool = False) -> None:
+        super().__init__()
+        if depth not in _SPECS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_SPECS)}, got {depth}")
+        if not 0 <= frozen_stages <= 4:
+            raise ValueError(f"frozen_stages must be in 0..4, got {frozen_stages}")
+        block, layers = _SPECS[depth]
+        net = tv_resnet.ResNet(block, layers)  # type: ignore[arg-type]
+        self.depth = depth
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        expansion = block.expansion  # type: ignore[attr-defined]
+        self.feature_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.feature_strides = [8, 16, 32]
+        self._freeze()
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages == 0:
+            return []
+        return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNet":
+        super().train(mode)
+        if mode:
+            for m in self._frozen_modules():
+                m.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+
+    def load_imagenet(self, source: str) -> None:
+        """Load ImageNet weights: "torchvision", an http(s) URL, or a local file (torchvision layout)."""
+        from ..interop.weights import load_state_dict_file, resolve_source
+
+        if source == "torchvision":
+            if self.depth not in _TORCHVISION_WEIGHTS:
+                raise ValueError(f"torchvision publishes no ImageNet weights for ResNet-{self.depth}")
+            source = _TORCHVISION_WEIGHTS[self.depth].url
+        state = load_state_dict_file(resolve_source(source))
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"ImageNet weights {source} do not fit ResNet-{self.depth}: "
+                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+
+
+def build_backbone(depth: int, frozen_stages: int, norm_eval: bool, pretrained: str | Path | None = None) -> ResNet:
+    model = ResNet(depth, frozen_stages, norm_eval)
+    if pretrained:
+        model.load_imagenet(str(pretrained))
+    return model

@@ -1,0 +1,64 @@
+"""RetinaNet head: conv towers shared across pyramid levels, then class and box predictors.
+
+With ``separate_bn`` (MMDetection's RetinaSepBNHead) each tower conv is shared by all levels
+but followed by one BN per level; without it (the plain RetinaNet head) the tower convs carry
+a bias and no norm. Outputs per level: class logits ``(N, A*K, H, W)`` with channel
+``anchor * K + class``, and box deltas ``(N, A*4, H, W)`` with channel ``anchor * 4 + (dx, dy, dw, dh)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RetinaHead(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, num_anchors: int, stacked_convs: int = 4,
+                 feat_channels: int = 256, separate_bn: bool = True, num_levels: int = 5,
+                 prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+        self.separate_bn = separate_bn
+        self.num_levels = num_levels
+        chans = [in_channels] + [feat_channels] * (stacked_convs - 1)
+        self.cls_convs = nn.ModuleList(nn.Conv2d(c, feat_channels, 3, padding=1, bias=not separate_bn) for c in chans)
+        self.reg_convs = nn.ModuleList(nn.Conv2d(c, feat_channels, 3, padding=1, bias=not separate_bn) for c in chans)
+        if separate_bn:
+            # cls_norms[level][i] follows cls_convs[i] on that level.
+            self.cls_norms = nn.ModuleList(
+                nn.ModuleList(nn.BatchNorm2d(feat_channels) for _ in chans) for _ in range(num_levels)
+            )
+            self.reg_norms = nn.ModuleList(
+                nn.ModuleList(nn.BatchNorm2d(feat_channels) for _ in chans) for _ in range(num_levels)
+            )
+        self.retina_cls = nn.Conv2d(feat_channels, num_anchors * num_classes, 3, padding=1)
+        self.retina_reg = nn.Conv2d(feat_channels, num_anchors * 4, 3, padding=1)
+
+        for conv in [*self.cls_convs, *self.reg_convs, self.retina_cls, self.retina_reg]:
+            nn.init.normal_(conv.weight, std=0.01)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        # Focal-loss prior: every anchor starts as background with probability 1 - prior_prob.
+        nn.init.constant_(self.retina_cls.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def _tower(self, x: torch.Tensor, convs: nn.ModuleList, norms: nn.ModuleList | None) -> torch.Tensor:
+        for i, conv in enumerate(convs):
+            x = conv(x)
+            if norms is not None:
+                x = norms[i](x)
+            x = torch.relu(x)
+        return x
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if len(feats) != self.num_levels:
+            raise ValueError(f"head built for {self.num_levels} levels got {len(feats)}")
+        cls_out, reg_out = [], []
+        for level, x in enumerate(feats):
+            cls_norms = self.cls_norms[level] if self.separate_bn else None
+            reg_norms = self.reg_norms[level] if self.separate_bn else None
+            cls_out.append(self.retina_cls(self._tower(x, self.cls_convs, cls_norms)))
+            reg_out.append(self.retina_reg(self._tower(x, self.reg_convs, reg_norms)))
+        return cls_out, reg_out

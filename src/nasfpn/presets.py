@@ -1,0 +1,121 @@
+"""Named configs. Each preset is one plain ``Config``; variants are ``dataclasses.replace`` of it.
+
+The two crop-640 presets carry every value of MMDetection's
+``configs/nas_fpn/retinanet_r50_{fpn,nasfpn}_crop640-50e_coco.py``: ResNet-50 (frozen stem +
+layer1, BN trainable), RetinaSepBNHead, anchors 4 * 2^(k/3) x {0.5, 1, 2}, focal + L1 losses,
+max-IoU assignment at 0.5/0.5, SGD 0.08 @ batch 64, warm-up 1000 iterations from 0.1x,
+x0.1 at epochs 30 and 40 of 50, test-time score 0.05 / top-1000 / NMS 0.5 / 100 per image;
+pad to a multiple of 64 (FPN) or 128 (NAS-FPN) at test time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .config import (
+    BackboneConfig,
+    Config,
+    DataConfig,
+    HeadConfig,
+    ModelConfig,
+    NeckConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    merge_dict,
+    config_to_dict,
+)
+
+_R50_IMAGENET = BackboneConfig(depth=50, frozen_stages=1, norm_eval=False, pretrained="torchvision")
+
+RETINANET_R50_NASFPN = Config(
+    name="retinanet_r50_nasfpn_crop640_50e",
+    model=ModelConfig(
+        backbone=_R50_IMAGENET,
+        neck=NeckConfig(kind="nasfpn", channels=256, stacks=7, genotype="nasfpn"),
+        head=HeadConfig(num_classes=80, stacked_convs=4, feat_channels=256, separate_bn=True),
+    ),
+    data=DataConfig(image_size=640, pad_divisor=128, batch_size=8, workers=4),
+    train=TrainConfig(),
+)
+
+RETINANET_R50_FPN = replace(
+    RETINANET_R50_NASFPN,
+    name="retinanet_r50_fpn_crop640_50e",
+    model=replace(RETINANET_R50_NASFPN.model, neck=NeckConfig(kind="fpn", channels=256)),
+    data=replace(RETINANET_R50_NASFPN.data, pad_divisor=64),
+)
+
+
+def nasfpn_scaled(stacks: int, width: int, size: int, depth: int = 50) -> Config:
+    """The paper's scalable NAS-FPN family: stack count N, feature width, input size, backbone."""
+    base = RETINANET_R50_NASFPN
+    # Head width follows the pyramid width, as in the paper's scaled models.
+    return replace(
+        base,
+        name=f"retinanet_r{depth}_nasfpn_{stacks}x{width}_{size}",
+        model=replace(
+            base.model,
+            backbone=replace(base.model.backbone, depth=depth),
+            neck=replace(base.model.neck, stacks=stacks, channels=width),
+            head=replace(base.model.head, feat_channels=width),
+        ),
+        data=replace(base.data, image_size=size),
+    )
+
+
+# Small model for the embedded synthetic data: trains from scratch on a CPU in minutes.
+NASFPN_TINY = Config(
+    name="nasfpn_tiny",
+    model=ModelConfig(
+        backbone=BackboneConfig(depth=18, frozen_stages=0, norm_eval=False, pretrained=None),
+        neck=NeckConfig(kind="nasfpn", channels=64, stacks=2, genotype="nasfpn"),
+        head=HeadConfig(num_classes=80, stacked_convs=2, feat_channels=64, separate_bn=True),
+    ),
+    data=DataConfig(image_size=256, pad_divisor=128, batch_size=8, workers=2),
+    train=TrainConfig(
+        epochs=12,
+        base_lr=0.02,
+        base_batch_size=8,
+        warmup_iters=100,
+        milestones=(9, 11),
+    ),
+)
+
+
+PRESETS: dict[str, Config] = {
+    c.name: c
+    for c in (
+        RETINANET_R50_FPN,
+        RETINANET_R50_NASFPN,
+        # Paper Table 1 / Fig. 8 style scaling of the discovered pyramid.
+        nasfpn_scaled(3, 256, 640),
+        nasfpn_scaled(5, 256, 640),
+        nasfpn_scaled(7, 256, 1024),
+        nasfpn_scaled(7, 256, 1280),
+        nasfpn_scaled(7, 384, 1280),
+        nasfpn_scaled(7, 256, 1280, depth=101),
+        NASFPN_TINY,
+    )
+}
+
+
+def get_config(name_or_path: str | Path, overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
+    """Resolve a preset name (or a YAML/JSON config file), then apply a file and overrides."""
+    text = str(name_or_path)
+    if text in PRESETS:
+        cfg = PRESETS[text]
+    elif text.endswith((".yaml", ".yml", ".json")):
+        import yaml
+
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at top level")
+        cfg = config_from_dict(merge_dict(config_to_dict(Config()), data))
+    else:
+        raise ValueError(f"unknown model {text!r}; presets: {', '.join(PRESETS)}; or give a .yaml/.json config file")
+    return apply_overrides(cfg, overrides, file)
