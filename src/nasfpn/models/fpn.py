@@ -20,7 +20,7 @@ class FPN(nn.Module):
         if len(in_channels) != 3:
             raise ValueError(f"FPN expects C3, C4, C5 (3 inputs), got {len(in_channels)}")
         self.out_channels = channels
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.lateral_convs = nn.ModuleList(ConvBN(c, channels, 1, norm=False) for c in in_channels)
         # fpn_convs[0..2]: outputs P3..P5; [3]: P6 from C5; [4]: P7 from ReLU(P6).
         self.fpn_convs = nn.ModuleList(
             [ConvBN(channels, channels, 3) for _ in in_channels]

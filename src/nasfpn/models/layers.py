@@ -9,20 +9,22 @@ from torch import nn
 
 
 class ConvBN(nn.Module):
-    """Conv2d followed by BatchNorm (no bias in the conv: BN cancels it), optional ReLU after.
+    """Conv2d followed by BatchNorm (then the conv has no bias: BN cancels it), optional ReLU.
 
-    Child names ``conv`` and ``bn`` match MMDetection's ConvModule, so its state-dict keys map
-    one to one.
+    With ``norm=False`` it is a plain conv with bias. Child names ``conv`` and ``bn`` match
+    MMDetection's ConvModule, so its state-dict keys map one to one.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, relu: bool = False) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, norm: bool = True, relu: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch)
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=not norm)
+        self.bn = nn.BatchNorm2d(out_ch) if norm else None
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
         return torch.relu(x) if self.relu else x
 
 
