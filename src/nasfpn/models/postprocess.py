@@ -40,6 +40,14 @@ def select_topk(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anch
     return scores, torch.cat(labels_all, 1), torch.cat(deltas_all, 1), torch.cat(anchors_all, 1), scores > score_thr
 
 
+def class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
+    """Greedy NMS within each group (class, or image x class): indices kept, by descending score.
+
+    A box is suppressed by a higher-scored one of its group with IoU > ``iou`` (area without +1).
+    """
+    return batched_nms(boxes, scores, groups, iou)
+
+
 def postprocess(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anchors: list[torch.Tensor],
                 metas: list[ImageMeta], num_classes: int, cfg: TestConfig) -> list[dict[str, torch.Tensor]]:
     """Detections per image: ``boxes (D, 4)`` xyxy in original pixels, ``scores (D,)``, ``labels (D,)``."""
@@ -56,7 +64,7 @@ def postprocess(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anch
     image_idx = torch.arange(n, device=device)[:, None].expand_as(labels)
     boxes, scores, labels, image_idx = boxes[keep], scores[keep].float(), labels[keep], image_idx[keep]
     # One NMS call for the whole batch: boxes interact only within the same (image, class).
-    kept = batched_nms(boxes, scores, image_idx * num_classes + labels, cfg.nms_iou)
+    kept = class_aware_nms(boxes, scores, image_idx * num_classes + labels, cfg.nms_iou)
     results = []
     for i in range(n):
         k = kept[image_idx[kept] == i][: cfg.max_per_img]

@@ -1,0 +1,111 @@
+"""The Python entry point: ``nasfpn.load(...)`` returns a ready ``Detector``.
+
+    det = nasfpn.load("retinanet_r50_nasfpn_crop640_50e", weights="model.safetensors")
+    results = det.predict([rgb_uint8_array])   # one dict per image
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from .config import Config, config_from_dict, config_to_dict
+from .models import RetinaNet, build_model
+from .presets import get_config
+
+
+class Detector:
+    """A RetinaNet with its config, pre-processing and label names."""
+
+    def __init__(self, model: RetinaNet, config: Config, device: str | torch.device = "cpu") -> None:
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        data = config.data
+        k = config.model.head.num_classes
+        self.class_names = tuple(data.class_names) or (COCO_CLASSES if k == 80 else tuple(f"class_{i}" for i in range(k)))
+        self.category_ids = tuple(data.category_ids) or (COCO_CATEGORY_IDS if k == 80 else tuple(range(1, k + 1)))
+        if len(self.class_names) != k or len(self.category_ids) != k:
+            raise ValueError(f"config names {len(self.class_names)} classes / {len(self.category_ids)} category ids "
+                             f"for a head with {k} classes")
+
+    def to(self, device: str | torch.device) -> "Detector":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
+                batch_size: int = 8) -> list[dict[str, Any]]:
+        """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
+
+        Returns one dict per image: ``boxes`` float ``(D, 4)`` xyxy in original pixels, ``scores``,
+        ``labels`` (0-based) and ``category_ids`` (the dataset's ids), all numpy arrays.
+        """
+        from .data.transforms import preprocess_batch
+
+        data = self.config.data
+        test_cfg = self.config.model.test
+        if score_thr is not None:
+            test_cfg = replace(test_cfg, score_thr=score_thr)
+        self.model.eval()
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            batch, metas = preprocess_batch(chunk, data.image_size, data.pad_divisor, data.mean, data.std, self.device)
+            dets = self.model.postprocess(self.model(batch), metas, test_cfg)
+            for d in dets:
+                labels = d["labels"].cpu().numpy()
+                out.append({
+                    "boxes": d["boxes"].cpu().numpy(),
+                    "scores": d["scores"].cpu().numpy(),
+                    "labels": labels,
+                    "category_ids": np.asarray(self.category_ids, dtype=np.int64)[labels],
+                })
+        return out
+
+
+def load(name_or_config: str | Path | Config | None = None, weights: str | Path | None = None,
+         device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
+    """Build a detector from a preset name, config file or ``Config``, then load ``weights``.
+
+    ``weights`` may be our ``.safetensors`` (then the config may be omitted: the file carries
+    it), an MMDetection ``.pth`` checkpoint (converted on load), a training checkpoint, or an
+    http(s) URL to any of these (downloaded once to the cache).
+    """
+    from .interop.weights import load_into_model, read_weights
+
+    state, file_config, kind = (None, None, None)
+    if weights is not None:
+        state, file_config, kind = read_weights(weights)
+    if isinstance(name_or_config, Config):
+        config = name_or_config
+    elif name_or_config is not None:
+        config = get_config(name_or_config, overrides)
+    elif file_config is not None:
+        config = config_from_dict(file_config)
+        if overrides:
+            from .config import apply_overrides
+
+            config = apply_overrides(config, overrides)
+    else:
+        raise ValueError("name a preset / config, or pass weights that carry their config (our .safetensors)")
+    # Trained weights replace everything: no need to fetch ImageNet backbone weights first.
+    model = build_model(config.model, pretrained_backbone=state is None)
+    if state is not None:
+        load_into_model(model, state, kind or "state_dict", str(weights))
+    return Detector(model, config, device)
+
+
+def export_weights(detector_or_model: Detector | RetinaNet, config: Config, path: str | Path) -> None:
+    """Save model weights in our format: safetensors with the resolved config as metadata."""
+    from .interop.weights import save_safetensors
+
+    model = detector_or_model.model if isinstance(detector_or_model, Detector) else detector_or_model
+    save_safetensors(model.state_dict(), path, config_to_dict(config))

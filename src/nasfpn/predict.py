@@ -1,0 +1,97 @@
+"""Detection on image files: ``predictions.json`` plus pictures with the boxes drawn.
+
+A file that cannot be read is reported by name and skipped; the others are still processed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_detector(model: str | None, weights: str, device: str = "cpu", overrides: list[str] | None = None,
+                  config_file: str | None = None):
+    """A PyTorch ``Detector`` or, for an ``.onnx`` file, an onnxruntime one with the same ``predict``."""
+    if str(weights).endswith(".onnx"):
+        from .interop.runtime import OnnxDetector
+
+        return OnnxDetector(weights, model, overrides=overrides, config_file=config_file)
+    from .api import load
+    from .presets import get_config
+
+    cfg = get_config(model, overrides, config_file) if model else None
+    return load(cfg, weights=weights, device=device, overrides=None if cfg else overrides)
+
+
+def run_predict(model: str | None, sources: list[str], weights: str, out: str | Path, device: str = "cpu",
+                score_thr: float | None = None, batch_size: int = 4, vis: bool = True, vis_thr: float = 0.3,
+                overrides: list[str] | None = None, config_file: str | None = None) -> list[str]:
+    """Detect objects in every image of ``sources``; returns the files that could not be read."""
+    from .data.io import ImageReadError, list_images, read_image
+
+    out = Path(out)
+    paths = list_images(sources)
+    det = load_detector(model, weights, device, overrides, config_file)
+    records: list[dict[str, Any]] = []
+    failed: list[str] = []
+    vis_dir = out / "vis"
+    used_names: set[str] = set()
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not sys.stderr.isatty()):
+        batch_paths, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(read_image(path))
+                batch_paths.append(path)
+            except ImageReadError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(str(path))
+        if not images:
+            continue
+        results = det.predict(images, score_thr=score_thr, batch_size=batch_size)
+        for path, image, res in zip(batch_paths, images, results):
+            for box, score, label, cat in zip(res["boxes"], res["scores"], res["labels"], res["category_ids"]):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                records.append({
+                    "file_name": str(path),
+                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                    "score": round(float(score), 5),
+                    "category_id": int(cat),
+                    "category_name": det.class_names[int(label)],
+                })
+            if vis:
+                from .vis import draw_detections
+
+                keep = res["scores"] >= vis_thr
+                picture = draw_detections(image, res["boxes"][keep], res["labels"][keep], res["scores"][keep], det.class_names)
+                name = path.stem
+                k = 1
+                while name in used_names:
+                    k += 1
+                    name = f"{path.stem}_{k}"
+                used_names.add(name)
+                vis_dir.mkdir(parents=True, exist_ok=True)
+                picture.save(vis_dir / f"{name}.jpg", quality=90)
+    write_json_atomic(records, out / "predictions.json")
+    n_ok = len(paths) - len(failed)
+    print(f"{n_ok} image(s), {len(records)} detection(s) -> {out / 'predictions.json'}"
+          + (f"; {len(failed)} unreadable: {', '.join(failed)}" if failed else ""))
+    return failed
