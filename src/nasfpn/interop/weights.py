@@ -69,17 +69,38 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """Names of the Python objects a pickle-based file would import (beyond the allowed ones)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        pass
+    # A legacy (non-zip) pickle: list the globals it imports without executing anything.
+    import pickletools
+
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:
+        return found
+    safe_prefixes = ("torch.", "collections.OrderedDict", "numpy.", "_codecs.encode", "builtins.set")
+    return [g for g in found if not g.startswith(safe_prefixes)]
+
+
 def torch_load_safe(path: Path) -> Any:
     """``torch.load`` that only builds tensors, containers, plain values and numpy arrays."""
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        unsafe: list[str] = []
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:
-            pass
+        unsafe = _unsafe_globals(path)
         if unsafe:
             raise WeightsError(
                 f"refusing to load {path}: it is a pickle that would construct or call {', '.join(unsafe[:8])}; "
