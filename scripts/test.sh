@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (installs what it needs first). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/env.sh dev
+. .venv/bin/activate
+exec python -m pytest -q -m "not slow" "$@"
