@@ -47,7 +47,18 @@ def parity_model(request, reference_dir):
     return short, cfg, model
 
 
+_RUNS: dict = {}
+
+
 def _run(model, cfg, reference_dir, image):
+    """Outputs of every stage for one reference image (computed once per model and image)."""
+    key = (id(model), image)
+    if key not in _RUNS:
+        _RUNS[key] = _forward(model, cfg, reference_dir, image)
+    return _RUNS[key]
+
+
+def _forward(model, cfg, reference_dir, image):
     rgb = np.array(Image.open(reference_dir / image).convert("RGB"))
     batch, metas = preprocess_batch([rgb], cfg.data.image_size, cfg.data.pad_divisor, cfg.data.mean, cfg.data.std)
     with torch.no_grad():
