@@ -52,7 +52,7 @@ _RUNS: dict = {}
 
 def _run(model, cfg, reference_dir, image):
     """Outputs of every stage for one reference image (computed once per model and image)."""
-    key = (id(model), image)
+    key = (cfg.name, image)
     if key not in _RUNS:
         _RUNS[key] = _forward(model, cfg, reference_dir, image)
     return _RUNS[key]
