@@ -1,0 +1,221 @@
+"""The proxy task that rewards a genotype, a held-out split, and a cheap stand-in for tests.
+
+The paper rewards an architecture with the AP of a small RetinaNet trained briefly from scratch
+(ResNet-10, 512 px images, 10 epochs) on a held-out part of COCO train2017 (7392 images). A
+proxy trial here is an ordinary training run of ``engine.trainer.train`` with a short schedule,
+in its own folder; the reward is the box AP on the held-out split. Defaults are sized for a
+2-core CPU: about a minute per trial on the embedded synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import (BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig, TrainConfig)
+from ..models.nasfpn import LEVELS, NASFPN_GENOTYPE, Genotype
+
+PAPER_HELD_OUT = 7392
+"""Images the paper held out of COCO train2017 to reward architectures."""
+
+
+# --------------------------------------------------------------------------- held-out split
+def split_held_out(ann_file: str | Path, out_dir: str | Path, held_out: int | float = PAPER_HELD_OUT,
+                   seed: int = 0) -> tuple[Path, Path]:
+    """Carve a held-out part out of a COCO train json, deterministically.
+
+    ``held_out``: a number of images, or a fraction in (0, 1). Images are drawn by a seeded
+    permutation of the sorted image ids, so the same file, size and seed always give the same
+    split. Writes ``{stem}_search_train.json`` and ``{stem}_search_heldout.json`` (same image
+    folder as the input) under ``out_dir`` and returns their paths.
+    """
+    from ..data.coco import load_coco_json
+
+    ann_file = Path(ann_file)
+    data = load_coco_json(ann_file)
+    ids = sorted(int(img["id"]) for img in data["images"])
+    n = len(ids)
+    k = round(held_out * n) if isinstance(held_out, float) and 0 < held_out < 1 else int(held_out)
+    if not 0 < k < n:
+        raise ValueError(f"{ann_file}: cannot hold out {held_out} of {n} images; need 0 < held-out < {n} "
+                         "(a count, or a fraction in (0, 1))")
+    order = np.random.default_rng(seed).permutation(n)
+    held = {ids[i] for i in order[:k]}
+    parts = {}
+    for name, keep in (("train", lambda i: i not in held), ("heldout", lambda i: i in held)):
+        parts[name] = {
+            **{key: v for key, v in data.items() if key not in ("images", "annotations")},
+            "images": [img for img in data["images"] if keep(int(img["id"]))],
+            "annotations": [a for a in data["annotations"] if keep(int(a["image_id"]))],
+        }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("train", "heldout"):
+        path = out_dir / f"{ann_file.stem}_search_{name}.json"
+        text = json.dumps(parts[name])
+        if not (path.is_file() and path.read_text() == text):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# --------------------------------------------------------------------------- the proxy task
+@dataclass(frozen=True)
+class ProxySettings:
+    """The proxy model and schedule (the paper: ResNet-10, 512 px, 10 epochs)."""
+
+    depth: int = 10
+    """Backbone ResNet depth, trained from scratch."""
+    image_size: int = 128
+    epochs: int = 6
+    stacks: int = 1
+    """Stacked pyramid networks of the searched genotype."""
+    width: int = 32
+    """Pyramid and head channels."""
+    head_convs: int = 2
+    batch_size: int = 8
+    lr: float = 0.04
+    warmup_iters: int = 50
+    seed: int = 0
+    """Training seed, the same for every trial so that rewards compare architectures only."""
+
+
+def proxy_config(genotype: Genotype, settings: ProxySettings, num_classes: int,
+                 class_names: tuple[str, ...] = (), category_ids: tuple[int, ...] = ()) -> Config:
+    """The training config of one proxy trial."""
+    s = settings
+    return Config(
+        name=f"proxy_r{s.depth}_nasfpn_{s.stacks}x{s.width}_{s.image_size}",
+        model=ModelConfig(
+            backbone=BackboneConfig(depth=s.depth, frozen_stages=0, norm_eval=False, pretrained=None),
+            neck=NeckConfig(kind="nasfpn", channels=s.width, stacks=s.stacks, genotype=genotype.to_string()),
+            head=HeadConfig(num_classes=num_classes, stacked_convs=s.head_convs, feat_channels=s.width),
+        ),
+        data=DataConfig(image_size=s.image_size, pad_divisor=128, batch_size=s.batch_size, workers=0,
+                        class_names=tuple(class_names), category_ids=tuple(category_ids)),
+        train=TrainConfig(epochs=s.epochs, base_lr=s.lr, base_batch_size=s.batch_size,
+                          warmup_iters=s.warmup_iters, milestones=(max(1, s.epochs - 1),),
+                          eval_interval=s.epochs, seed=s.seed),
+    )
+
+
+@dataclass(frozen=True)
+class ProxyTask:
+    """Reward = box AP on ``heldout_ann`` after a short training run on ``train_ann``.
+
+    ``images``: the image folder of both annotation files (a held-out split of a train set), or
+    ``heldout_images`` when the held-out annotations live elsewhere.
+    """
+
+    train_ann: str
+    images: str
+    heldout_ann: str
+    heldout_images: str | None = None
+    settings: ProxySettings = field(default_factory=ProxySettings)
+    class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_files(cls, train_ann: str | Path, images: str | Path, heldout_ann: str | Path,
+                   heldout_images: str | Path | None = None, settings: ProxySettings | None = None) -> "ProxyTask":
+        """A task whose classes are those of the train annotation file (sorted by category id)."""
+        from ..data.coco import load_coco_json
+
+        cats = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in load_coco_json(train_ann)["categories"])
+        return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
+                   settings or ProxySettings(), tuple(n for _, n in cats), tuple(i for i, _ in cats))
+
+    def config(self, genotype: Genotype) -> Config:
+        return proxy_config(genotype, self.settings, len(self.class_names), self.class_names, self.category_ids)
+
+    def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
+        from ..engine.trainer import DataPaths, train
+        from ..models import build_model
+        from ..models.summary import count_flops, count_params
+
+        cfg = self.config(genotype)
+        model = build_model(cfg.model, pretrained_backbone=False)
+        cost = {"params": count_params(model), "flops": count_flops(model, cfg.data.image_size)}
+        del model
+        data = DataPaths(train_ann=self.train_ann, train_images=self.images, val_ann=self.heldout_ann,
+                         val_images=self.heldout_images or self.images)
+        resume = any(Path(trial_dir).glob("*.pt"))
+        result = train(cfg, data, out_dir=trial_dir, resume=resume, device=device, quiet=True)
+        metrics = dict(result.last_metrics)
+        cost["train_s"] = result.wall_time
+        return {"reward": float(metrics["AP"]), "metrics": {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics},
+                "cost": cost}
+
+
+def full_size_config(genotype: Genotype, preset: str = "retinanet_r50_nasfpn_crop640_50e") -> Config:
+    """``preset`` with its NAS-FPN built on ``genotype``: the model to train once the search is
+    done (``nasfpn train best_config.yaml``)."""
+    from ..presets import get_config
+
+    cfg = get_config(preset)
+    name = cfg.name.replace("nasfpn", "nasfpn_searched", 1) if "nasfpn" in cfg.name else f"{cfg.name}_searched"
+    return replace(cfg, name=name, model=replace(cfg.model, neck=replace(cfg.model.neck, kind="nasfpn",
+                                                                          genotype=genotype.to_string())))
+
+
+# --------------------------------------------------------------------------- a cheap stand-in
+def _signature(genotype: Genotype) -> list[tuple]:
+    return sorted((c.op, *sorted(genotype.node_level(x) for x in c.inputs), c.level) for c in genotype.cells)
+
+
+def genotype_similarity(a: Genotype, b: Genotype) -> float:
+    """Shared cells (by op, input levels and output level) over the larger cell count: 1 for the
+    same pyramid, near 0 for unrelated ones."""
+    sa, sb = _signature(a), _signature(b)
+    shared, rest = 0, list(sb)
+    for s in sa:
+        if s in rest:
+            rest.remove(s)
+            shared += 1
+    return shared / max(len(sa), len(sb))
+
+
+def _unit_hash(text: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class FakeEvaluator:
+    """A deterministic, instant stand-in for ``ProxyTask`` (tests, dry runs).
+
+    Reward: ``genotype_similarity`` to ``target`` plus up to ``noise`` of hash noise. A genotype
+    fails (raises) with probability ``fail_rate`` and kills its worker process (``os._exit``)
+    with probability ``crash_rate`` (only in a worker process), both decided by its hash.
+    ``seconds``: sleep per trial.
+    """
+
+    target: str = NASFPN_GENOTYPE.to_string()
+    noise: float = 0.05
+    seconds: float = 0.0
+    fail_rate: float = 0.0
+    crash_rate: float = 0.0
+    creator_pid: int = field(default_factory=os.getpid)
+
+    def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
+        text = genotype.to_string()
+        if self.seconds:
+            time.sleep(self.seconds)
+        u = _unit_hash(text, "fail")
+        if u < self.fail_rate:
+            raise RuntimeError("simulated training failure")
+        if u < self.fail_rate + self.crash_rate and os.getpid() != self.creator_pid:
+            os._exit(3)
+        reward = genotype_similarity(genotype, Genotype.from_string(self.target)) + self.noise * _unit_hash(text, "noise")
+        n_levels = len({c.level for c in genotype.cells} & set(LEVELS))
+        return {"reward": reward, "metrics": {"AP": reward}, "cost": {"cells": len(genotype.cells), "levels": n_levels}}

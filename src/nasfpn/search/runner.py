@@ -1,0 +1,523 @@
+"""Asynchronous, resumable architecture search: a controller, an evaluator, K trials in flight.
+
+``run_search(controller, evaluator, out_dir, trials, ...)`` keeps up to ``workers`` proxy
+trials running, feeds each reward to the controller the moment its trial finishes, and asks
+the controller for the next genotype. Trials run
+
+- ``backend="process"``: in ``workers`` long-lived worker processes on this machine, one per
+  GPU when ``devices`` names GPUs, CPU workers otherwise with the cores split between them
+  (``torch.set_num_threads``), so K workers do not oversubscribe the machine;
+- ``backend="ray"``: as Ray tasks on a cluster (``ray_address``: ``"auto"``, ``"ray://..."``,
+  ``host:port``, or ``"local"`` to start a private local instance); each task asks Ray for
+  ``threads`` CPUs and, with GPUs, one GPU. Trial folders are created on the machine that runs
+  the trial (same path); the log and everything else stays with the driver;
+- ``backend="inline"``: one at a time in this process (debugging, tests).
+
+An evaluator is a picklable callable ``evaluator(genotype, trial_dir, device) -> dict`` with a
+float ``"reward"`` and optional ``"metrics"`` and ``"cost"`` dicts (``proxy.ProxyTask``, or
+``proxy.FakeEvaluator`` for tests). It receives the node-form ``Genotype`` to build.
+
+Files in ``out_dir``:
+
+``trials.jsonl``
+    Append-only log, one JSON object per line. A controller trial has a ``"running"`` line when
+    proposed (``trial``, ``genotype`` in paper form, ``node_genotype``, ``time``) and one result
+    line: ``"ok"`` (``reward``, ``metrics``, ``cost`` with ``wall_s`` and the evaluator's params /
+    FLOPs, ``started``, ``finished``), ``"failed"`` (``error``; an exception, a non-finite
+    reward, or a worker process that died, e.g. killed for memory) or ``"cached"`` (the same
+    network, by ``PaperGenotype.canonical``, already finished: its reward is reused,
+    ``source_trial`` names it, nothing is trained). Baseline genotypes (``baselines=``) get lines
+    with a ``baseline`` name instead of a trial id and are never shown to the controller.
+``controller.pt``
+    Controller snapshot: its ``state_dict`` after the first ``events`` lines of the log.
+
+Failed trials. A failed trial is logged with ``reward: null`` and shown to the controller with
+reward 0 (an architecture that cannot be trained is a bad one, and PPO's batches and
+evolution's population keep their rhythm); it is excluded from the best genotype and from the
+"ok" statistics. The search goes on.
+
+Resume (``resume=True``). The log is read back (a line cut short by a kill is dropped), the
+controller snapshot is loaded and the log lines written after it are replayed into the
+controller: a ``running`` line is replayed by calling ``propose()`` again, which must give the
+logged genotype (controllers are deterministic), and a result line by ``observe()``. So every
+completed trial is kept and none runs twice. Trials that were running at the kill are run
+again with the same trial id and genotype (their training restarts from its own checkpoint
+where the evaluator supports it); the controller is not asked again for them.
+
+With several workers the order in which results arrive depends on timing, so two searches with
+the same seed can differ; a resumed search continues exactly the run it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.nasfpn import Genotype
+from .controllers import Controller
+from .space import PaperGenotype
+
+LOG_NAME = "trials.jsonl"
+SNAPSHOT_NAME = "controller.pt"
+RESULT_STATUSES = ("ok", "failed", "cached")
+
+
+# --------------------------------------------------------------------------- one trial
+def evaluate_trial(evaluator: Callable[..., dict], genotype_text: str, trial_dir: str, device: str = "cpu",
+                   threads: int | None = None) -> dict[str, Any]:
+    """Run ``evaluator`` on one node-form genotype; never raises: a failure comes back as
+    ``{"status": "failed", "error": ...}``."""
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.time()
+    try:
+        Path(trial_dir).mkdir(parents=True, exist_ok=True)
+        out = evaluator(Genotype.from_string(genotype_text), Path(trial_dir), device)
+        reward = float(out["reward"])
+        if not math.isfinite(reward):
+            raise FloatingPointError(f"non-finite reward {reward}")
+        result: dict[str, Any] = {"status": "ok", "reward": reward, "metrics": dict(out.get("metrics") or {}),
+                                  "cost": dict(out.get("cost") or {})}
+    except Exception as e:  # noqa: BLE001 - any trial failure is data, not a reason to stop the search
+        if "out of memory" in str(e).lower() and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tb = traceback.format_exc().strip().splitlines()
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "traceback": "\n".join(tb[-12:])}
+    finished = time.time()
+    result.setdefault("cost", {})["wall_s"] = round(finished - started, 3)
+    result.update(started=round(started, 3), finished=round(finished, 3), host=socket.gethostname(), pid=os.getpid())
+    return result
+
+
+# --------------------------------------------------------------------------- executors
+class InlineExecutor:
+    """Runs each trial in this process when results are asked for."""
+
+    def __init__(self, evaluator: Callable[..., dict], device: str = "cpu") -> None:
+        self.evaluator, self.device = evaluator, device
+        self.queue: list[tuple[Any, str, str]] = []
+        self.capacity = 1
+
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
+        self.queue.append((key, genotype_text, trial_dir))
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict]]:
+        if not self.queue:
+            return []
+        key, text, trial_dir = self.queue.pop(0)
+        return [(key, evaluate_trial(self.evaluator, text, trial_dir, self.device))]
+
+    def close(self) -> None:
+        self.queue.clear()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker side: end this process when the search process is gone (e.g. SIGKILLed)."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _worker_main(conn, evaluator, device: str, threads: int | None, parent_pid: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    if threads:
+        torch.set_num_threads(threads)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        key, text, trial_dir = msg
+        conn.send((key, evaluate_trial(evaluator, text, trial_dir, device, threads)))
+
+
+@dataclass
+class _Worker:
+    device: str
+    process: Any = None
+    conn: Any = None
+    task: tuple[Any, str, str] | None = None
+
+
+class ProcessExecutor:
+    """``len(devices)`` long-lived worker processes (spawned), one trial each at a time. A worker
+    that dies mid-trial fails that trial and is replaced."""
+
+    def __init__(self, evaluator: Callable[..., dict], devices: list[str], threads: int | None = None) -> None:
+        self.evaluator, self.threads = evaluator, threads
+        self.ctx = mp.get_context("spawn")
+        self.workers = [_Worker(d) for d in devices]
+        self.capacity = len(devices)
+
+    def _start(self, w: _Worker) -> None:
+        parent, child = self.ctx.Pipe()
+        w.process = self.ctx.Process(target=_worker_main, args=(child, self.evaluator, w.device, self.threads, os.getpid()),
+                                     daemon=True, name=f"nasfpn-search-{w.device}")
+        w.process.start()
+        child.close()
+        w.conn = parent
+
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
+        w = next(w for w in self.workers if w.task is None)
+        if w.process is None or not w.process.is_alive():
+            self._start(w)
+        w.task = (key, genotype_text, trial_dir)
+        w.conn.send(w.task)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict]]:
+        busy = [w for w in self.workers if w.task is not None]
+        if not busy:
+            return []
+        mp.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout)
+        done = []
+        for w in busy:
+            result = None
+            try:
+                if w.conn.poll():
+                    _, result = w.conn.recv()
+            except (EOFError, OSError):
+                result = None
+            if result is None and not w.process.is_alive():
+                code = w.process.exitcode
+                why = " (killed: out of memory?)" if code in (-9, 137) else ""
+                result = {"status": "failed", "error": f"worker process died with exit code {code}{why}",
+                          "cost": {}}
+                w.conn.close()
+                w.process = None
+            if result is not None:
+                done.append((w.task[0], result))
+                w.task = None
+        return done
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.process is not None and w.process.is_alive():
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+        for w in self.workers:
+            if w.process is not None:
+                w.process.join(timeout=2 if w.task is None else 0)
+                if w.process.is_alive():
+                    w.process.kill()
+                    w.process.join()
+                w.process = None
+
+
+def _ray_trial(evaluator, genotype_text: str, trial_dir: str, device: str, threads: int | None) -> dict:
+    return evaluate_trial(evaluator, genotype_text, trial_dir, device, threads)
+
+
+class RayExecutor:
+    """Trials as Ray tasks, ``capacity`` in flight; a task that raises or whose worker dies is a
+    failed trial."""
+
+    def __init__(self, evaluator: Callable[..., dict], workers: int, address: str | None = "local",
+                 threads: int | None = None, gpus_per_trial: float = 0.0) -> None:
+        import ray
+
+        self.ray = ray
+        self.started_ray = False
+        if not ray.is_initialized():
+            if address in (None, "", "local"):
+                ray.init(num_cpus=max(workers * (threads or 1), os.cpu_count() or 1), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            self.started_ray = True
+        self.capacity = workers
+        self.threads = threads
+        self.device = "cuda" if gpus_per_trial > 0 else "cpu"
+        self.evaluator_ref = ray.put(evaluator)
+        self.remote = ray.remote(_ray_trial).options(num_cpus=threads or 1, num_gpus=gpus_per_trial, max_retries=0)
+        self.refs: dict[Any, Any] = {}
+
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
+        ref = self.remote.remote(self.evaluator_ref, genotype_text, trial_dir, self.device, self.threads)
+        self.refs[ref] = key
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict]]:
+        if not self.refs:
+            return []
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        done = []
+        for ref in ready:
+            key = self.refs.pop(ref)
+            try:
+                result = self.ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a lost worker / node is a failed trial
+                result = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "cost": {}}
+            done.append((key, result))
+        return done
+
+    def close(self) -> None:
+        for ref in self.refs:
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.refs.clear()
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def default_devices(workers: int | None = None) -> list[str]:
+    """One worker per GPU when there are GPUs, else ``workers`` (default 1) CPU workers."""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return [f"cuda:{i % n}" for i in range(workers or n)]
+    return ["cpu"] * (workers or 1)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_executor(evaluator: Callable[..., dict], backend: str = "process", workers: int = 1,
+                   ray_address: str | None = None, threads: int | None = None,
+                   devices: list[str] | None = None):
+    """An executor for ``backend`` (``process``, ``ray`` or ``inline``); CPU workers share the
+    cores evenly unless ``threads`` is given."""
+    if backend == "inline":
+        return InlineExecutor(evaluator, (devices or ["cpu"])[0])
+    if backend == "process":
+        devices = devices or default_devices(workers)
+        n_cpu_workers = sum(d == "cpu" for d in devices)
+        threads = threads or (max(1, cpu_count() // n_cpu_workers) if n_cpu_workers else None)
+        return ProcessExecutor(evaluator, devices, threads)
+    if backend == "ray":
+        gpus = 1.0 if ray_address in (None, "local") and torch.cuda.is_available() else 0.0
+        threads = threads or (max(1, cpu_count() // workers) if ray_address in (None, "local") else 1)
+        return RayExecutor(evaluator, workers, ray_address, threads, gpus)
+    raise ValueError(f"unknown backend {backend!r}; use 'process', 'ray' or 'inline'")
+
+
+# --------------------------------------------------------------------------- the log
+def read_log(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a trial log. A last line cut short by a kill is dropped (and, with
+    ``repair``, cut from the file so appends start on a clean line)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    good = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("unterminated line")
+            records.append(json.loads(line))
+        except ValueError:
+            break
+        good += len(line)
+    if repair and good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    line = json.dumps(record, separators=(",", ":")) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_snapshot(path: Path, controller: Controller, events: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"events": events, "kind": controller.kind, "controller": controller.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def controller_reward(record: dict[str, Any]) -> float:
+    """The reward a controller is shown for a result line (failed trials: 0)."""
+    return float(record["reward"]) if record.get("reward") is not None else 0.0
+
+
+# --------------------------------------------------------------------------- the search
+@dataclass
+class SearchResult:
+    out_dir: Path
+    records: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """Final lines of controller trials, in trial order."""
+        return trial_results(self.records)
+
+
+def trial_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    final = {r["trial"]: r for r in records if "trial" in r and r.get("status") in RESULT_STATUSES}
+    return [final[k] for k in sorted(final)]
+
+
+def baseline_results(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["baseline"]: r for r in records if "baseline" in r and r.get("status") in RESULT_STATUSES}
+
+
+def best_result(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished trial with the highest reward (the earliest on a tie)."""
+    ok = [r for r in trial_results(records) if r["status"] in ("ok", "cached")]
+    return max(ok, key=lambda r: (r["reward"], -r["trial"])) if ok else None
+
+
+def _replay(controller: Controller, records: list[dict[str, Any]]) -> None:
+    for r in records:
+        if "trial" not in r:
+            continue
+        if r["status"] == "running":
+            g = controller.propose()
+            if g.to_string() != r["genotype"]:
+                raise RuntimeError(f"resume: replaying trial {r['trial']}, the controller proposed {g.to_string()!r} "
+                                   f"but the log has {r['genotype']!r}; was the search restarted with other "
+                                   "controller settings or seed?")
+        elif r["status"] in RESULT_STATUSES:
+            controller.observe(PaperGenotype.from_string(r["genotype"]), controller_reward(r))
+
+
+def _progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_search(controller: Controller, evaluator: Callable[..., dict], out_dir: str | Path, trials: int,
+               workers: int = 1, backend: str = "process", ray_address: str | None = None,
+               threads: int | None = None, devices: list[str] | None = None, resume: bool = False,
+               reuse: bool = True, baselines: dict[str, Genotype] | None = None,
+               log: Callable[[str], None] | None = _progress, executor=None) -> SearchResult:
+    """Run (or, with ``resume``, continue) a search of ``trials`` controller trials; see the
+    module docstring. Returns every log record, the best trial and the baseline results."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path, snap_path = out_dir / LOG_NAME, out_dir / SNAPSHOT_NAME
+    say = log or (lambda s: None)
+
+    records = read_log(log_path, repair=True)
+    if records and not resume:
+        raise ValueError(f"{log_path} already holds a search; pass resume=True (--resume) to continue it, "
+                         "or choose another output folder")
+    events = 0
+    if snap_path.is_file() and records:
+        snap = torch.load(snap_path, weights_only=True)
+        if snap["kind"] != controller.kind:
+            raise ValueError(f"{snap_path} belongs to a {snap['kind']!r} controller, not {controller.kind!r}")
+        events = min(int(snap["events"]), len(records))
+        controller.load_state_dict(snap["controller"])
+    _replay(controller, records[events:])
+
+    proposed: dict[int, dict] = {r["trial"]: r for r in records if "trial" in r and r["status"] == "running"}
+    finished: dict[int, dict] = {r["trial"]: r for r in trial_results(records)}
+    base_done = baseline_results(records)
+    cache: dict[str, dict] = {}
+    for r in finished.values():
+        if r["status"] == "ok":
+            cache.setdefault(PaperGenotype.from_string(r["genotype"]).canonical().to_string(), r)
+    todo: list[tuple[Any, str]] = []  # (key, node genotype) to run before asking the controller
+    for name, g in (baselines or {}).items():
+        if name not in base_done:
+            todo.append((("baseline", name), g.to_string()))
+    rerun = sorted(set(proposed) - set(finished))
+    if rerun:
+        say(f"resume: running again trial(s) {', '.join(map(str, rerun))}, in flight when the search stopped")
+    todo += [(("trial", t), proposed[t]["node_genotype"]) for t in rerun]
+    if records:
+        say(f"resume: {len(finished)} finished trial(s), {len(base_done)} baseline(s) kept from {log_path}")
+
+    n_events = len(records)
+
+    def write(record: dict[str, Any], snapshot: bool) -> None:
+        nonlocal n_events
+        _append(log_path, record)
+        records.append(record)
+        n_events += 1
+        if snapshot:
+            _save_snapshot(snap_path, controller, n_events)
+
+    def best_reward() -> float | None:
+        b = best_result(records)
+        return b["reward"] if b else None
+
+    executor = executor or build_executor(evaluator, backend, workers, ray_address, threads, devices)
+    running: dict[Any, float] = {}
+    next_trial = max(proposed, default=-1) + 1
+    try:
+        while True:
+            while len(running) < executor.capacity and (todo or next_trial < trials):
+                if todo:
+                    key, text = todo.pop(0)
+                else:
+                    g = controller.propose()
+                    tid = next_trial
+                    next_trial += 1
+                    text = g.lower().to_string()
+                    now = round(time.time(), 3)
+                    proposed[tid] = {"trial": tid, "status": "running", "genotype": g.to_string(),
+                                     "node_genotype": text, "time": now}
+                    write(proposed[tid], snapshot=True)
+                    hit = cache.get(g.canonical().to_string()) if reuse else None
+                    if hit is not None:
+                        rec = {"trial": tid, "status": "cached", "genotype": g.to_string(), "node_genotype": text,
+                               "reward": hit["reward"], "metrics": hit.get("metrics", {}), "cost": {**hit.get("cost", {}), "wall_s": 0.0},
+                               "source_trial": hit["trial"], "started": now, "finished": now}
+                        controller.observe(g, rec["reward"])
+                        write(rec, snapshot=True)
+                        say(f"trial {tid:4d} cached  reward {rec['reward']:.4f} (= trial {hit['trial']})  {g}")
+                        continue
+                    key = ("trial", tid)
+                kind, name = key
+                trial_dir = out_dir / "trials" / (f"{name:04d}" if kind == "trial" else f"baseline_{name}")
+                executor.submit(key, text, str(trial_dir))
+                running[key] = time.time()
+            if not running:
+                break
+            for key, result in executor.wait(timeout=None):
+                running.pop(key, None)
+                kind, name = key
+                if kind == "baseline":
+                    rec = {"baseline": name, "genotype": baselines[name].to_string(), **result}
+                    rec.setdefault("reward", None)
+                    write(rec, snapshot=False)
+                    shown = f"{rec['reward']:.4f}" if rec["status"] == "ok" else rec.get("error", "")
+                    say(f"baseline {name}: {rec['status']} {shown}")
+                    continue
+                prop = proposed[name]
+                g = PaperGenotype.from_string(prop["genotype"])
+                rec = {"trial": name, "genotype": prop["genotype"], "node_genotype": prop["node_genotype"], **result}
+                if rec["status"] != "ok":
+                    rec["reward"] = None
+                controller.observe(g, controller_reward(rec))
+                write(rec, snapshot=True)
+                if rec["status"] == "ok":
+                    cache.setdefault(g.canonical().to_string(), rec)
+                    best = best_reward()
+                    say(f"trial {name:4d} ok      reward {rec['reward']:.4f} (best {best:.4f})  "
+                        f"{rec['cost'].get('wall_s', 0):.0f}s  {g}")
+                else:
+                    say(f"trial {name:4d} failed  {rec.get('error', '')}")
+    finally:
+        executor.close()
+    return SearchResult(out_dir, records, best_result(records), baseline_results(records), time.time() - t0)
