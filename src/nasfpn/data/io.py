@@ -7,8 +7,11 @@ grayscale and CMYK converted to RGB, 16-bit samples rounded to 8 bits.
 
 from __future__ import annotations
 
+import gc
 import glob
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +21,22 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 EXIF_ORIENTATION_TAG = 0x0112
 # Orientations 5..8 rotate by 90 or 270 degrees: width and height swap.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; raises ``OSError`` / ``json.JSONDecodeError`` / ``UnicodeDecodeError``.
+
+    The garbage collector is paused while parsing: a COCO train2017 file creates millions of
+    containers, and the collector's repeated passes over them make parsing about 1.5x slower.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class ImageReadError(ValueError):
