@@ -125,7 +125,36 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = [_add_config, _add_info, _add_convert, _add_predict]
+# --------------------------------------------------------------------------- check-data
+def _add_check_data(sub) -> None:
+    p = sub.add_parser("check-data", help="validate a COCO-format dataset: JSON, boxes, ids and image files",
+                       description="Report every problem of an annotation file and its images, grouped by kind. "
+                       "Exit status 1 if there are errors (training refuses such data unless told to skip it).")
+    p.add_argument("ann_file", help="COCO instances JSON")
+    p.add_argument("image_dir", help="folder the JSON's file_name entries are relative to")
+    p.add_argument("--no-images", action="store_true", help="check the JSON only, not the image files")
+    p.add_argument("--verify", action="store_true", help="decode every image fully (slow; finds truncated files)")
+    p.add_argument("--workers", type=int, default=None, help="threads reading image files")
+    p.add_argument("--max-examples", type=int, default=10, help="problems listed per kind")
+    p.add_argument("--json", dest="json_out", help="also write every problem to this JSON file")
+    p.set_defaults(func=_cmd_check_data)
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data.checks import check_dataset, format_report, has_errors
+
+    problems = check_dataset(args.ann_file, args.image_dir, check_images=not args.no_images, verify=args.verify,
+                             workers=args.workers, progress=sys.stderr.isatty())
+    print(format_report(problems, args.max_examples))
+    if args.json_out:
+        rows = [{**dataclasses.asdict(p), "severity": p.severity} for p in problems]
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    return 1 if has_errors(problems) else 0
+
+
+COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_check_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
