@@ -166,3 +166,17 @@ def test_clean_dataset_and_full_verify(tmp_path):
     ann_file.write_text(json.dumps(doc))
     assert check_dataset(ann_file, tmp_path) == []
     assert [p.kind for p in check_dataset(ann_file, tmp_path, verify=True)] == ["unreadable_image"]
+
+
+def test_check_data_command(broken_dataset, tmp_path, capsys):
+    from nasfpn.cli import main
+
+    ann_file, image_dir = broken_dataset
+    out_json = tmp_path / "problems.json"
+    assert main(["check-data", str(ann_file), str(image_dir), "--json", str(out_json)]) == 1
+    assert "error size_mismatch: 2" in capsys.readouterr().out
+    rows = json.loads(out_json.read_text())
+    assert {"kind", "message", "file", "annotation_id", "image_id", "severity"} <= set(rows[0])
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    assert main(["check-data", str(clean), str(image_dir)]) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -53,6 +55,27 @@ def test_16bit_png_uses_full_range(tmp_path):
     # round(v / 257): 128/257 = 0.498 -> 0, 129/257 = 0.502 -> 1
     np.testing.assert_array_equal(out[0, :, 0], [0, 1, 128, 255, 0, 1])
     assert (out[:, :, 0] == out[:, :, 2]).all()
+
+
+def _write_png_rgb16(path, array: np.ndarray) -> None:
+    """A 48-bit RGB PNG written by hand (PIL cannot write one)."""
+    h, w, _ = array.shape
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_16bit_rgb_png(tmp_path):
+    values = np.array([[[0, 257, 65535], [32896, 65280, 300]]], dtype=np.uint16)
+    _write_png_rgb16(tmp_path / "rgb16.png", values)
+    out = read_image(tmp_path / "rgb16.png")
+    assert out.dtype == np.uint8 and out.shape == (1, 2, 3)
+    np.testing.assert_array_equal(out, values >> 8)  # PIL keeps the high byte
 
 
 def test_cmyk_jpeg(tmp_path):

@@ -2,7 +2,9 @@
 
 Every decoded image goes through ``read_image``, so training, evaluation and prediction see the
 same pixels: EXIF orientation applied (boxes are drawn on what viewers show), alpha dropped,
-grayscale and CMYK converted to RGB, 16-bit samples rounded to 8 bits.
+grayscale and CMYK converted to RGB, 16-bit samples reduced to 8 bits. 16-bit grayscale maps
+0..65535 onto 0..255 as ``round(v / 257)``; 16-bit RGB PNGs are reduced by PIL's decoder itself,
+which keeps the high byte (``v >> 8``, at most 1 below ``round(v / 257)``).
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ def read_image(path: str | Path) -> np.ndarray:
             return _to_rgb(img)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        # PIL raises OSError for truncated data, SyntaxError/ValueError for broken headers.
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # PIL raises OSError for truncated data, SyntaxError/ValueError for broken headers, and
+        # struct.error and others from malformed EXIF blocks: all mean "this file is unusable".
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
@@ -108,7 +113,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
             orientation = exif.get(EXIF_ORIENTATION_TAG, 1)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (same reasons as in read_image)
         raise ImageReadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
     return (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
 
