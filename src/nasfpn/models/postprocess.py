@@ -16,25 +16,52 @@ from ..structures import ImageMeta
 from .boxes import decode
 
 
+def _best_logit_per_anchor(cls: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(N, A*K, H, W)`` logits -> ``(N, H*W*A)`` best class logit per anchor, in anchor order.
+
+    The reduction runs over the layout the map has (a reduction whose output order fights the
+    input's strides is several times slower on CPU).
+    """
+    n, _, h, w = cls.shape
+    if cls.is_contiguous(memory_format=torch.channels_last):
+        return cls.permute(0, 2, 3, 1).unflatten(-1, (-1, num_classes)).amax(dim=-1).reshape(n, -1)  # (N, H, W, A)
+    return cls.view(n, -1, num_classes, h * w).amax(dim=2).transpose(1, 2).reshape(n, -1)  # (N, A, HW) -> (N, HW*A)
+
+
 def select_topk(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anchors: list[torch.Tensor],
                 num_classes: int, score_thr: float, nms_pre: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best ``nms_pre`` (anchor, class) pairs of every level and image, in one pass per level.
 
     Returns ``scores (N, M)``, ``labels (N, M)``, ``deltas (N, M, 4)``, ``anchors (N, M, 4)`` and a
     ``keep (N, M)`` mask of pairs above ``score_thr``; within a level, pairs are in descending score.
+
+    Pairs are ranked by logit (sigmoid is monotonic, so the order is the same) and only the k
+    selected logits go through the sigmoid. The k best pairs lie within the k anchors of highest
+    best-class logit (an anchor holding one of them has a best logit at least that high, and fewer
+    than k anchors can), so the per-anchor maxima are ranked first and then the k x K pairs of
+    those anchors. Maps are read in place, NCHW or channels-last: no transposed copy of the
+    ``(N, A*K, H, W)`` class map is made.
     """
     scores_all, labels_all, deltas_all, anchors_all = [], [], [], []
     n = cls_maps[0].shape[0]
+    batch = torch.arange(n, device=cls_maps[0].device)[:, None]
     for cls, reg, anc in zip(cls_maps, reg_maps, anchors):
-        scores = cls.permute(0, 2, 3, 1).reshape(n, -1).sigmoid()  # (N, HWA*K)
-        deltas = reg.permute(0, 2, 3, 1).reshape(n, -1, 4)  # (N, HWA, 4)
-        k = scores.shape[1] if nms_pre <= 0 else min(nms_pre, scores.shape[1])
+        h, w = cls.shape[-2:]
+        num_a = cls.shape[1] // num_classes  # anchors per cell
+        logits = cls.view(n, num_a, num_classes, h * w)  # (N, A, K, HW)
+        deltas = reg.view(n, num_a, 4, h * w)  # (N, A, 4, HW)
+        best = _best_logit_per_anchor(cls, num_classes)  # (N, HW*A), flat anchor index hw * A + a
+        num_pairs = best.shape[1] * num_classes
+        k = num_pairs if nms_pre <= 0 else min(nms_pre, num_pairs)
+        cand = best.topk(min(k, best.shape[1]), dim=1).indices  # (N, C) anchors
+        pair_logits = logits[batch, cand % num_a, :, torch.div(cand, num_a, rounding_mode="floor")]  # (N, C, K)
         # Top-k of all pairs, then the threshold: the same set as threshold-then-top-k.
-        top, idx = scores.topk(k, dim=1)
-        anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
-        scores_all.append(top)
+        top, idx = pair_logits.reshape(n, -1).topk(k, dim=1)
+        anchor_idx = torch.gather(cand, 1, torch.div(idx, num_classes, rounding_mode="floor"))  # (N, k)
+        cell, a = torch.div(anchor_idx, num_a, rounding_mode="floor"), anchor_idx % num_a
+        scores_all.append(top.sigmoid())
         labels_all.append(idx % num_classes)
-        deltas_all.append(torch.gather(deltas, 1, anchor_idx[..., None].expand(-1, -1, 4)))
+        deltas_all.append(deltas[batch, a, :, cell])  # (N, k, 4)
         anchors_all.append(anc[anchor_idx])
     scores = torch.cat(scores_all, 1)
     return scores, torch.cat(labels_all, 1), torch.cat(deltas_all, 1), torch.cat(anchors_all, 1), scores > score_thr
