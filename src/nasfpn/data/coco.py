@@ -111,7 +111,7 @@ class CocoDataset(Dataset):
         self.epoch = 0
         self.on_read_error = on_read_error
         self.max_read_retries = max_read_retries
-        self._unreadable: set[str] = set()
+        self._unreadable: set[int] = set()  # indices already reported (per process)
 
         data = load_coco_json(self.ann_file)
         names_by_id: dict[int, str] = {}
@@ -159,7 +159,8 @@ class CocoDataset(Dataset):
             if not isinstance(ann, dict):
                 malformed += 1
                 continue
-            if ann.get("id") in bad_annotations:
+            ann_id = ann.get("id")
+            if isinstance(ann_id, int) and ann_id in bad_annotations:
                 continue
             image_id = ann.get("image_id")
             img = images.get(image_id) if isinstance(image_id, int) else None
