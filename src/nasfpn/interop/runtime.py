@@ -1,0 +1,147 @@
+"""Running an exported ONNX detector with onnxruntime, behind the ``predict`` of ``nasfpn.api.Detector``.
+
+    det = OnnxDetector("model.onnx")             # the file carries its config
+    results = det.predict([rgb_uint8_array])      # same dicts as Detector.predict
+
+Both ONNX contracts work: ``end2end`` files run as they are (score threshold passed as the
+``score_thr`` input); for ``raw`` files the head outputs go through ``models/postprocess.py``.
+Pre-processing is ``nasfpn.data``'s, then zero padding to the file's fixed input size, so a
+non-square image sees more padding than in ``Detector.predict`` (which pads to ``pad_divisor``);
+detections of such images can differ slightly, those of square images agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..config import Config, apply_overrides, config_from_dict
+from .export import LEVEL_NAMES, prepare_inputs, read_metadata
+
+# Test-time settings fixed inside an end2end graph (score_thr is an input, so it may change).
+_BAKED_TEST_FIELDS = ("nms_pre", "nms_iou", "max_per_img", "min_bbox_size", "wh_ratio_clip")
+
+
+def _check_compatible(meta: dict[str, Any], config: Config) -> None:
+    """Raise ``ValueError`` if ``config`` asks for something the exported graph cannot do."""
+    stored = config_from_dict(meta["config"])
+    problems = []
+    for name in ("image_size", "pad_divisor", "mean", "std"):
+        if getattr(config.data, name) != getattr(stored.data, name):
+            problems.append(f"data.{name} {getattr(config.data, name)} (file: {getattr(stored.data, name)})")
+    if config.model.head.num_classes != stored.model.head.num_classes:
+        problems.append(f"model.head.num_classes {config.model.head.num_classes} "
+                        f"(file: {stored.model.head.num_classes})")
+    if meta["contract"] == "end2end":
+        for name in _BAKED_TEST_FIELDS:
+            if getattr(config.model.test, name) != getattr(stored.model.test, name):
+                problems.append(f"model.test.{name} {getattr(config.model.test, name)} "
+                                f"(fixed in the graph: {getattr(stored.model.test, name)})")
+    if problems:
+        raise ValueError("the config does not fit the exported model: " + "; ".join(problems))
+
+
+def ort_session(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None):
+    """An onnxruntime session; ``threads`` limits intra-op threads (default: onnxruntime's)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # The optional score_thr input is an initializer listed as an input; onnxruntime warns
+    # about that at every load. It is intended, so only errors are logged.
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+class OnnxDetector:
+    """An exported ONNX detector with the ``predict`` contract and ``class_names`` of ``Detector``.
+
+    ``model`` (a preset name or config file), ``overrides`` and ``config_file`` may refine the
+    config stored in the file, within what the graph allows (e.g. ``model.test.score_thr``);
+    anything else raises ``ValueError``.
+    """
+
+    def __init__(self, onnx_path: str | Path, model: str | Config | None = None, overrides: list[str] | None = None,
+                 config_file: str | None = None, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file {self.path} does not exist")
+        meta = read_metadata(self.path)
+        self.metadata = meta
+        config = config_from_dict(meta["config"])
+        if isinstance(model, Config):
+            config = model
+        elif model is not None:
+            from ..presets import get_config
+
+            config = get_config(model, overrides, config_file)
+        elif overrides or config_file:
+            config = apply_overrides(config, overrides, config_file)
+        _check_compatible(meta, config)
+        self.config = config
+        self.contract: str = meta["contract"]
+        self.input_hw: tuple[int, int] = tuple(meta["input_hw"])
+        self.batch: int | None = meta["batch"]
+        """Images per run fixed in the file, or None for any batch."""
+        self.class_names: tuple[str, ...] = tuple(config.data.class_names) or tuple(meta["class_names"])
+        self.category_ids: tuple[int, ...] = tuple(config.data.category_ids) or tuple(meta["category_ids"])
+        self.session = ort_session(self.path, threads, providers)
+
+    def _run_end2end(self, batch: np.ndarray, info: np.ndarray, score_thr: float) -> list[dict[str, np.ndarray]]:
+        boxes, scores, labels, num = self.session.run(
+            None, {"images": batch, "image_info": info, "score_thr": np.array(score_thr, dtype=np.float32)})
+        return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+                for i, n in enumerate(num.tolist())]
+
+    def _run_raw(self, batch: np.ndarray, metas, score_thr: float) -> list[dict[str, np.ndarray]]:
+        from ..models.postprocess import postprocess
+
+        outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, {"images": batch})))
+        cls_maps = [torch.from_numpy(outputs[f"cls_logits_{n}"]) for n in LEVEL_NAMES]
+        reg_maps = [torch.from_numpy(outputs[f"box_deltas_{n}"]) for n in LEVEL_NAMES]
+        anchors = [torch.from_numpy(outputs[f"anchors_{n}"]) for n in LEVEL_NAMES]
+        cfg = replace(self.config.model.test, score_thr=score_thr)
+        dets = postprocess(cls_maps, reg_maps, anchors, metas, self.config.model.head.num_classes, cfg)
+        return [{k: v.numpy() for k, v in d.items()} for d in dets]
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
+                batch_size: int = 8) -> list[dict[str, Any]]:
+        """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
+
+        Returns one dict per image: ``boxes`` float ``(D, 4)`` xyxy in original pixels, ``scores``,
+        ``labels`` (0-based) and ``category_ids``, all numpy arrays.
+        """
+        thr = self.config.model.test.score_thr if score_thr is None else float(score_thr)
+        step = self.batch or max(1, batch_size)
+        cat_ids = np.asarray(self.category_ids, dtype=np.int64)
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(images), step):
+            chunk = list(images[start:start + step])
+            batch, info, metas = prepare_inputs(chunk, self.config, self.input_hw)
+            real = len(chunk)
+            if self.batch is not None and real < self.batch:
+                # A fixed-batch file: fill the batch with blank images, drop their results.
+                fill = self.batch - real
+                batch = torch.cat([batch, batch.new_zeros((fill, *batch.shape[1:]))])
+                info = torch.cat([info, info[-1:].expand(fill, -1)])
+                metas = metas + [metas[-1]] * fill
+            if self.contract == "end2end":
+                dets = self._run_end2end(batch.numpy(), info.numpy(), thr)
+            else:
+                dets = self._run_raw(batch.numpy(), metas, thr)
+            for d in dets[:real]:
+                labels = d["labels"].astype(np.int64)
+                out.append({
+                    "boxes": d["boxes"].astype(np.float32),
+                    "scores": d["scores"].astype(np.float32),
+                    "labels": labels,
+                    "category_ids": cat_ids[labels],
+                })
+        return out
