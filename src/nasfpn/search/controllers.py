@@ -16,6 +16,7 @@ controller continues exactly as the original would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from typing import Any
@@ -131,6 +132,18 @@ class RegularizedEvolution(Controller):
         self.observed = int(state["observed"])
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The policy's tensors are tiny: intra-op threads only add overhead (and, on a busy machine,
+    seconds of contention per update)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class PolicyNetwork(nn.Module):
     """An LSTM that writes a genotype one decision at a time, one softmax per decision.
 
@@ -225,7 +238,7 @@ class PPOController(Controller):
         self.last_stats: dict[str, float] = {}
 
     def propose(self) -> PaperGenotype:
-        with torch.no_grad():
+        with torch.no_grad(), _one_thread():
             values, logp = self.policy.sample(self.generator)
         genotype = self.space.decode(values)
         self.pending.setdefault(genotype.to_string(), []).append(logp)
@@ -239,7 +252,7 @@ class PPOController(Controller):
             if not self.pending[key]:
                 del self.pending[key]
         else:  # not proposed by this controller: treat the current policy as the behaviour policy
-            with torch.no_grad():
+            with torch.no_grad(), _one_thread():
                 logp = float(self.policy.log_prob_entropy(torch.tensor([values]))[0][0])
         reward = float(reward)
         if self.baseline is None:
@@ -248,7 +261,8 @@ class PPOController(Controller):
         self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
         self.buffer.append((values, logp, advantage))
         if len(self.buffer) >= self.batch_size:
-            self._update()
+            with _one_thread():
+                self._update()
 
     def _update(self) -> None:
         values = torch.tensor([b[0] for b in self.buffer])
@@ -271,7 +285,7 @@ class PPOController(Controller):
         """Entropy of the current policy (nats, summed over decisions; the uniform policy has
         ``log(space.size())``), estimated from 64 samples."""
         g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
+        with torch.no_grad(), _one_thread():
             values = torch.tensor([self.policy.sample(g)[0] for _ in range(64)])
             return float(self.policy.log_prob_entropy(values)[1].mean())
 

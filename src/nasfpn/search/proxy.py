@@ -219,3 +219,53 @@ class FakeEvaluator:
         reward = genotype_similarity(genotype, Genotype.from_string(self.target)) + self.noise * _unit_hash(text, "noise")
         n_levels = len({c.level for c in genotype.cells} & set(LEVELS))
         return {"reward": reward, "metrics": {"AP": reward}, "cost": {"cells": len(genotype.cells), "levels": n_levels}}
+
+
+# --------------------------------------------------------------------------- data for a search
+def _find_layout(root: Path) -> tuple[Path, Path]:
+    """``(train annotations, train images)`` of a dataset folder: our synthetic layout
+    (``annotations/instances_train.json`` + ``train/``) or COCO 2017's."""
+    for ann, images in ((root / "annotations" / "instances_train.json", root / "train"),
+                        (root / "annotations" / "instances_train2017.json", root / "train2017")):
+        if ann.is_file() and images.is_dir():
+            return ann, images
+    raise ValueError(f"{root}: no annotations/instances_train.json + train/ (or COCO's instances_train2017.json + "
+                     "train2017/); give --train-ann and --train-images instead")
+
+
+def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = None, data: str | Path | None = None,
+                       train_ann: str | Path | None = None, train_images: str | Path | None = None,
+                       heldout_ann: str | Path | None = None, heldout_images: str | Path | None = None,
+                       held_out: int | float | str = "auto", split_seed: int = 0, synthetic_images: int = 480,
+                       synthetic_size: int | None = None) -> ProxyTask:
+    """The proxy task of a search: its data located, generated or split under ``work_dir``.
+
+    ``data``: a dataset folder, or ``"synthetic"`` for the embedded dataset (``synthetic_images``
+    training images of ``synthetic_size`` px, default the proxy image size, written to
+    ``work_dir/data``); or name ``train_ann`` + ``train_images``. Unless ``heldout_ann`` is given,
+    ``held_out`` images (a count, a fraction, or ``"auto"``: the paper's 7392 for COCO-sized sets,
+    else 20%) are carved out of the training annotations with ``split_held_out``.
+    """
+    settings = settings or ProxySettings()
+    work_dir = Path(work_dir)
+    if data is not None and str(data) == "synthetic":
+        from ..data.synthetic import generate_dataset
+
+        ds = generate_dataset(work_dir / "data", num_train=synthetic_images, num_val=0,
+                              image_size=synthetic_size or settings.image_size, seed=0)
+        train_ann, train_images = ds.train_annotations, ds.train_images
+    elif data is not None:
+        train_ann, train_images = _find_layout(Path(data))
+    if train_ann is None or train_images is None:
+        raise ValueError("name the data: data='synthetic', a dataset folder, or train_ann + train_images")
+    if heldout_ann is None:
+        if held_out == "auto":
+            from ..data.coco import load_coco_json
+
+            n = len(load_coco_json(train_ann)["images"])
+            held_out = PAPER_HELD_OUT if n >= 4 * PAPER_HELD_OUT else 0.2
+        elif isinstance(held_out, str):
+            held_out = float(held_out) if "." in held_out else int(held_out)
+        train_ann, heldout_ann = split_held_out(train_ann, work_dir / "split", held_out, split_seed)
+    return ProxyTask.from_files(Path(train_ann).resolve(), Path(train_images).resolve(), Path(heldout_ann).resolve(),
+                                Path(heldout_images).resolve() if heldout_images else None, settings)

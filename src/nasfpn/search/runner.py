@@ -124,16 +124,21 @@ class InlineExecutor:
         self.queue.clear()
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker side: end this process when the search process is gone (e.g. SIGKILLed)."""
+def _exit_with_search(search_pid: int) -> None:
+    """Worker side: end this process when the search process is gone (e.g. SIGKILLed), rather
+    than finish a trial nobody will read."""
     while True:
-        if os.getppid() != parent_pid:
+        try:
+            os.kill(search_pid, 0)
+        except ProcessLookupError:
             os._exit(1)
+        except PermissionError:
+            pass
         time.sleep(0.5)
 
 
-def _worker_main(conn, evaluator, device: str, threads: int | None, parent_pid: int) -> None:
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+def _worker_main(conn, evaluator, device: str, threads: int | None, search_pid: int) -> None:
+    threading.Thread(target=_exit_with_search, args=(search_pid,), daemon=True).start()
     if threads:
         torch.set_num_threads(threads)
     while True:
@@ -156,12 +161,18 @@ class _Worker:
 
 
 class ProcessExecutor:
-    """``len(devices)`` long-lived worker processes (spawned), one trial each at a time. A worker
-    that dies mid-trial fails that trial and is replaced."""
+    """``len(devices)`` long-lived worker processes, one trial each at a time. A worker that dies
+    mid-trial fails that trial and is replaced."""
 
     def __init__(self, evaluator: Callable[..., dict], devices: list[str], threads: int | None = None) -> None:
         self.evaluator, self.threads = evaluator, threads
-        self.ctx = mp.get_context("spawn")
+        if "forkserver" in mp.get_all_start_methods():
+            # Workers fork from a clean server process that has imported torch and nasfpn once,
+            # so starting or replacing a worker costs no import time.
+            self.ctx = mp.get_context("forkserver")
+            self.ctx.set_forkserver_preload([__name__])
+        else:
+            self.ctx = mp.get_context("spawn")
         self.workers = [_Worker(d) for d in devices]
         self.capacity = len(devices)
 
@@ -521,3 +532,170 @@ def run_search(controller: Controller, evaluator: Callable[..., dict], out_dir: 
     finally:
         executor.close()
     return SearchResult(out_dir, records, best_result(records), baseline_results(records), time.time() - t0)
+
+
+# --------------------------------------------------------------------------- a whole search
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything that defines a search, saved as ``search.json`` so that ``--resume`` rebuilds
+    the same controller and evaluator."""
+
+    controller: str = "ppo"
+    trials: int = 40
+    seed: int = 0
+    num_cells: int = 7
+    gp: str = "mmdet"
+    """Global-pooling op(s) of the space: ``mmdet``, ``tf`` or ``both``."""
+    controller_options: dict = field(default_factory=dict)
+    evaluator: dict = field(default_factory=lambda: {"kind": "fake"})
+    """``{"kind": "proxy", ...ProxyTask fields}`` or ``{"kind": "fake", ...FakeEvaluator fields}``."""
+    baselines: bool = True
+    """Also evaluate the published NAS-FPN and the FPN genotypes (not shown to the controller)."""
+    reuse: bool = True
+    """A repeated network reuses the reward of its first finished trial instead of training again."""
+    full_preset: str = "retinanet_r50_nasfpn_crop640_50e"
+    """The full-size model ``best_config.yaml`` builds on the best genotype."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.__dict__))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchSpec":
+        return cls(**data)
+
+    def space(self):
+        from .space import SearchSpace
+
+        return SearchSpace.create(self.num_cells, self.gp)
+
+    def build_controller(self) -> Controller:
+        from .controllers import build_controller
+
+        return build_controller(self.controller, self.space(), self.seed, **self.controller_options)
+
+    def build_evaluator(self) -> Callable[..., dict]:
+        from .proxy import FakeEvaluator, ProxySettings, ProxyTask
+
+        options = dict(self.evaluator)
+        kind = options.pop("kind")
+        if kind == "fake":
+            return FakeEvaluator(**options)
+        if kind == "proxy":
+            settings = ProxySettings(**options.pop("settings", {}))
+            return ProxyTask(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}, settings=settings)
+        raise ValueError(f"unknown evaluator kind {kind!r}; use 'proxy' or 'fake'")
+
+
+def evaluator_spec(evaluator: Any) -> dict[str, Any]:
+    """The ``SearchSpec.evaluator`` entry of a ``ProxyTask`` or ``FakeEvaluator``."""
+    import dataclasses
+
+    from .proxy import FakeEvaluator, ProxyTask
+
+    if isinstance(evaluator, ProxyTask):
+        return {"kind": "proxy", **json.loads(json.dumps(dataclasses.asdict(evaluator)))}
+    if isinstance(evaluator, FakeEvaluator):
+        data = dataclasses.asdict(evaluator)
+        data.pop("creator_pid")
+        return {"kind": "fake", **data}
+    raise TypeError(f"cannot describe evaluator {type(evaluator).__name__}")
+
+
+def search(spec: SearchSpec, out_dir: str | Path, workers: int = 1, backend: str = "process",
+           ray_address: str | None = None, resume: bool = False, devices: list[str] | None = None,
+           threads: int | None = None, log: Callable[[str], None] | None = _progress) -> SearchResult:
+    """Run the search ``spec`` describes in ``out_dir`` and write its outputs (``write_outputs``).
+    With ``resume``, ``spec`` must match the saved ``search.json`` except for ``trials``."""
+    out_dir = Path(out_dir)
+    spec_path = out_dir / "search.json"
+    if resume and spec_path.is_file():
+        saved = SearchSpec.from_dict(json.loads(spec_path.read_text())).to_dict()
+        differ = sorted(k for k, v in spec.to_dict().items() if k != "trials" and saved.get(k) != v)
+        if differ:
+            raise ValueError(f"resume: {', '.join(differ)} differ from {spec_path}; a search resumes with its own settings")
+    elif not resume and (out_dir / LOG_NAME).is_file():
+        raise ValueError(f"{out_dir} already holds a search; pass --resume to continue it, or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = spec_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=1))
+    os.replace(tmp, spec_path)
+    baselines = None
+    if spec.baselines:
+        from ..models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE
+
+        baselines = {"nasfpn": NASFPN_GENOTYPE, "fpn": FPN_GENOTYPE}
+    result = run_search(spec.build_controller(), spec.build_evaluator(), out_dir, spec.trials, workers, backend,
+                        ray_address, threads, devices, resume, spec.reuse, baselines, log)
+    write_outputs(out_dir, spec, result.records)
+    return result
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarize(records: list[dict[str, Any]], spec: SearchSpec | None = None) -> dict[str, Any]:
+    """Counts, best trial, baselines and timings of a search log."""
+    from .plots import unique_counts
+
+    results = trial_results(records)
+    ok = [r for r in results if r["status"] == "ok"]
+    walls = sorted(r["cost"]["wall_s"] for r in ok if "wall_s" in r.get("cost", {}))
+    best = best_result(records)
+    times = [r[k] for r in records for k in ("time", "started", "finished") if r.get(k)]
+    unique = unique_counts(records)
+    summary: dict[str, Any] = {
+        "controller": spec.controller if spec else None,
+        "trials_finished": len(results),
+        "ok": len(ok),
+        "failed": sum(r["status"] == "failed" for r in results),
+        "cached": sum(r["status"] == "cached" for r in results),
+        "unique_architectures": unique[-1] if unique else 0,
+        "best": None if best is None else {k: best.get(k) for k in ("trial", "reward", "genotype", "node_genotype", "metrics", "cost")},
+        "baselines": {name: r.get("reward") for name, r in baseline_results(records).items()},
+        "trial_wall_s": {"mean": sum(walls) / len(walls), "median": walls[len(walls) // 2], "max": walls[-1]} if walls else None,
+        "span_s": round(max(times) - min(times), 1) if times else 0.0,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if spec is not None:
+        summary["space_size"] = spec.space().size()
+    return summary
+
+
+def write_outputs(out_dir: str | Path, spec: SearchSpec, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``best.json``, ``best.txt``, ``best_config.yaml``, ``summary.json`` and the plots
+    (``reward.png``, ``unique.png``, ``best_cell.png``) of the search in ``out_dir``."""
+    from ..config import config_to_yaml
+    from . import plots
+    from .proxy import full_size_config
+
+    out_dir = Path(out_dir)
+    records = read_log(out_dir / LOG_NAME) if records is None else records
+    summary = summarize(records, spec)
+    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    baselines = {k: v for k, v in summary["baselines"].items() if v is not None}
+    plots.plot_rewards(records, out_dir / "reward.png", f"{spec.controller}: reward over trials", baselines)
+    plots.plot_unique({spec.controller: records}, out_dir / "unique.png")
+    best = best_result(records)
+    if best is None:
+        return summary
+    paper = PaperGenotype.from_string(best["genotype"])
+    node = Genotype.from_string(best["node_genotype"])
+    _atomic_text(out_dir / "best.json", json.dumps({
+        "trial": best["trial"], "reward": best["reward"], "metrics": best.get("metrics", {}), "cost": best.get("cost", {}),
+        "genotype": paper.to_string(), "genotype_json": paper.to_dict(),
+        "node_genotype": node.to_string(), "node_genotype_json": json.loads(node.to_json()),
+    }, indent=1))
+    base_text = "".join(f"{name:>8}: {value:.4f}\n" for name, value in sorted(baselines.items()))
+    _atomic_text(out_dir / "best.txt",
+                 f"best trial {best['trial']} of {summary['trials_finished']} ({spec.controller}), reward {best['reward']:.4f}\n"
+                 f"paper form: {paper.to_string()}\nnode form:  {node.to_string()}\n"
+                 + (f"baselines on the same proxy task:\n{base_text}" if base_text else ""))
+    cfg = full_size_config(node, spec.full_preset)
+    _atomic_text(out_dir / "best_config.yaml", f"# {spec.full_preset} with the pyramid found by `nasfpn search` "
+                 f"(trial {best['trial']}, proxy reward {best['reward']:.4f}).\n" + config_to_yaml(cfg))
+    plots.plot_cell_graph(paper, out_dir / "best_cell.png", f"best of {spec.controller} (trial {best['trial']}, "
+                          f"reward {best['reward']:.3f})\n{paper.to_string()}")
+    return summary

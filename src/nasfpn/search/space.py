@@ -187,18 +187,18 @@ class PaperGenotype:
             try:
                 inputs = tuple(paper_of_node[x] for x in cell.inputs)
             except KeyError as e:
-                raise ValueError(f"node cell {i} ({cell}) reads node {e.args[0]}, which lies inside a merged "
-                                 "output cell: not expressible in the paper's form") from None
+                raise ValueError(f"not in the paper's form: node cell {i} ({cell}) reads node {e.args[0]}, "
+                                 "which lies inside a merged output cell") from None
             last, conv = NUM_INPUTS + i, cell.out_conv
             while not conv:  # an output cell and the sums that add its unconsumed features
                 i += 1
                 if i >= len(genotype.cells):
-                    raise ValueError(f"node {last} has no out conv and nothing sums into it: "
-                                     "not expressible in the paper's form")
+                    raise ValueError(f"not in the paper's form: node {last} has no out conv and nothing "
+                                     "sums into it")
                 s = genotype.cells[i]
                 if s.op != "sum" or s.level != cell.level or s.inputs[1] != last:
-                    raise ValueError(f"node cell {i} ({s}) should be sum(feature, {last})->{cell.level} "
-                                     f"adding an unconsumed feature to node {last}")
+                    raise ValueError(f"not in the paper's form: node cell {i} ({s}) should be "
+                                     f"sum(feature, {last})->{cell.level}, adding an unconsumed feature to node {last}")
                 last, conv = NUM_INPUTS + i, s.out_conv
             cells.append(PaperCell(cell.op, inputs, cell.level))  # type: ignore[arg-type]
             paper_of_node[last] = NUM_INPUTS + len(cells) - 1
