@@ -125,6 +125,95 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------- search
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search a NAS-FPN pyramid: RNN+PPO controller (the paper), evolution or random",
+                       description="Architecture search over the paper's merging-cell space, rewarded by a short "
+                       "proxy training run; trials run in parallel worker processes or on Ray; --resume continues "
+                       "a stopped search. Writes trials.jsonl, best.json/.txt, best_config.yaml, summary.json and plots.")
+    p.add_argument("--out", required=True, help="output folder (trial log, controller snapshots, trials, results)")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out with its saved settings")
+    d = p.add_argument_group("data (the reward is AP on a held-out part of the training set)")
+    d.add_argument("--data", help="dataset folder (annotations/instances_train.json + train/, or COCO 2017), "
+                   "or 'synthetic' to generate the embedded dataset")
+    d.add_argument("--train-ann", help="COCO json of the training set (instead of --data)")
+    d.add_argument("--train-images", help="image folder of --train-ann")
+    d.add_argument("--heldout-ann", help="COCO json to reward with (default: carve --held-out images out of the training set)")
+    d.add_argument("--heldout-images", help="image folder of --heldout-ann (default: the training images)")
+    d.add_argument("--held-out", default="auto", help="images held out: a count, a fraction, or auto "
+                   "(the paper's 7392 for COCO-sized sets, else 0.2)")
+    d.add_argument("--synthetic-images", type=int, default=480, help="--data synthetic: images generated")
+    s = p.add_argument_group("search")
+    s.add_argument("--controller", choices=["ppo", "evolution", "random"], default="ppo")
+    s.add_argument("--trials", type=int, default=None, help="controller trials (default 40)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="trials in flight (default: one per GPU, else 1); 0 runs trials in this process")
+    s.add_argument("--ray-address", help="run trials as Ray tasks: 'local' (a private local Ray), 'auto', or an address")
+    s.add_argument("--threads", type=int, help="torch threads per CPU trial (default: cores / workers)")
+    s.add_argument("--cells", type=int, default=7, help="merging cells per pyramid (the last 5 output P3..P7)")
+    s.add_argument("--gp", choices=["mmdet", "tf", "both"], default="mmdet",
+                   help="global-pooling op of the space: MMDetection's gp, the authors' TensorFlow gp_tf, or both")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-baselines", action="store_true", help="skip evaluating the NAS-FPN and FPN genotypes on the proxy")
+    s.add_argument("--no-reuse", action="store_true", help="train a repeated architecture again instead of reusing its reward")
+    s.add_argument("--population", type=int, default=10, help="evolution: population size")
+    s.add_argument("--tournament", type=int, default=3, help="evolution: tournament sample size")
+    s.add_argument("--ppo-batch", type=int, default=8, help="ppo: rewards per policy update")
+    s.add_argument("--ppo-epochs", type=int, default=4, help="ppo: optimisation epochs per update")
+    s.add_argument("--ppo-lr", type=float, default=3e-3)
+    s.add_argument("--ppo-entropy", type=float, default=1e-3, help="ppo: entropy bonus weight")
+    x = p.add_argument_group("proxy task")
+    x.add_argument("--proxy-depth", type=int, default=10, help="ResNet depth, trained from scratch")
+    x.add_argument("--proxy-size", type=int, default=128, help="image size")
+    x.add_argument("--proxy-epochs", type=int, default=6)
+    x.add_argument("--proxy-stacks", type=int, default=1, help="stacked pyramid networks")
+    x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
+    x.add_argument("--proxy-batch", type=int, default=8)
+    x.add_argument("--proxy-lr", type=float, default=0.04)
+    x.add_argument("--fake-evaluator", action="store_true",
+                   help="reward by similarity to the published NAS-FPN instead of training (instant; dry runs, tests)")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.runner import SearchSpec, evaluator_spec, search
+
+    out = Path(args.out)
+    if args.resume and (out / "search.json").is_file():
+        spec = SearchSpec.from_dict(json.loads((out / "search.json").read_text()))
+        if args.trials is not None:
+            spec = SearchSpec.from_dict({**spec.to_dict(), "trials": args.trials})
+    else:
+        from .search.proxy import FakeEvaluator, ProxySettings, prepare_proxy_task
+
+        options = {"evolution": {"population_size": args.population, "sample_size": args.tournament},
+                   "ppo": {"batch_size": args.ppo_batch, "epochs": args.ppo_epochs, "lr": args.ppo_lr,
+                           "entropy_weight": args.ppo_entropy}}.get(args.controller, {})
+        if args.fake_evaluator:
+            evaluator = FakeEvaluator()
+        else:
+            settings = ProxySettings(depth=args.proxy_depth, image_size=args.proxy_size, epochs=args.proxy_epochs,
+                                     stacks=args.proxy_stacks, width=args.proxy_width, batch_size=args.proxy_batch,
+                                     lr=args.proxy_lr, seed=args.seed)
+            evaluator = prepare_proxy_task(out, settings, args.data, args.train_ann, args.train_images, args.heldout_ann,
+                                           args.heldout_images, args.held_out, args.seed, args.synthetic_images)
+        spec = SearchSpec(controller=args.controller, trials=args.trials or 40, seed=args.seed, num_cells=args.cells,
+                          gp=args.gp, controller_options=options, evaluator=evaluator_spec(evaluator),
+                          baselines=not args.no_baselines, reuse=not args.no_reuse)
+    backend = "ray" if args.ray_address else ("inline" if args.workers == 0 else "process")
+    result = search(spec, out, workers=args.workers or 1 if backend != "process" else args.workers,
+                    backend=backend, ray_address=args.ray_address, resume=args.resume, threads=args.threads)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"{summary['trials_finished']} trials ({summary['ok']} trained, {summary['cached']} repeats, "
+          f"{summary['failed']} failed, {summary['unique_architectures']} unique) in {result.wall_s:.0f}s")
+    if result.best is not None:
+        print(f"best: trial {result.best['trial']} reward {result.best['reward']:.4f}  {result.best['genotype']}")
+    for name, reward in sorted(summary["baselines"].items()):
+        print(f"baseline {name}: " + (f"{reward:.4f}" if reward is not None else "failed"))
+    print(f"wrote {out / 'best.json'}, {out / 'best_config.yaml'}, plots in {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- check-data
 def _add_check_data(sub) -> None:
     p = sub.add_parser("check-data", help="validate a COCO-format dataset: JSON, boxes, ids and image files",
@@ -154,7 +243,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 1 if has_errors(problems) else 0
 
 
-COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_check_data]
+COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_check_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
