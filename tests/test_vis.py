@@ -1,0 +1,40 @@
+"""Drawing detections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nasfpn.vis import class_colour, draw_detections
+
+
+def test_draws_boxes_in_class_colours_without_touching_input():
+    image = np.full((60, 80, 3), 128, dtype=np.uint8)
+    before = image.copy()
+    boxes = torch.tensor([[10.0, 30.0, 40.0, 55.0], [50.0, 35.0, 75.0, 58.0]])
+    out = draw_detections(image, boxes, torch.tensor([0, 3]), torch.tensor([0.9, 0.4]), ["a", "b", "c", "d"])
+    assert isinstance(out, Image.Image) and out.size == (80, 60) and out.mode == "RGB"
+    assert np.array_equal(image, before)
+    pixels = np.asarray(out)
+    assert tuple(pixels[45, 10]) == class_colour(0)  # left edge of box 0, below its tag
+    assert tuple(pixels[50, 75]) == class_colour(3)  # right edge of box 1
+    assert tuple(pixels[5, 5]) == (128, 128, 128)  # far from both boxes
+
+
+def test_pil_input_and_empty_detections():
+    image = Image.new("RGB", (32, 32), (10, 20, 30))
+    out = draw_detections(image, np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0), ["a"])
+    assert out is not image and np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_colours_are_fixed_and_distinct():
+    colours = [class_colour(i) for i in range(12)]
+    assert colours == [class_colour(i) for i in range(12)]
+    assert len(set(colours)) == 12
+
+
+def test_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="2 boxes but 1 labels"):
+        draw_detections(np.zeros((8, 8, 3), np.uint8), np.zeros((2, 4)), np.zeros(1), None, None)
