@@ -243,7 +243,102 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 1 if has_errors(problems) else 0
 
 
-COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_check_data]
+# --------------------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX (NMS in the graph) or torch.export, checked against PyTorch")
+    p.add_argument("model", help="preset name or config file ('-' to take the config from our .safetensors)")
+    p.add_argument("--weights", required=True, help="weights: our .safetensors, an MMDetection .pth, a checkpoint or a URL")
+    p.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for torch-export)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
+    p.add_argument("--contract", default="end2end", choices=["end2end", "raw"],
+                   help="onnx: end2end = detections out, NMS inside (default); raw = head outputs + anchors")
+    p.add_argument("--size", type=int, help="image size (long side); default: the config's image_size")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported input (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or newer; default 18)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16 exports a half-precision network (looser check tolerances)")
+    p.add_argument("--sample", action="append", default=[], metavar="IMAGE",
+                   help="image(s) for the check against PyTorch (default: generated pictures)")
+    p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
+    p.add_argument("--config", dest="config_file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    from .api import load
+    from .interop.export import ExportError, export
+
+    if args.format == "torch-export" and args.contract != "end2end":
+        print("note: --contract applies to ONNX only; torch-export holds the network (tensors in, head maps out)",
+              file=sys.stderr)
+    overrides = list(args.overrides) + ([f"data.image_size={args.size}"] if args.size else [])
+    if args.model == "-":
+        det = load(None, weights=args.weights, overrides=overrides)
+    else:
+        from .presets import get_config
+
+        det = load(get_config(args.model, overrides, args.config_file), weights=args.weights)
+    images = None
+    if args.sample:
+        from .data.io import list_images, read_image
+
+        images = [read_image(p) for p in list_images(args.sample)]
+    t0 = time.perf_counter()
+    try:
+        meta, report = export(det, args.out, args.format, contract=args.contract, batch=args.batch,
+                              dynamic_batch=args.dynamic_batch, opset=args.opset, precision=args.precision,
+                              verify=not args.no_check, images=images)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    size_mb = Path(args.out).stat().st_size / 2**20
+    h, w = meta["input_hw"]
+    b = meta["batch"] or "B"
+    print(f"wrote {args.out} ({size_mb:.1f} MB, {time.perf_counter() - t0:.1f} s): {det.config.name}, {args.format}"
+          f"{' ' + meta['contract'] if args.format == 'onnx' else ''}, input {b}x3x{h}x{w}, {meta['precision']}")
+    if report is not None:
+        t = report.tolerances
+        print(f"check vs PyTorch ({'fp16 tolerances' if meta['precision'] == 'fp16' else 'fp32 tolerances'}: boxes "
+              f"{t.box_rtol:g} rel, scores {t.score_atol:g}): OK")
+        print(report.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a detector over HTTP (POST /predict, GET /health)")
+    p.add_argument("model", help="preset name or config file ('-' with our .safetensors or an exported .onnx)")
+    p.add_argument("--weights", required=True, help="weights file or URL (.safetensors, MMDetection .pth, or .onnx)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch", type=int, default=8, help="most images per model call (default 8)")
+    p.add_argument("--batch-timeout-ms", type=float, default=10.0,
+                   help="how long a request waits for others to batch with (default 10)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)")
+    p.add_argument("--config", dest="config_file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .predict import load_detector
+    from .serve import ServeSettings, run_server
+
+    settings = ServeSettings(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
+                             max_upload_mb=args.max_upload_mb)
+    model = None if args.model == "-" else args.model
+    det = load_detector(model, args.weights, args.device, args.overrides, args.config_file)
+    run_server(det, args.host, args.port, settings)
+    return 0
+
+
+COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_check_data, _add_export, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,12 +141,13 @@ def postprocess_fixed(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch
     n = cls_maps[0].shape[0]
     scores_all, labels_all, deltas_all, anchors_all = [], [], [], []
     for cls, reg, anc in zip(cls_maps, reg_maps, anchors):
-        scores = cls.float().permute(0, 2, 3, 1).reshape(n, -1).sigmoid()  # (B, HWA*C)
+        logits = cls.float().permute(0, 2, 3, 1).reshape(n, -1)  # (B, HWA*C)
         deltas = reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4)  # (B, HWA, 4)
-        k = scores.shape[1] if cfg.nms_pre <= 0 else min(cfg.nms_pre, scores.shape[1])
-        top, idx = scores.topk(k, dim=1)
+        k = logits.shape[1] if cfg.nms_pre <= 0 else min(cfg.nms_pre, logits.shape[1])
+        # Ranked by logit (sigmoid is monotonic), only the k selected go through the sigmoid.
+        top, idx = logits.topk(k, dim=1)
         anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
-        scores_all.append(top)
+        scores_all.append(top.sigmoid())
         labels_all.append(idx % num_classes)
         deltas_all.append(torch.gather(deltas, 1, anchor_idx[..., None].expand(-1, -1, 4)))
         anchors_all.append(anc[anchor_idx])

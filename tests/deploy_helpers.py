@@ -1,0 +1,67 @@
+"""Deterministic weights and pictures for the export and serving tests.
+
+``fill_deterministic`` sets every tensor from its name (as the MMDetection parity reference
+does): LeCun-uniform convs, BN statistics drawn near 1, and a classification bias around
+``cls_bias`` so that a realistic share of (anchor, class) pairs passes the 0.05 score threshold.
+The detectors then give many candidates per level, overlapping boxes of one class, and NMS
+that suppresses a good part of them.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import torch
+
+from nasfpn.models import build_model
+from nasfpn.presets import get_config
+
+TINY = "nasfpn_tiny"
+
+
+def fill_deterministic(model: torch.nn.Module, seed: str = "export", cls_bias: float = -4.5) -> torch.nn.Module:
+    state = model.state_dict()
+    with torch.no_grad():
+        for key in sorted(state):
+            t = state[key]
+            if not t.is_floating_point():
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32((seed + key).encode()))
+
+            def uniform(lo: float, hi: float) -> torch.Tensor:
+                return (lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t.dtype)
+
+            if key.endswith("running_mean"):
+                t.copy_(uniform(-0.2, 0.2))
+            elif key.endswith("running_var"):
+                t.copy_(uniform(0.5, 1.5))
+            elif key.endswith("weight") and t.dim() >= 2:
+                bound = math.sqrt(3 / (t.numel() // t.shape[0]))
+                t.copy_(uniform(-bound, bound))
+            elif key.endswith("weight"):
+                t.copy_(uniform(0.7, 1.1))
+            elif key == "head.retina_cls.bias":
+                t.copy_(uniform(cls_bias - 0.2, cls_bias + 0.2))
+            else:
+                t.copy_(uniform(-0.2, 0.2))
+    return model.eval()
+
+
+def tiny_config(overrides: list[str] | None = None):
+    return get_config(TINY, overrides)
+
+
+def tiny_model(overrides: list[str] | None = None):
+    cfg = tiny_config(overrides)
+    return cfg, fill_deterministic(build_model(cfg.model, pretrained_backbone=False))
+
+
+def save_tiny_weights(path: Path, overrides: list[str] | None = None) -> Path:
+    """Our .safetensors (weights + config) of the deterministic tiny model."""
+    from nasfpn.api import export_weights
+
+    cfg, model = tiny_model(overrides)
+    export_weights(model, cfg, path)
+    return path

@@ -1,0 +1,283 @@
+"""Export to ONNX / torch.export: every exported file is run and compared with eager PyTorch.
+
+Default tests use the tiny preset with deterministic weights (thousands of NMS candidates per
+image, a good part suppressed). The two crop-640 seed models, filled by the MMDetection
+reference rule, are exported in both contracts by the ``slow`` tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from deploy_helpers import fill_deterministic, save_tiny_weights, tiny_config, tiny_model
+from PIL import Image
+from torchvision.ops import batched_nms
+
+from nasfpn.api import Detector, load
+from nasfpn.cli import main
+from nasfpn.data.synthetic import SyntheticSpec, render_image
+from nasfpn.interop import export as ex
+from nasfpn.interop.runtime import OnnxDetector, ort_session
+from nasfpn.presets import PRESETS
+
+
+def _square_images(count: int = 2, side: int = 256) -> list[np.ndarray]:
+    spec = SyntheticSpec(image_size=(side, side), max_objects=8)
+    return [render_image(spec, seed=7, split="val", index=i)[0] for i in range(count)]
+
+
+def _assert_same_detections(ref: list[dict], got: list[dict], tol: ex.Tolerances | None = None) -> ex.ParityReport:
+    report = ex.ParityReport(tolerances=tol or ex.Tolerances())
+    for i, (r, g) in enumerate(zip(ref, got)):
+        ex.match_detections(r, g, report.tolerances, report, where=f"image {i}: ")
+    report.images = len(ref)
+    assert len(ref) == len(got)
+    assert report.ok, report.summary()
+    return report
+
+
+# --------------------------------------------------------------------------- graph pieces, no export
+
+
+def test_multiclass_nms_is_class_aware_greedy_nms():
+    g = torch.Generator().manual_seed(0)
+    b, c, m = 2, 4, 300
+    xy = torch.rand(b, m, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(b, m, 2, generator=g) * 60], dim=-1)
+    labels = torch.randint(0, c, (b, m), generator=g)
+    scores = torch.rand(b, m, generator=g)
+    per_class = torch.where(labels[:, None, :] == torch.arange(c)[None, :, None], scores[:, None, :], -1.0)
+    selected = ex.multiclass_nms(boxes, per_class, torch.tensor(0.2), 1000, 0.5)
+    for i in range(b):
+        mask = scores[i] > 0.2
+        idx = mask.nonzero().squeeze(1)
+        ref = idx[batched_nms(boxes[i, idx], scores[i, idx], labels[i, idx], 0.5)]
+        mine = selected[selected[:, 0] == i]
+        assert set(mine[:, 2].tolist()) == set(ref.tolist())
+        assert (labels[i, mine[:, 2]] == mine[:, 1]).all()
+    assert 0 < len(selected) < int((scores > 0.2).sum())  # some were suppressed
+    capped = ex.multiclass_nms(boxes, per_class, torch.tensor(0.2), 3, 0.5)
+    assert len(capped) == b * c * 3
+
+
+def test_end2end_graph_equals_postprocess_in_pytorch():
+    cfg, model = tiny_model()
+    hw = ex.export_input_hw(cfg)
+    batch, info, metas = ex.prepare_inputs(ex.sample_images(cfg, 2), cfg, hw)
+    graph = ex.EndToEndGraph(model, hw, cfg.model.test).eval()
+    anchors = [getattr(graph, f"anchors_{i}") for i in range(5)]
+    with torch.no_grad():
+        maps = graph.network(batch)
+        ref = model.postprocess((list(maps[:5]), list(maps[5:])), metas)
+        for thr in (cfg.model.test.score_thr, 0.3):
+            boxes, scores, labels, num = ex.postprocess_fixed(maps[:5], maps[5:], anchors, info, torch.tensor(thr), 80,
+                                                              cfg.model.test)
+            assert boxes.shape == (2, 100, 4) and scores.shape == (2, 100) and labels.dtype == torch.int64
+            got = [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+                   for i, n in enumerate(num.tolist())]
+            want = [{k: v[d["scores"] > thr] for k, v in d.items()} for d in ref]
+            _assert_same_detections(want, got)
+            # Padding rows past num_detections.
+            for i, n in enumerate(num.tolist()):
+                assert (labels[i, n:] == -1).all() and (scores[i, n:] == 0).all() and (boxes[i, n:] == 0).all()
+        assert int(num.min()) < 100  # at 0.3, padding is exercised
+
+
+# --------------------------------------------------------------------------- exports of the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    return save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def end2end_onnx(tiny_weights, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "tiny_end2end.onnx"
+    rc = main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--dynamic-batch"])
+    assert rc == 0
+    return out
+
+
+def test_export_cli_end2end_contract(end2end_onnx, capsys):
+    meta = ex.read_metadata(end2end_onnx)
+    assert meta["contract"] == "end2end" and meta["batch"] is None and meta["input_hw"] == [256, 256]
+    assert meta["mean"] == [123.675, 116.28, 103.53] and len(meta["class_names"]) == 80
+    session = ort_session(end2end_onnx)
+    assert [(i.name, i.shape, i.type) for i in session.get_inputs()] == [
+        ("images", ["batch", 3, 256, 256], "tensor(float)"), ("image_info", ["batch", 4], "tensor(float)")]
+    assert [i.name for i in session.get_overridable_initializers()] == ["score_thr"]
+    assert [(o.name, o.shape, o.type) for o in session.get_outputs()] == [
+        ("boxes", ["batch", 100, 4], "tensor(float)"), ("scores", ["batch", 100], "tensor(float)"),
+        ("labels", ["batch", 100], "tensor(int64)"), ("num_detections", ["batch"], "tensor(int64)")]
+    # Any batch size; score_thr may be omitted.
+    cfg, model = tiny_model()
+    images = ex.sample_images(cfg, 3)
+    batch, info, metas = ex.prepare_inputs(images, cfg, (256, 256))
+    boxes, scores, labels, num = session.run(None, {"images": batch.numpy(), "image_info": info.numpy()})
+    assert boxes.shape == (3, 100, 4)
+    with torch.no_grad():
+        ref = [{k: v.numpy() for k, v in d.items()} for d in model.postprocess(model(batch), metas)]
+    got = [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]} for i, n in enumerate(num)]
+    _assert_same_detections(ref, got)
+
+
+def test_export_raw_contract(tiny_weights, tmp_path):
+    det = load(None, weights=tiny_weights)
+    out = tmp_path / "raw.onnx"
+    meta, report = ex.export(det, out, contract="raw", batch=2)
+    assert report.ok and report.images == 2 and report.max_map_abs < 1e-3, report.summary()
+    session = ort_session(out)
+    names = [o.name for o in session.get_outputs()]
+    assert names == ([f"cls_logits_p{i}" for i in range(3, 8)] + [f"box_deltas_p{i}" for i in range(3, 8)]
+                     + [f"anchors_p{i}" for i in range(3, 8)])
+    outputs = session.run(None, {"images": np.zeros((2, 3, 256, 256), np.float32)})
+    assert outputs[0].shape == (2, 720, 32, 32) and outputs[5].shape == (2, 36, 32, 32)
+    anchors = det.model.anchor_generator.grid_anchors([(32 >> i, 32 >> i) for i in range(5)])
+    for a, b in zip(outputs[10:], anchors):
+        np.testing.assert_array_equal(a, b.numpy())
+    # The runtime post-processes raw files itself.
+    images = _square_images()
+    _assert_same_detections(det.predict(images), OnnxDetector(out).predict(images, batch_size=1))
+
+
+_LOAD_WITHOUT_PACKAGE = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "nasfpn":
+            raise ModuleNotFoundError("no module named " + name)
+sys.meta_path.insert(0, Block())
+try:
+    import nasfpn
+    raise SystemExit("nasfpn should not be importable here")
+except ModuleNotFoundError:
+    pass
+import numpy as np, torch
+module = torch.export.load(sys.argv[1]).module()
+outputs = module(torch.from_numpy(np.load(sys.argv[2])))
+np.savez(sys.argv[3], *[o.numpy() for o in outputs])
+assert not [m for m in sys.modules if m.split(".")[0] == "nasfpn"]
+print(len(outputs))
+"""
+
+
+def test_torch_export_loads_without_the_package(tiny_weights, tmp_path):
+    det = load(None, weights=tiny_weights)
+    out = tmp_path / "tiny.pt2"
+    rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out", str(out),
+               "--dynamic-batch"])
+    assert rc == 0
+    cfg = det.config
+    batch, _, _ = ex.prepare_inputs(ex.sample_images(cfg, 3), cfg, (256, 256))
+    np.save(tmp_path / "x.npy", batch.numpy())
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_WITHOUT_PACKAGE)
+    proc = subprocess.run([sys.executable, "-I", str(script), str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "10"
+    got = np.load(tmp_path / "y.npz")
+    with torch.no_grad():
+        cls_maps, reg_maps = det.model(batch)
+    for i, ref in enumerate(list(cls_maps) + list(reg_maps)):
+        np.testing.assert_allclose(got[f"arr_{i}"], ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_fails_loudly_when_the_file_disagrees(tiny_weights, tmp_path, monkeypatch, capsys):
+    prepared = ex._prepared_copy
+
+    def tampered(model, precision):
+        out = prepared(model, precision)
+        out.head.retina_cls.bias.data += 0.05  # the exported network is no longer the eager one
+        return out
+
+    monkeypatch.setattr(ex, "_prepared_copy", tampered)
+    rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out",
+               str(tmp_path / "bad.pt2")])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "disagrees with eager PyTorch" in err and "unmatched" in err
+
+
+def test_onnx_detector_matches_detector(end2end_onnx, tiny_weights):
+    det = load(None, weights=tiny_weights)
+    onnx_det = OnnxDetector(end2end_onnx)
+    assert onnx_det.class_names == det.class_names and onnx_det.category_ids == det.category_ids
+    images = _square_images(2)
+    for thr in (None, 0.3):
+        ref, got = det.predict(images, score_thr=thr), onnx_det.predict(images, score_thr=thr, batch_size=1)
+        _assert_same_detections(ref, got)
+        for r, g in zip(ref, got):
+            assert g["boxes"].dtype == np.float32 and g["labels"].dtype == np.int64
+            np.testing.assert_array_equal(g["category_ids"], np.asarray(det.category_ids)[g["labels"]])
+    # Refining the stored config: score_thr is an input; NMS settings are fixed in the graph.
+    assert OnnxDetector(end2end_onnx, overrides=["model.test.score_thr=0.4"]).config.model.test.score_thr == 0.4
+    with pytest.raises(ValueError, match="nms_iou"):
+        OnnxDetector(end2end_onnx, overrides=["model.test.nms_iou=0.6"])
+
+
+def test_predict_cli_with_onnx_writes_the_same_predictions(end2end_onnx, tiny_weights, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(_square_images(2, side=320)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    assert main(["predict", "-", str(folder), "--weights", str(tiny_weights), "--out", str(tmp_path / "eager"),
+                 "--vis-thr", "0.2"]) == 0
+    assert main(["predict", "-", str(folder), "--weights", str(end2end_onnx), "--out", str(tmp_path / "onnx"),
+                 "--vis-thr", "0.2"]) == 0
+    eager = json.loads((tmp_path / "eager" / "predictions.json").read_text())
+    onnx = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
+    assert len(eager) == len(onnx) == 200
+    for name in {r["file_name"] for r in eager}:
+        def as_dets(records):
+            rows = [r for r in records if r["file_name"] == name]
+            return {"boxes": np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)]),
+                    "scores": np.array([r["score"] for r in rows]),
+                    "labels": np.array([r["category_id"] for r in rows])}
+        _assert_same_detections([as_dets(eager)], [as_dets(onnx)], ex.Tolerances(box_rtol=2e-3, score_atol=2e-5))
+    assert sorted(p.name for p in (tmp_path / "onnx" / "vis").iterdir()) == ["0.jpg", "1.jpg"]
+
+
+# --------------------------------------------------------------------------- slow: fp16, seed models
+
+
+@pytest.mark.slow
+def test_export_fp16_with_loose_tolerances(tiny_weights, tmp_path):
+    det = load(None, weights=tiny_weights)
+    meta, report = ex.export(det, tmp_path / "fp16.onnx", precision="fp16")
+    print(f"\nfp16 end2end (tiny): {report.summary()}")
+    assert meta["precision"] == "fp16" and report.tolerances.box_rtol > 1e-3 and report.ok
+
+
+def _reference_filled(short: str, reference_dir: Path):
+    from nasfpn.interop.weights import load_into_model
+    from nasfpn.models import build_model
+
+    spec = importlib.util.spec_from_file_location("fill_weights", reference_dir / "fill_weights.py")
+    fw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fw)
+    keys_state, tied = fw.state_dict_from_keys_json(reference_dir / f"mmdet_keys_{short}.json")
+    cfg = PRESETS[{"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}[short]]
+    model = build_model(cfg.model, pretrained_backbone=False).eval()
+    load_into_model(model, fw.fill_state_dict(keys_state, "public", tied), "mmdet")
+    return Detector(model, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("contract", ["end2end", "raw"])
+@pytest.mark.parametrize("short", ["r50_fpn", "r50_nasfpn"])
+def test_seed_models_export_and_match_pytorch(short, contract, reference_dir, tmp_path):
+    det = _reference_filled(short, reference_dir)
+    images = [np.array(Image.open(reference_dir / name).convert("RGB")) for name in ("img_640x480.png", "img_640x640.png")]
+    out = tmp_path / f"{short}_{contract}.onnx"
+    meta, report = ex.export(det, out, contract=contract, images=images)
+    print(f"\n{det.config.name} {contract}: {report.summary()}")
+    assert report.ok and report.eager_detections == 200
