@@ -1,0 +1,561 @@
+"""Speed and memory measurements: inference, one training step, the training input pipeline.
+
+``nasfpn bench`` is a thin wrapper around ``bench_infer``, ``bench_train`` and ``bench_data``;
+the scripts in ``benchmarks/`` call them too. Every function returns a plain dict (JSON-able).
+
+Timing: wall clock around each iteration, after ``warmup`` untimed ones; CUDA is synchronised at
+every boundary that is timed (so the inference split adds two syncs per iteration). Latency is
+reported as p50 / p90 over ``iters`` iterations, throughput as ``batch / p50``.
+
+Peak memory (``memory_source`` in the result says which):
+
+- CUDA: ``torch.cuda.max_memory_allocated`` over the measured iterations (tensors only, not the
+  caching allocator's reserve);
+- CPU: peak resident set size of the process, read from ``/proc/self/statm`` every 2 ms by a
+  background thread during separate (untimed) iterations, so the sampler does not perturb the
+  timings. ``peak_mb`` is the whole process (model, Python, libraries); ``peak_delta_mb`` the rise
+  above the resident size just before those iterations (activations, workspace). Without
+  ``/proc`` (not Linux) it falls back to ``resource.getrusage(...).ru_maxrss``: the process
+  lifetime peak, with no delta.
+
+Randomly initialised models put every score near the focal prior (0.01): nothing passes the
+0.05 score threshold and post-processing would cost nothing. Unless real weights are given, the
+class bias is shifted so that ``pairs_per_image`` (anchor, class) pairs pass it on the benchmark
+batch (``calibrate_scores``), as a trained model's few thousand candidates do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import Config
+from .fast import autocast, make_sgd, optimize_for_inference
+from .models import RetinaNet, build_model
+
+MODES = ("infer", "train", "data")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile (0..100) of ``values``."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("no values")
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
+    """``p50_ms``, ``p90_ms``, ``mean_ms`` and ``images_per_s`` (batch / p50) of per-iteration times."""
+    p50 = percentile(seconds, 50)
+    return {"p50_ms": p50 * 1e3, "p90_ms": percentile(seconds, 90) * 1e3,
+            "mean_ms": statistics.fmean(seconds) * 1e3, "images_per_s": batch / p50}
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory while the ``with`` block runs (see the module docstring for what is measured).
+
+    After the block: ``peak_mb``, ``delta_mb`` (None where unknown) and ``source``.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002) -> None:
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_mb: float | None = None
+        self.delta_mb: float | None = None
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = 0
+        self._peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss = _rss_bytes() or 0
+            self._peak = max(self._peak, rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            self.source = "cuda max_memory_allocated"
+        else:
+            rss = _rss_bytes()
+            if rss is None:
+                self.source = "ru_maxrss (process lifetime peak)"
+            else:
+                self._start = self._peak = rss
+                self.source = "peak RSS, /proc/self/statm sampled every 2 ms"
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        mb = 1024 * 1024
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_mb, self.delta_mb = peak / mb, (peak - self._start) / mb
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes() or 0)
+            self.peak_mb, self.delta_mb = self._peak / mb, (self._peak - self._start) / mb
+        else:
+            # ru_maxrss is in KiB on Linux, bytes on macOS.
+            scale = 1 if platform.system() == "Darwin" else 1024
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / mb
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Versions, threads and the device, for the record of a benchmark."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX), per /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def synthetic_images(count: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` RGB uint8 ``(height, width, 3)`` images with photo-like statistics: smooth colour
+    fields plus fine texture, so JPEG sizes and decode times resemble real photos."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(count):
+        coarse = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=g) * 255
+        smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]
+        texture = torch.randn(3, height, width, generator=g) * 12
+        images.append((smooth + texture).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy().copy())
+    return images
+
+
+def synthetic_targets(batch: int, size: int, boxes_per_image: int = 8, num_classes: int = 80,
+                      device: torch.device | str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
+    """Training targets: random boxes of 16 .. size/2 pixels inside ``size x size``, random labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        wh = 16 + torch.rand(boxes_per_image, 2, generator=g) * (size / 2 - 16)
+        xy = torch.rand(boxes_per_image, 2, generator=g) * (size - wh)
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(0, num_classes, (boxes_per_image,), generator=g)
+        out.append({"boxes": boxes.to(device), "labels": labels.to(device), "pad_shape": (size, size)})
+    return out
+
+
+@torch.no_grad()
+def calibrate_scores(model: RetinaNet, batch: torch.Tensor, score_thr: float, pairs_per_image: int) -> float:
+    """Shift ``model.head.retina_cls.bias`` so that about ``pairs_per_image`` (anchor, class) pairs
+    of each image of ``batch`` score above ``score_thr``; returns the shift."""
+    was_training = model.training
+    model.eval()
+    cls_maps, _ = model(batch)
+    n = batch.shape[0]
+    logits = torch.cat([m.float().permute(0, 2, 3, 1).reshape(n, -1) for m in cls_maps], dim=1)
+    k = min(pairs_per_image, logits.shape[1])
+    kth = logits.topk(k, dim=1).values[:, -1].mean().item()
+    # The k-th best logit lands just above the threshold's logit.
+    shift = math.log(score_thr / (1 - score_thr)) - kth + 1e-4
+    model.head.retina_cls.bias += shift
+    model.train(was_training)
+    return shift
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | None = None, precision: str = "fp32",
+                channels_last: bool | None = None, compile: bool = False, fuse_bn: bool = True, plain: bool = False,
+                warmup: int = 3, iters: int = 10, weights: str | None = None, pairs_per_image: int = 1000,
+                memory: bool = True, model: RetinaNet | None = None) -> dict[str, Any]:
+    """End-to-end inference from uint8 images to detections: pre-processing, network, post-processing.
+
+    ``plain`` runs the model as built (eager, fp32, NCHW, BN unfolded); otherwise
+    ``optimize_for_inference(fuse_bn, channels_last, precision, compile)``. ``model`` reuses an
+    already built (and calibrated) model; ``size`` is the square image side (the config's test
+    size by default). Returns latency stats, the split ``pre_ms`` / ``net_ms`` / ``post_ms``
+    (p50 each), detections per image and peak memory.
+    """
+    from .data.transforms import preprocess_batch
+
+    dev = torch.device(device)
+    size = size or cfg.data.image_size
+    data = cfg.data
+    images = synthetic_images(batch, size, size)
+    calibration: float | str = "weights"
+    if model is None:
+        if weights is not None:
+            from .api import load
+
+            model = load(cfg, weights=weights, device=dev).model
+        else:
+            torch.manual_seed(0)
+            model = build_model(cfg.model, pretrained_backbone=False).to(dev)
+    model.eval()
+    if weights is None:
+        x, _ = preprocess_batch(images, size, data.pad_divisor, data.mean, data.std, dev)
+        calibration = calibrate_scores(model, x, cfg.model.test.score_thr, pairs_per_image)
+    t0 = time.perf_counter()
+    runner: Any = model if plain else optimize_for_inference(model, fuse_bn, channels_last, precision, compile)
+    prepare_s = time.perf_counter() - t0
+
+    def run() -> tuple[float, float, float, int]:
+        a = time.perf_counter()
+        x, metas = preprocess_batch(images, size, data.pad_divisor, data.mean, data.std, dev)
+        _sync(dev)
+        b = time.perf_counter()
+        with torch.no_grad():
+            outputs = runner(x)
+        _sync(dev)
+        c = time.perf_counter()
+        dets = runner.postprocess(outputs, metas)
+        _sync(dev)
+        d = time.perf_counter()
+        return b - a, c - b, d - c, sum(len(r["scores"]) for r in dets)
+
+    t0 = time.perf_counter()
+    run()  # first call: compilation, oneDNN primitive creation
+    first_s = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        run()
+    pre, net, post, total = [], [], [], []
+    for _ in range(iters):
+        p, n, q, num_dets = run()
+        pre.append(p), net.append(n), post.append(q), total.append(p + n + q)
+    result: dict[str, Any] = {
+        "mode": "infer", "model": cfg.name, "device": str(dev), "batch": batch, "size": size,
+        "precision": "fp32" if plain else precision, "plain": plain,
+        "fuse_bn": fuse_bn and not plain,
+        "channels_last": (not plain) and (channels_last is None or channels_last), "compile": compile and not plain,
+        "warmup": warmup, "iters": iters, **latency_stats(total, batch),
+        "pre_ms": percentile(pre, 50) * 1e3, "net_ms": percentile(net, 50) * 1e3, "post_ms": percentile(post, 50) * 1e3,
+        "detections_per_image": num_dets / batch, "score_calibration": calibration,
+        "prepare_s": prepare_s, "first_call_s": first_s,
+    }
+    result["post_share"] = result["post_ms"] / (result["pre_ms"] + result["net_ms"] + result["post_ms"])
+    if memory:
+        with PeakMemory(dev) as mem:
+            run()
+        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, memory_source=mem.source)
+    result["env"] = environment(dev)
+    return result
+
+
+# --------------------------------------------------------------------------- training
+
+
+def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | None = None, precision: str = "fp32",
+                channels_last: bool = False, compile: bool = False, checkpoint_stacks: bool | None = None,
+                warmup: int = 2, iters: int = 5, memory: bool = True) -> dict[str, Any]:
+    """One training step (forward, loss, backward, SGD update) on a synthetic batch.
+
+    Random images, 8 random boxes per image, ``pad_shape`` set as the training collate does.
+    ``precision`` bf16 / fp16 runs the network under autocast (fp16 with a GradScaler); SGD is
+    the fused CUDA kernel on CUDA (``make_sgd``). ``checkpoint_stacks`` overrides the config's
+    activation checkpointing of the NAS-FPN stacks.
+    """
+    dev = torch.device(device)
+    size = size or cfg.data.image_size
+    model_cfg = cfg.model
+    if checkpoint_stacks is not None:
+        model_cfg = replace(model_cfg, neck=replace(model_cfg.neck, checkpoint_stacks=checkpoint_stacks))
+    torch.manual_seed(0)
+    model = build_model(model_cfg, pretrained_backbone=False).to(dev).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    t = cfg.train
+    optimizer = make_sgd([p for p in model.parameters() if p.requires_grad], 1e-4, t.momentum, t.weight_decay, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    forward: Callable = torch.compile(model) if compile else model
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=g).to(dev)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = synthetic_targets(batch, size, num_classes=model.num_classes, device=dev)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(dev, precision):
+            cls_maps, reg_maps = forward(images)
+        losses = model.loss(([m.float() for m in cls_maps], [m.float() for m in reg_maps]), targets)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return losses["loss"].detach()
+
+    def timed() -> float:
+        _sync(dev)
+        a = time.perf_counter()
+        step()
+        _sync(dev)
+        return time.perf_counter() - a
+
+    first_s = timed()
+    for _ in range(max(warmup - 1, 0)):
+        timed()
+    times = [timed() for _ in range(iters)]
+    loss = float(step())
+    result: dict[str, Any] = {
+        "mode": "train", "model": cfg.name, "device": str(dev), "batch": batch, "size": size, "precision": precision,
+        "channels_last": channels_last, "compile": compile, "checkpoint_stacks": model_cfg.neck.checkpoint_stacks,
+        "fused_sgd": bool(optimizer.defaults.get("fused")), "warmup": warmup, "iters": iters,
+        **latency_stats(times, batch), "first_call_s": first_s, "loss": loss,
+    }
+    if memory:
+        with PeakMemory(dev) as mem:
+            step()
+        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, memory_source=mem.source)
+    result["env"] = environment(dev)
+    return result
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def write_jpegs(folder: str | Path, count: int = 32, height: int = 480, width: int = 640, quality: int = 90,
+                seed: int = 0) -> list[Path]:
+    """``count`` COCO-sized synthetic JPEGs in ``folder``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(synthetic_images(count, height, width, seed)):
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(im).save(path, quality=quality)
+        paths.append(path)
+    return paths
+
+
+def decode_torchvision(path: str | Path) -> torch.Tensor:
+    """uint8 ``(3, H, W)`` RGB via ``torchvision.io.decode_jpeg`` (libjpeg-turbo), EXIF orientation applied."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+
+
+def decode_pil(path: str | Path) -> torch.Tensor:
+    """uint8 ``(3, H, W)`` via the library's reader (PIL; EXIF orientation, any mode to RGB)."""
+    from .data.io import read_image
+
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
+
+
+DECODERS: dict[str, Callable[[str | Path], torch.Tensor]] = {"pil": decode_pil, "torchvision": decode_torchvision}
+
+
+def bench_data(cfg: Config, size: int | None = None, images: int = 32, height: int = 480, width: int = 640,
+               quality: int = 90, decoder: str = "pil", passes: int = 3, folder: str | Path | None = None) -> dict[str, Any]:
+    """Training input pipeline in one process (= one DataLoader worker): decode a COCO-sized JPEG,
+    then the training transform (random resize, crop, flip) and normalisation, per image.
+
+    Runs with one intra-op thread, as a DataLoader worker does (PyTorch sets 1 thread in workers).
+    Reports images/s per worker, overall and for decoding alone.
+    """
+    from .data.transforms import TrainTransform, make_generator, normalize_pad
+
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
+    decode = DECODERS[decoder]
+    size = size or cfg.data.image_size
+    d = cfg.data
+    transform = TrainTransform(size, d.scale_range, d.flip_prob)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = None
+    try:
+        if folder is None:
+            tmp = tempfile.TemporaryDirectory(prefix="nasfpn-bench-")
+            folder = tmp.name
+        paths = write_jpegs(folder, images, height, width, quality)
+        boxes = synthetic_targets(1, min(height, width), num_classes=80)[0]
+        times, decode_times = [], []
+        for p in range(passes + 1):  # the first pass warms the file cache and allocators
+            for i, path in enumerate(paths):
+                a = time.perf_counter()
+                image = decode(path)
+                b = time.perf_counter()
+                sample = {"image": image, "boxes": boxes["boxes"], "labels": boxes["labels"], "image_id": i}
+                out = transform(sample, make_generator(0, p, i))
+                normalize_pad([out["image"]], d.mean, d.std, pad_size=(size, size))
+                c = time.perf_counter()
+                if p > 0:
+                    times.append(c - a)
+                    decode_times.append(b - a)
+        file_kb = sum(x.stat().st_size for x in paths) / len(paths) / 1024
+    finally:
+        torch.set_num_threads(threads)
+        if tmp is not None:
+            tmp.cleanup()
+    per_image = statistics.median(times)
+    return {
+        "mode": "data", "model": cfg.name, "size": size, "decoder": decoder, "images": images,
+        "image_hw": (height, width), "jpeg_quality": quality, "jpeg_kb": file_kb, "passes": passes,
+        "images_per_s": 1 / per_image, "p50_ms": per_image * 1e3, "p90_ms": percentile(times, 90) * 1e3,
+        "decode_ms": statistics.median(decode_times) * 1e3,
+        "transform_ms": (per_image - statistics.median(decode_times)) * 1e3,
+        "env": environment("cpu") | {"threads": 1},
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """A few human-readable lines for one result of ``bench_*``."""
+    env = r.get("env", {})
+    head = (f"{r['model']}  mode={r['mode']}  device={r.get('device', 'cpu')}  threads={env.get('threads')}  "
+            f"torch {env.get('torch')}  {env.get('cpu') if r.get('device', 'cpu') == 'cpu' else env.get('gpu')}")
+    lines = [head]
+    if r["mode"] == "data":
+        lines.append(f"decoder={r['decoder']}  {r['image_hw'][1]}x{r['image_hw'][0]} JPEG q{r['jpeg_quality']} "
+                     f"({r['jpeg_kb']:.0f} KB) -> train transform at {r['size']}")
+        lines.append(f"{r['images_per_s']:.1f} images/s per worker  (p50 {r['p50_ms']:.2f} ms: decode "
+                     f"{r['decode_ms']:.2f} + transform {r['transform_ms']:.2f}; p90 {r['p90_ms']:.2f} ms)")
+        return "\n".join(lines)
+    opts = [f"batch={r['batch']}", f"size={r['size']}", f"precision={r['precision']}",
+            f"channels_last={r['channels_last']}", f"compile={r['compile']}"]
+    if r["mode"] == "infer":
+        opts += [f"fuse_bn={r['fuse_bn']}", "plain" if r["plain"] else "fast paths"]
+    else:
+        opts += [f"checkpoint_stacks={r['checkpoint_stacks']}", f"fused_sgd={r['fused_sgd']}"]
+    lines.append("  ".join(opts))
+    lines.append(f"latency p50 {r['p50_ms']:.1f} ms  p90 {r['p90_ms']:.1f} ms  throughput {r['images_per_s']:.2f} images/s"
+                 f"  (first call {r['first_call_s']:.1f} s)")
+    if r["mode"] == "infer":
+        lines.append(f"split p50: pre {r['pre_ms']:.1f} ms  net {r['net_ms']:.1f} ms  post {r['post_ms']:.1f} ms "
+                     f"({100 * r['post_share']:.1f}% post)  detections/image {r['detections_per_image']:.0f}")
+    if r.get("peak_mb") is not None:
+        delta = f" (+{r['peak_delta_mb']:.0f} MB during the step)" if r.get("peak_delta_mb") is not None else ""
+        lines.append(f"peak memory {r['peak_mb']:.0f} MB{delta}  [{r['memory_source']}]")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """``rows`` as a markdown table; ``columns`` are ``(key, header)``; floats get 1-3 decimals."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
+        return "" if v is None else str(v)
+
+    out = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- host-device syncs
+
+
+# ATen ops that make a CUDA device wait for the host or copy a value back to it.
+_SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero",
+             "aten::equal", "aten::unique_dim", "aten::_unique2", "aten::unique_consecutive", "aten::item"}
+
+
+def _has_mask(indices: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
+
+
+def find_sync_points(fn: Callable[[], Any]) -> list[str]:
+    """Run ``fn`` and list the ATen calls in it that synchronise a CUDA device with the host.
+
+    Works on any device (it inspects the ops, it does not need CUDA): ``.item()`` / ``bool(t)`` /
+    ``float(t)``, ``nonzero``, boolean-mask indexing and ``masked_select``, ``unique``,
+    ``repeat_interleave`` without ``output_size``. Copies to the CPU are not seen on a CPU run;
+    on CUDA, ``torch.cuda.set_sync_debug_mode('error')`` is the ground truth.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func._schema.name
+            if name in _SYNC_OPS:
+                found.append(name)
+            elif name == "aten::index" and _has_mask(args[1]):
+                found.append(f"{name} (boolean mask)")
+            elif name in ("aten::index_put", "aten::index_put_") and _has_mask(args[1]):
+                # x[mask] = <one value on the host> becomes masked_fill: no sync. Anything else
+                # turns the mask into indices first.
+                indices = [t for t in args[1] if t is not None]
+                value = args[2]
+                if not (len(indices) == 1 and value.numel() == 1 and value.device.type == "cpu"):
+                    found.append(f"{name} (boolean mask)")
+            elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and len(args) < 4:
+                found.append(name)
+            return func(*args, **kwargs)
+
+    with _Recorder():
+        fn()
+    return found
