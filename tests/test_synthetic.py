@@ -57,11 +57,13 @@ def test_coco_layout(tmp_path):
     ds = generate_dataset(tmp_path, 8, 4, image_size=(96, 128), seed=3, num_classes=6, max_objects=4)
     assert ds.class_names == SHAPE_NAMES[:6]
     assert ds.category_ids == SHAPE_CATEGORY_IDS[:6] == (1, 2, 4, 5, 7, 8)
-    for ann_path, image_dir, n in ((ds.train_annotations, ds.train_images, 8), (ds.val_annotations, ds.val_images, 4)):
+    splits = ((ds.train_annotations, ds.train_images, range(1, 9)),
+              (ds.val_annotations, ds.val_images, range(1_000_001, 1_000_005)))
+    for ann_path, image_dir, ids in splits:
         data = json.loads(ann_path.read_text())
         assert [c["id"] for c in data["categories"]] == list(ds.category_ids)
         assert [c["name"] for c in data["categories"]] == list(ds.class_names)
-        assert [img["id"] for img in data["images"]] == list(range(1, n + 1))
+        assert [img["id"] for img in data["images"]] == list(ids)  # disjoint across splits
         for img in data["images"]:
             assert (img["width"], img["height"]) == (128, 96)
             with Image.open(image_dir / img["file_name"]) as im:

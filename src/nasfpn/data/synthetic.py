@@ -7,6 +7,9 @@
     out_dir/synthetic.json                  (what was generated; a second call with the same
                                              arguments finds it and returns at once)
 
+Image ids are 1.. in train and 1000001.. in val, so results scored against the wrong split
+fail loudly. Category ids are ``SHAPE_CATEGORY_IDS``, non-contiguous on purpose.
+
 What is in an image
     * Background: a two-colour linear gradient, low-frequency colour blotches and per-pixel noise.
     * Distractors, drawn first so they lie behind the objects and are never annotated: thin
@@ -61,6 +64,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,10 +79,13 @@ SHAPE_NAMES: tuple[str, ...] = (
 # Non-contiguous on purpose, like COCO's, so the label <-> category id mapping is exercised.
 SHAPE_CATEGORY_IDS: tuple[int, ...] = (1, 2, 4, 5, 7, 8, 11, 13)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the same arguments would produce different files."""
 
 _SPLITS = {"train": 0, "val": 1}
+# Image ids: train 1, 2, ...; val 1000001, ...: disjoint, so that detections scored against the
+# wrong split fail loudly instead of giving a meaningless AP.
+_SPLIT_ID_BASE = 1_000_000
 _MIN_CONTRAST = 120  # sum over RGB of |colour - mean colour beneath|, in 0..765
 _MIN_PIXELS = 8.0  # below this a shape is not recognisable
 _PLACEMENT_TRIES = 20
@@ -477,12 +484,13 @@ def _generate_split(spec: SyntheticSpec, seed: int, split: str, num: int, image_
     h, w = spec.image_size
     images, annotations = [], []
     for i, objects in enumerate(per_image):
-        images.append({"id": i + 1, "file_name": f"{i + 1:06d}.png", "width": w, "height": h})
+        image_id = _SPLITS[split] * _SPLIT_ID_BASE + i + 1
+        images.append({"id": image_id, "file_name": f"{i + 1:06d}.png", "width": w, "height": h})
         for obj in objects:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
-                    "image_id": i + 1,
+                    "image_id": image_id,
                     "category_id": spec.category_ids[obj["label"]],
                     "bbox": obj["bbox"],
                     "area": obj["area"],
@@ -513,8 +521,8 @@ def generate_dataset(
     without work unless ``overwrite``. ``workers > 1`` renders in that many processes
     (the files do not depend on it).
     """
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
+    if not (0 <= num_train < _SPLIT_ID_BASE and 0 <= num_val < _SPLIT_ID_BASE):
+        raise ValueError(f"image counts must be in 0..{_SPLIT_ID_BASE - 1}, got {num_train}, {num_val}")
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     spec = SyntheticSpec(image_size=size, num_classes=num_classes, max_objects=max_objects)
     root = Path(out_dir)
@@ -557,8 +565,8 @@ def dataset_stats(annotations: str | Path | dict[str, Any]) -> dict[str, Any]:
     """
     data = json.loads(Path(annotations).read_text()) if isinstance(annotations, (str, Path)) else annotations
     anns = data["annotations"]
-    per_image = np.bincount([a["image_id"] for a in anns], minlength=1)
-    counts = np.array([per_image[img["id"]] if img["id"] < len(per_image) else 0 for img in data["images"]])
+    per_image = Counter(a["image_id"] for a in anns)
+    counts = np.array([per_image[img["id"]] for img in data["images"]], dtype=np.int64)
     sides = np.array([math.sqrt(a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float64)
     areas = np.array([a["area"] for a in anns], dtype=np.float64)
     names = {c["id"]: c["name"] for c in data["categories"]}
@@ -567,21 +575,25 @@ def dataset_stats(annotations: str | Path | dict[str, Any]) -> dict[str, Any]:
         per_class[names[a["category_id"]]] += 1
     visible = np.array([a.get("visible", 1.0) for a in anns], dtype=np.float64)
     n = max(len(anns), 1)
+
+    def stat(values: np.ndarray, fn: Any) -> float:
+        return float(fn(values)) if values.size else 0.0
+
     return {
         "images": len(data["images"]),
         "objects": len(anns),
         "objects_per_image": {
-            "min": int(counts.min()) if counts.size else 0,
-            "mean": float(counts.mean()) if counts.size else 0.0,
-            "max": int(counts.max()) if counts.size else 0,
-            "histogram": {int(k): int(v) for k, v in enumerate(np.bincount(counts)) if v} if counts.size else {},
+            "min": int(stat(counts, np.min)),
+            "mean": stat(counts, np.mean),
+            "max": int(stat(counts, np.max)),
+            "histogram": {k: int(v) for k, v in enumerate(np.bincount(counts)) if v},
         },
         "box_side_px": {
-            "min": float(sides.min()) if sides.size else 0.0,
-            "p10": float(np.percentile(sides, 10)) if sides.size else 0.0,
-            "median": float(np.median(sides)) if sides.size else 0.0,
-            "p90": float(np.percentile(sides, 90)) if sides.size else 0.0,
-            "max": float(sides.max()) if sides.size else 0.0,
+            "min": stat(sides, np.min),
+            "p10": stat(sides, lambda x: np.percentile(x, 10)),
+            "median": stat(sides, np.median),
+            "p90": stat(sides, lambda x: np.percentile(x, 90)),
+            "max": stat(sides, np.max),
         },
         "coco_area_fraction": {
             "small": float((areas < 32**2).sum() / n),
