@@ -45,10 +45,10 @@ The trade-off
     little: colour, texture, background, aspect ratio, rotation. What makes a from-scratch
     CPU model fail is kept in check: sizes are log-triangular so about 15% of objects are under
     24 px and 10% over 77 px (at 256 px) rather than a flat spread of tiny ones; the smallest
-    is 12 px, never under 8 px; shapes are opaque and contrast with their surroundings;
-    distractors stay behind the objects and look like no class; occlusion is capped. Class
-    pairs that a rotation or heavy occlusion would make ambiguous are kept apart by the
-    rotation limits above.
+    is 12 px at 256 px and never under 8 px; shapes are opaque and contrast with their
+    surroundings; distractors stay behind the objects and look like no class; occlusion is
+    capped. Look-alike pairs are kept apart: the rotation limits above, and crescents thin
+    enough (a third to a half of the radius) that none passes for a dented ellipse.
 
 Determinism
     Each image comes from its own generator seeded by ``(seed, split, index)``, so a dataset is
