@@ -398,9 +398,13 @@ def write_jpegs(folder: str | Path, count: int = 32, height: int = 480, width: i
 
 def decode_torchvision(path: str | Path) -> torch.Tensor:
     """uint8 ``(3, H, W)`` RGB via ``torchvision.io.decode_jpeg`` (libjpeg-turbo), EXIF orientation applied."""
+    import warnings
+
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; this still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
 def decode_pil(path: str | Path) -> torch.Tensor:
