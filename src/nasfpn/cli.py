@@ -391,7 +391,231 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_check_data, _add_export, _add_serve, _add_bench]
+# --------------------------------------------------------------------------- train
+def _add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    p.add_argument("--data", help="dataset root: COCO 2017 layout (annotations/instances_{train,val}2017.json, "
+                   "train2017/, val2017/) or annotations/instances_{train,val}.json + train/ + val/")
+    if train:
+        p.add_argument("--train-ann", help="training annotations (COCO JSON); instead of --data")
+        p.add_argument("--train-images", help="folder of the training images")
+    p.add_argument("--val-ann", help="validation annotations (COCO JSON)")
+    p.add_argument("--val-images", help="folder of the validation images")
+
+
+def _data_paths(args: argparse.Namespace):
+    from .engine.trainer import DataPaths
+
+    if args.data:
+        paths = DataPaths.from_root(args.data)
+        if args.val_ann:
+            paths = DataPaths(paths.train_ann, paths.train_images, args.val_ann, args.val_images)
+        return paths
+    if not (args.train_ann and args.train_images):
+        raise ValueError("give --data DIR, or --train-ann and --train-images (plus --val-ann/--val-images to evaluate)")
+    if bool(args.val_ann) != bool(args.val_images):
+        raise ValueError("--val-ann and --val-images go together")
+    return DataPaths(args.train_ann, args.train_images, args.val_ann, args.val_images)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a detector (also under torchrun for several GPUs / processes)",
+                       description="Train MODEL on a COCO-format dataset. Writes config.yaml, log.jsonl, metrics.csv, "
+                       "last/best checkpoints (.pt) and weights (.safetensors), and loss/AP curves into --out.")
+    p.add_argument("model", nargs="?", help="preset name or .yaml/.json config (optional with --resume: the run's "
+                   "config.yaml)")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", dest="config_file", help="YAML file refining the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set train.base_lr=0.04 (repeatable)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="images per process (data.batch_size)")
+    p.add_argument("--size", type=int, help="crop / test size (data.image_size)")
+    p.add_argument("--workers", type=int, help="data loading processes (data.workers)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (train.amp)")
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm, 0 = off (train.grad_clip)")
+    p.add_argument("--seed", type=int, help="train.seed: data order, augmentation and initial weights")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (train.deterministic)")
+    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (train.sync_bn)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train.channels_last)")
+    p.add_argument("--eval-interval", type=int, help="evaluate every N epochs (train.eval_interval)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt, exactly")
+    p.add_argument("--checkpoint-interval", type=int, default=0, metavar="STEPS",
+                   help="also write last.pt every STEPS steps (default: at epoch ends only)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (then evaluate)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="train without the images/annotations the data check reports as errors")
+    p.add_argument("--no-check-images", action="store_true", help="data check: skip reading the image headers")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_config(args: argparse.Namespace):
+    from .config import apply_overrides
+    from .presets import get_config
+
+    model = args.model
+    if model is None:
+        saved = Path(args.out) / "config.yaml"
+        if not (args.resume and saved.is_file()):
+            raise ValueError("name the model (preset or config file); it may be left out only with --resume "
+                             f"and an existing {saved}")
+        model = str(saved)
+    cfg = get_config(model, args.overrides, args.config_file)
+    flags = {
+        "train.epochs": args.epochs, "data.batch_size": args.batch_size, "data.image_size": args.size,
+        "data.workers": args.workers, "train.amp": args.amp, "train.grad_clip": args.grad_clip,
+        "train.seed": args.seed, "train.eval_interval": args.eval_interval,
+        "train.deterministic": True if args.deterministic else None,
+        "train.sync_bn": True if args.sync_bn else None,
+        "train.channels_last": True if args.channels_last else None,
+    }
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.trainer import train
+
+    cfg = _train_config(args)
+    result = train(cfg, _data_paths(args), args.out, resume=args.resume, device=args.device,
+                   checkpoint_interval=args.checkpoint_interval, skip_invalid=args.skip_invalid,
+                   progress=False if args.no_progress else None, max_steps=args.max_steps,
+                   check_images=not args.no_check_images)
+    if result.status == "diverged":
+        print(f"error: {result.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="COCO box AP of weights on a dataset, or of an existing results file",
+                       description="With a model: run it on the validation images (test pre-processing), print the "
+                       "COCO table and per-class AP, write results.json and metrics.json into --out. "
+                       "With --ann and --results: score a COCO results file, no model needed.")
+    p.add_argument("model", nargs="?", help="preset name or config file ('-' or left out: the config our "
+                   ".safetensors carry)")
+    p.add_argument("--weights", help="weights: .safetensors, training checkpoint .pt, MMDetection .pth or URL")
+    _add_data_args(p, train=False)
+    p.add_argument("--out", help="folder for results.json and metrics.json")
+    p.add_argument("--ann", help="ground-truth COCO JSON (with --results)")
+    p.add_argument("--results", help="COCO results JSON to score (with --ann)")
+    p.add_argument("--json", dest="json_out", help="with --results: write the metrics to this JSON file")
+    p.add_argument("--config", dest="config_file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.evaluate import run_eval, score_results
+
+    if args.results or args.ann:
+        if not (args.results and args.ann):
+            raise ValueError("scoring a results file needs both --ann and --results")
+        score_results(args.ann, args.results, args.json_out)
+        return 0
+    if not args.weights:
+        raise ValueError("give --weights (or --ann and --results to score an existing results file)")
+    if args.data:
+        from .engine.trainer import DataPaths
+
+        paths = DataPaths.from_root(args.data)
+        if paths.val_ann is None:
+            raise ValueError(f"{args.data} has no validation annotations")
+        ann, images = paths.val_ann, paths.val_images
+    elif args.val_ann and args.val_images:
+        ann, images = args.val_ann, args.val_images
+    else:
+        raise ValueError("give --data DIR or --val-ann and --val-images")
+    model = None if args.model in (None, "-") else args.model
+    run_eval(model, args.weights, ann, images, args.out, device=args.device, batch_size=args.batch_size,
+             workers=args.workers, overrides=args.overrides, config_file=args.config_file,
+             progress=False if args.no_progress else None)
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="generate the synthetic dataset, train nasfpn_tiny on it (CPU), evaluate, draw",
+                       description="The embedded end-to-end run: synthetic shapes dataset -> training of the "
+                       "nasfpn_tiny preset -> COCO evaluation -> curves and pictures of detections in --out.")
+    p.add_argument("--out", default="nasfpn_demo", help="output folder (default ./nasfpn_demo)")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-time budget for the whole demo (default 10)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the nasfpn_tiny config")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, minutes=args.minutes, device=args.device, seed=args.seed, overrides=args.overrides,
+                      progress=False if args.no_progress else None)
+    return 0 if result.ok else 1
+
+
+# --------------------------------------------------------------------------- bench
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure inference, a training step or the input pipeline: latency, throughput, memory")
+    _add_model_args(p)
+    p.add_argument("--mode", default="infer", choices=["infer", "train", "data"],
+                   help="infer: images -> detections; train: forward + loss + backward + SGD step; "
+                        "data: JPEG decode + training transform per worker")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--batch", type=int, default=None, help="images per iteration (default: 1 for infer, 2 for train)")
+    p.add_argument("--size", type=int, help="square image side (default: the config's image_size)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="infer: weights and activations in this type; train: autocast (fp16 with a grad scaler)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC weights and activations (infer default: on; train default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (first call compiles)")
+    p.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="infer: fold BatchNorm into the convs (default: on)")
+    p.add_argument("--plain", action="store_true", help="infer: the model as built, no fast path at all")
+    p.add_argument("--checkpoint-stacks", action=argparse.BooleanOptionalAction, default=None,
+                   help="train: recompute NAS-FPN stacks in the backward pass (default: the config's)")
+    p.add_argument("--pairs-per-image", type=int, default=1000,
+                   help="infer without --weights: shift the class bias so this many (anchor, class) pairs per "
+                        "image pass the score threshold, as with a trained model (default 1000)")
+    p.add_argument("--decoder", default="pil", choices=["pil", "torchvision"], help="data: JPEG decoder")
+    p.add_argument("--images", type=int, default=32, help="data: generated 640x480 JPEGs (default 32)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (default 10; data: passes over the images)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: PyTorch's choice)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_data, bench_infer, bench_train, format_result
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    if args.mode == "infer":
+        result = bench_infer(cfg, args.device, args.batch or 1, args.size, args.precision, args.channels_last,
+                             args.compile, args.fuse_bn, args.plain, args.warmup, args.iters, args.weights,
+                             args.pairs_per_image)
+    elif args.mode == "train":
+        result = bench_train(cfg, args.device, args.batch or 2, args.size, args.precision, bool(args.channels_last),
+                             args.compile, args.checkpoint_stacks, args.warmup, args.iters)
+    else:
+        result = bench_data(cfg, args.size, args.images, decoder=args.decoder, passes=args.iters)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_check_data, _add_export, _add_serve, _add_bench, _add_train, _add_eval, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

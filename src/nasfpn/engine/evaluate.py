@@ -1,0 +1,199 @@
+"""COCO evaluation of a model on an annotated image folder, in one or several processes.
+
+Images go through the test pre-processing (keep-ratio resize to ``image_size``, normalise, pad
+to ``pad_divisor``) exactly as ``Detector.predict`` does. Under ``torchrun`` each rank predicts
+every ``world_size``-th image; predictions are gathered with ``all_gather_object`` and rank 0
+scores them. Unreadable images are logged and skipped (their ground truth counts as missed).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config
+from . import distributed as D
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device | str, batch_size: int = 8,
+                    workers: int = 0, rank: int = 0, world_size: int = 1, progress: bool | None = None,
+                    channels_last: bool = False, amp: str = "none") -> list[dict[str, Any]]:
+    """Detections of this rank's share of ``dataset`` (a ``CocoDataset`` with ``EvalTransform``).
+
+    Returns one dict per image: ``image_id``, ``boxes`` (D, 4) xyxy original pixels, ``scores``,
+    ``labels`` (numpy).
+    """
+    from ..data.transforms import collate_eval
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    indices = D.shard_indices(len(dataset), rank, world_size)
+    subset = torch.utils.data.Subset(dataset, indices)
+    collate = functools.partial(collate_eval, mean=cfg.data.mean, std=cfg.data.std, pad_divisor=cfg.data.pad_divisor)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate)
+    out: list[dict[str, Any]] = []
+    show = _progress_enabled(progress) and rank == 0
+    from tqdm import tqdm
+
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    for images, metas, infos in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False,
+                                     dynamic_ncols=True):
+        if not infos:
+            continue
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(images)
+        outputs = ([m.float() for m in outputs[0]], [m.float() for m in outputs[1]])
+        dets = model.postprocess(outputs, metas)
+        for info, det in zip(infos, dets):
+            out.append({
+                "image_id": info["image_id"],
+                "boxes": det["boxes"].cpu().numpy(),
+                "scores": det["scores"].cpu().numpy(),
+                "labels": det["labels"].cpu().numpy(),
+            })
+    model.train(was_training)
+    return out
+
+
+def build_eval_dataset(ann_file: str | Path, image_dir: str | Path, cfg: Config,
+                       category_ids: tuple[int, ...] | None = None):
+    from ..data.coco import CocoDataset
+    from ..data.transforms import EvalTransform
+
+    return CocoDataset(ann_file, image_dir, EvalTransform(cfg.data.image_size),
+                       category_ids=list(category_ids) if category_ids else None, on_read_error="skip")
+
+
+def category_ids_for(cfg: Config, ann_file: str | Path | None = None) -> tuple[int, ...]:
+    """Dataset category id of each model label: the config's, or COCO's for an 80-class model."""
+    from ..classes import COCO_CATEGORY_IDS
+
+    if cfg.data.category_ids:
+        return tuple(cfg.data.category_ids)
+    k = cfg.model.head.num_classes
+    if k == 80:
+        return tuple(COCO_CATEGORY_IDS)
+    if ann_file is not None:
+        from ..data.coco import load_coco_json
+
+        ids = sorted(int(c["id"]) for c in load_coco_json(ann_file)["categories"])
+        if len(ids) == k:
+            return tuple(ids)
+    raise ValueError(f"the config has no data.category_ids for its {k} classes; set them "
+                     "(weights saved by `nasfpn train` carry them)")
+
+
+def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_dir: str | Path,
+                   device: torch.device | str = "cpu", batch_size: int = 8, workers: int = 0,
+                   dataset=None, progress: bool | None = None, channels_last: bool = False,
+                   amp: str = "none") -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """COCO box metrics of ``model`` on a dataset: ``(metrics, results)`` on rank 0, ``(None, [])``
+    on other ranks.
+
+    ``metrics`` has the 12 COCO statistics (``AP``, ``AP50``, ...), ``per_class`` AP and
+    ``eval_seconds``; ``results`` is the COCO results list (dataset category ids).
+    """
+    from ..eval.coco import evaluate_detections, results_from_predictions
+
+    start = time.time()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    cat_ids = category_ids_for(cfg, ann_file)
+    if dataset is None:
+        dataset = build_eval_dataset(ann_file, image_dir, cfg, cat_ids)
+    preds = predict_dataset(model, dataset, cfg, device, batch_size, workers, rank, world, progress,
+                            channels_last, amp)
+    gathered = D.all_gather_object(preds)
+    if rank != 0:
+        return None, []
+    merged = sorted((p for part in gathered for p in part), key=lambda p: p["image_id"])
+    results = results_from_predictions(merged, cat_ids)
+    metrics = evaluate_detections(ann_file, results)
+    metrics["eval_seconds"] = time.time() - start
+    metrics["num_images"] = len(merged)
+    return metrics, results
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, Any]
+    results_path: Path | None
+    metrics_path: Path | None
+
+
+def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, ann_file: str | Path,
+             image_dir: str | Path, out_dir: str | Path | None = None, device: str | None = None,
+             batch_size: int = 8, workers: int = 0, overrides: list[str] | None = None,
+             config_file: str | Path | None = None, progress: bool | None = None,
+             print_fn=print) -> EvalOutcome | None:
+    """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
+    ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
+    ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0."""
+    from ..api import load
+    from ..eval.coco import format_table, write_metrics_json
+    from ..presets import get_config
+    from ..predict import write_json_atomic
+
+    info = D.init_distributed(device)
+    try:
+        if isinstance(model_or_config, (str, Path)) and str(model_or_config) != "-":
+            cfg = get_config(model_or_config, overrides, config_file)
+            det = load(cfg, weights=weights, device=info.device)
+        else:
+            det = load(model_or_config if isinstance(model_or_config, Config) else None, weights=weights,
+                       device=info.device, overrides=overrides)
+        cfg = det.config
+        metrics, results = evaluate_model(det.model, cfg, ann_file, image_dir, info.device, batch_size, workers,
+                                          progress=progress)
+        if not info.is_main:
+            return None
+        assert metrics is not None
+        results_path = metrics_path = None
+        if out_dir is not None:
+            out = Path(out_dir)
+            results_path = out / "results.json"
+            write_json_atomic(results, results_path)
+            metrics_path = write_metrics_json({"model": cfg.name, "weights": str(weights), "ann_file": str(ann_file),
+                                               **metrics}, out / "metrics.json")
+        print_fn(format_table(metrics))
+        print_fn(f"{metrics['num_images']} images in {metrics['eval_seconds']:.1f} s")
+        return EvalOutcome(metrics, results_path, metrics_path)
+    finally:
+        D.cleanup(info)
+
+
+def score_results(ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None,
+                  print_fn=print) -> dict[str, Any]:
+    """Score an existing COCO results file against ground truth (no model involved)."""
+    from ..eval.coco import evaluate_detections, format_table, write_metrics_json
+
+    metrics = evaluate_detections(ann_file, results_file)
+    print_fn(format_table(metrics))
+    if json_out is not None:
+        write_metrics_json(metrics, json_out)
+    return metrics
+
+
+def to_numpy_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The 12 scalar statistics only (for CSV rows and plots)."""
+    from ..eval.coco import STAT_KEYS
+
+    return {k: float(np.float64(metrics[k])) for k in STAT_KEYS if k in metrics}
