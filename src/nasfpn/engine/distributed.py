@@ -174,12 +174,28 @@ def shard_indices(num: int, rank: int, world_size: int) -> list[int]:
 # --------------------------------------------------------------------------- SyncBN on CPU
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the whole global batch, over any backend.
 
-    ``torch.nn.SyncBatchNorm`` runs on CUDA only; this one all-reduces the per-channel sums with
-    ``torch.distributed.nn.functional.all_reduce`` (differentiable), so it also works with gloo
-    on CPU. Mean and variance are computed in two passes (mean first, then the squared
+    ``torch.nn.SyncBatchNorm`` runs on CUDA only; this one all-reduces the per-channel sums with a
+    differentiable all-reduce, so it also works with gloo on CPU. Mean and variance are computed in two passes (mean first, then the squared
     deviations) over ``N x H x W`` of all ranks; running statistics use the unbiased variance, as
     BatchNorm does. Outside training, or without a process group, it is a plain BatchNorm.
     """
@@ -196,16 +212,14 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = torch.tensor([input.numel() // input.shape[1]], dtype=input.dtype, device=input.device)
-        sums = all_reduce(torch.cat([input.sum(dims), count]), group=self.process_group)
+        sums = _AllReduceSum.apply(torch.cat([input.sum(dims), count]), self.process_group)
         n = sums[-1].detach()
         mean = sums[:-1] / n
         centred = input - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dims), group=self.process_group) / n
+        var = _AllReduceSum.apply(centred.pow(2).sum(dims), self.process_group) / n
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)

@@ -145,7 +145,10 @@ class TrainStep(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            exits = self.model.forward_stacks(images) if self.deep_supervision else [self.model(images)]
+            if self.deep_supervision:
+                exits = self.model.forward_stacks(images)
+            else:  # every stack trains, also when inference exits early (model.neck.exit_stack)
+                exits = [self.model(images, getattr(self.model, "num_stacks", None))]
         losses = []
         for cls_maps, reg_maps in exits:
             outputs = ([m.float() for m in cls_maps], [m.float() for m in reg_maps])
@@ -542,9 +545,15 @@ class _Run:
         self.model = model
         self.train_step: nn.Module = TrainStep(model, cfg.train.amp, cfg.model.head.deep_supervision)
         if self.info.distributed:
-            self.train_step = nn.parallel.DistributedDataParallel(
-                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=False)
+            # Buffers (BN running statistics) stay per rank during training, as in mmengine's DDP
+            # wrapper; with sync_bn they are identical anyway.
+            import inspect
+
+            ddp = nn.parallel.DistributedDataParallel
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else {"broadcast_buffers": False})
+            self.train_step = ddp(self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                  find_unused_parameters=False, **no_sync)
 
         total_batch = cfg.data.batch_size * self.info.world_size
         self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
