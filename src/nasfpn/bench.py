@@ -182,6 +182,27 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def interleaved(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: int,
+                warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Time every function once per round, round-robin, so that changes in machine load hit all
+    of them alike. A function may return a dict of its own sub-timings (seconds).
+
+    Returns ``{name: {"total": [seconds per round], <sub-timing>: [...]}}``.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, dict[str, list[float]]] = {name: {"total": []} for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            a = time.perf_counter()
+            parts = fn()
+            out[name]["total"].append(time.perf_counter() - a)
+            for key, value in (parts or {}).items():
+                out[name].setdefault(key, []).append(value)
+    return out
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -233,6 +254,32 @@ def calibrate_scores(model: RetinaNet, batch: torch.Tensor, score_thr: float, pa
 # --------------------------------------------------------------------------- inference
 
 
+def infer_step(runner: Any, images: list[np.ndarray], cfg: Config, size: int,
+               device: torch.device) -> Callable[[], dict[str, float]]:
+    """One end-to-end inference on ``images`` (uint8 HWC arrays) with ``runner`` (a ``RetinaNet`` or
+    ``InferenceModel``), timed in parts: returns ``pre`` / ``net`` / ``post`` seconds and
+    ``detections`` (the count over the batch)."""
+    from .data.transforms import preprocess_batch
+
+    data = cfg.data
+
+    def run() -> dict[str, float]:
+        a = time.perf_counter()
+        x, metas = preprocess_batch(images, size, data.pad_divisor, data.mean, data.std, device)
+        _sync(device)
+        b = time.perf_counter()
+        with torch.no_grad():
+            outputs = runner(x)
+        _sync(device)
+        c = time.perf_counter()
+        dets = runner.postprocess(outputs, metas)
+        _sync(device)
+        d = time.perf_counter()
+        return {"pre": b - a, "net": c - b, "post": d - c, "detections": sum(len(r["scores"]) for r in dets)}
+
+    return run
+
+
 def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | None = None, precision: str = "fp32",
                 channels_last: bool | None = None, compile: bool = False, fuse_bn: bool = True, plain: bool = False,
                 warmup: int = 3, iters: int = 10, weights: str | None = None, pairs_per_image: int = 1000,
@@ -268,19 +315,7 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
     runner: Any = model if plain else optimize_for_inference(model, fuse_bn, channels_last, precision, compile)
     prepare_s = time.perf_counter() - t0
 
-    def run() -> tuple[float, float, float, int]:
-        a = time.perf_counter()
-        x, metas = preprocess_batch(images, size, data.pad_divisor, data.mean, data.std, dev)
-        _sync(dev)
-        b = time.perf_counter()
-        with torch.no_grad():
-            outputs = runner(x)
-        _sync(dev)
-        c = time.perf_counter()
-        dets = runner.postprocess(outputs, metas)
-        _sync(dev)
-        d = time.perf_counter()
-        return b - a, c - b, d - c, sum(len(r["scores"]) for r in dets)
+    run = infer_step(runner, images, cfg, size, dev)
 
     t0 = time.perf_counter()
     run()  # first call: compilation, oneDNN primitive creation
@@ -289,8 +324,9 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
         run()
     pre, net, post, total = [], [], [], []
     for _ in range(iters):
-        p, n, q, num_dets = run()
-        pre.append(p), net.append(n), post.append(q), total.append(p + n + q)
+        t = run()
+        pre.append(t["pre"]), net.append(t["net"]), post.append(t["post"]), total.append(t["pre"] + t["net"] + t["post"])
+        num_dets = t["detections"]
     result: dict[str, Any] = {
         "mode": "infer", "model": cfg.name, "device": str(dev), "batch": batch, "size": size,
         "precision": "fp32" if plain else precision, "plain": plain,
@@ -374,6 +410,9 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
         with PeakMemory(dev) as mem:
             step()
         result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, memory_source=mem.source)
+        if dev.type == "cpu":  # cross-check: the process lifetime peak (equal steps: the step peak)
+            scale = 1 if platform.system() == "Darwin" else 1024
+            result["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
     result["env"] = environment(dev)
     return result
 
@@ -505,10 +544,13 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """``rows`` as a markdown table; ``columns`` are ``(key, header)``; floats get 1-3 decimals."""
+    """``rows`` as a markdown table; ``columns`` are ``(key, header)``; floats get 1-3 decimals
+    (small ones scientific)."""
 
     def cell(v: Any) -> str:
         if isinstance(v, float):
+            if v != 0 and abs(v) < 0.01:
+                return f"{v:.1e}"
             return f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
         return "" if v is None else str(v)
 
