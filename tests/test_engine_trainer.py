@@ -221,3 +221,15 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     assert rc == 0
     rescored = json.loads((tmp_path / "m.json").read_text())
     assert rescored["AP"] == pytest.approx(metrics["AP"]) and rescored["AP50"] == pytest.approx(metrics["AP50"])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_steps(data, tmp_path, amp):
+    cfg = tiny_config(epochs=1, amp=amp, channels_last=True, grad_clip=10.0)
+    result = train(cfg, DataPaths(data.train_ann, data.train_images), tmp_path, progress=False, quiet=True,
+                   max_steps=2)
+    assert result.status == "max_steps" and result.steps == 2 and result.last_metrics == {}
+    log = read_log(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in log)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")

@@ -524,7 +524,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         from .engine.trainer import DataPaths
 
-        paths = DataPaths.from_root(args.data)
+        paths = DataPaths.from_root(args.data, require_train=False)
         if paths.val_ann is None:
             raise ValueError(f"{args.data} has no validation annotations")
         ann, images = paths.val_ann, paths.val_images

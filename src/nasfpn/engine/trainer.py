@@ -73,9 +73,12 @@ class DataPaths:
     val_images: str | Path | None = None
 
     @classmethod
-    def from_root(cls, root: str | Path) -> "DataPaths":
+    def from_root(cls, root: str | Path, require_train: bool = True) -> "DataPaths":
         """COCO 2017 (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``) or our
-        synthetic layout (``annotations/instances_{train,val}.json``, ``train/``, ``val/``)."""
+        synthetic layout (``annotations/instances_{train,val}.json``, ``train/``, ``val/``).
+
+        ``require_train=False`` also accepts a folder with the validation split only (evaluation).
+        """
         root = Path(root)
         layouts = [
             (root / "annotations" / "instances_train2017.json", root / "train2017",
@@ -87,6 +90,8 @@ class DataPaths:
             if train_ann.is_file():
                 has_val = val_ann.is_file()
                 return cls(train_ann, train_images, val_ann if has_val else None, val_images if has_val else None)
+            if not require_train and val_ann.is_file():
+                return cls(train_ann, train_images, val_ann, val_images)
         raise ValueError(f"{root}: found neither COCO 2017 (annotations/instances_train2017.json + train2017/) nor "
                          "annotations/instances_train.json + train/; pass --train-ann/--train-images instead")
 
