@@ -332,3 +332,19 @@ def test_training_settings():
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ValueError):
         autocast("cpu", "int8")
+
+
+def test_detector_optimize_option():
+    import numpy as np
+
+    import nasfpn
+
+    image = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    torch.manual_seed(0)
+    plain = nasfpn.load("nasfpn_tiny")
+    fast = nasfpn.Detector(plain.model, plain.config, optimize={"channels_last": True})
+    assert isinstance(fast._runner, InferenceModel) and plain._runner is plain.model
+    assert fast.model is plain.model  # export and saving still see the plain model
+    a, b = plain.predict([image], score_thr=0.005)[0], fast.predict([image], score_thr=0.005)[0]
+    assert len(a["scores"]) > 10 and len(a["scores"]) == len(b["scores"])
+    np.testing.assert_allclose(b["scores"][:10], a["scores"][:10], rtol=1e-4)

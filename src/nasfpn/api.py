@@ -20,13 +20,21 @@ from .presets import get_config
 
 
 class Detector:
-    """A RetinaNet with its config, pre-processing and label names."""
+    """A RetinaNet with its config, pre-processing and label names.
 
-    def __init__(self, model: RetinaNet, config: Config, device: str | torch.device = "cpu") -> None:
+    ``optimize`` (True or ``optimize_for_inference`` keyword arguments, see ``nasfpn.fast``) makes
+    ``predict`` run a BN-folded, channels-last copy built from the model's weights at that time;
+    ``model`` stays the plain RetinaNet (for export and saving).
+    """
+
+    def __init__(self, model: RetinaNet, config: Config, device: str | torch.device = "cpu",
+                 optimize: bool | dict[str, Any] = False) -> None:
         self.model = model
         self.config = config
         self.device = torch.device(device)
         self.model.to(self.device).eval()
+        self.optimize = optimize
+        self._runner = self._make_runner()
         data = config.data
         k = config.model.head.num_classes
         self.class_names = tuple(data.class_names) or (COCO_CLASSES if k == 80 else tuple(f"class_{i}" for i in range(k)))
@@ -35,9 +43,17 @@ class Detector:
             raise ValueError(f"config names {len(self.class_names)} classes / {len(self.category_ids)} category ids "
                              f"for a head with {k} classes")
 
+    def _make_runner(self):
+        if not self.optimize:
+            return self.model
+        from .fast import optimize_for_inference
+
+        return optimize_for_inference(self.model, **(self.optimize if isinstance(self.optimize, dict) else {}))
+
     def to(self, device: str | torch.device) -> "Detector":
         self.device = torch.device(device)
         self.model.to(self.device)
+        self._runner = self._make_runner()
         return self
 
     @torch.no_grad()
@@ -59,7 +75,7 @@ class Detector:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
             batch, metas = preprocess_batch(chunk, data.image_size, data.pad_divisor, data.mean, data.std, self.device)
-            dets = self.model.postprocess(self.model(batch), metas, test_cfg)
+            dets = self._runner.postprocess(self._runner(batch), metas, test_cfg)
             for d in dets:
                 labels = d["labels"].cpu().numpy()
                 out.append({
@@ -72,12 +88,13 @@ class Detector:
 
 
 def load(name_or_config: str | Path | Config | None = None, weights: str | Path | None = None,
-         device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
+         device: str | torch.device = "cpu", overrides: list[str] | None = None,
+         optimize: bool | dict[str, Any] = False) -> Detector:
     """Build a detector from a preset name, config file or ``Config``, then load ``weights``.
 
     ``weights`` may be our ``.safetensors`` (then the config may be omitted: the file carries
     it), an MMDetection ``.pth`` checkpoint (converted on load), a training checkpoint, or an
-    http(s) URL to any of these (downloaded once to the cache).
+    http(s) URL to any of these (downloaded once to the cache). ``optimize``: see ``Detector``.
     """
     from .interop.weights import load_into_model, read_weights
 
@@ -100,7 +117,7 @@ def load(name_or_config: str | Path | Config | None = None, weights: str | Path 
     model = build_model(config.model, pretrained_backbone=state is None)
     if state is not None:
         load_into_model(model, state, kind or "state_dict", str(weights))
-    return Detector(model, config, device)
+    return Detector(model, config, device, optimize)
 
 
 def export_weights(detector_or_model: Detector | RetinaNet, config: Config, path: str | Path) -> None:
