@@ -189,7 +189,8 @@ def optimize_for_inference(model: RetinaNet, fuse_bn: bool = True, channels_last
                            precision: str = "fp32", compile: bool = False) -> InferenceModel:
     """A new eval-only ``InferenceModel`` of ``model`` (which is left as it is).
 
-    ``channels_last=None`` picks it where it is faster: CPU (oneDNN) and CUDA alike, so on.
+    ``channels_last=None`` means on: it was faster on CPU (oneDNN) in every measurement
+    (benchmarks/RESULTS.md), and it is the layout CUDA tensor cores want.
     ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see the module docstring).
     """
     if isinstance(model, InferenceModel):
