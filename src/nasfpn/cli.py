@@ -142,7 +142,7 @@ def _add_search(sub) -> None:
     d.add_argument("--heldout-images", help="image folder of --heldout-ann (default: the training images)")
     d.add_argument("--held-out", default="auto", help="images held out: a count, a fraction, or auto "
                    "(the paper's 7392 for COCO-sized sets, else 0.2)")
-    d.add_argument("--synthetic-images", type=int, default=480, help="--data synthetic: images generated")
+    d.add_argument("--synthetic-images", type=int, default=400, help="--data synthetic: images generated")
     s = p.add_argument_group("search")
     s.add_argument("--controller", choices=["ppo", "evolution", "random"], default="ppo")
     s.add_argument("--trials", type=int, default=None, help="controller trials (default 40)")
@@ -165,7 +165,7 @@ def _add_search(sub) -> None:
     x = p.add_argument_group("proxy task")
     x.add_argument("--proxy-depth", type=int, default=10, help="ResNet depth, trained from scratch")
     x.add_argument("--proxy-size", type=int, default=128, help="image size")
-    x.add_argument("--proxy-epochs", type=int, default=6)
+    x.add_argument("--proxy-epochs", type=int, default=4)
     x.add_argument("--proxy-stacks", type=int, default=1, help="stacked pyramid networks")
     x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
     x.add_argument("--proxy-batch", type=int, default=8)

@@ -40,6 +40,8 @@ class NeckConfig:
     """NAS-FPN: a named genotype ("nasfpn", "fpn") or a genotype string (see models/nasfpn.py)."""
     checkpoint_stacks: bool = False
     """NAS-FPN: recompute each stack in the backward pass (activation checkpointing)."""
+    exit_stack: int = 0
+    """NAS-FPN anytime detection: inference exits after this many stacks (0 = all of them)."""
 
 
 @dataclass(frozen=True)

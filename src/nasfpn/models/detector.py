@@ -32,7 +32,7 @@ Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 class RetinaNet(nn.Module):
     def __init__(self, backbone: ResNet, neck: nn.Module, head: RetinaHead, anchor_generator: AnchorGenerator,
-                 loss: RetinaLoss, test_cfg: TestConfig, deep_supervision: bool = False) -> None:
+                 loss: RetinaLoss, test_cfg: TestConfig, deep_supervision: bool = False, exit_stack: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
@@ -42,6 +42,12 @@ class RetinaNet(nn.Module):
         self.test_cfg = test_cfg
         self.num_classes = head.num_classes
         self.deep_supervision = deep_supervision and isinstance(neck, NASFPN)
+        if exit_stack and not (isinstance(neck, NASFPN) and 0 < exit_stack <= len(neck.fpn_stages)):
+            stacks = len(neck.fpn_stages) if isinstance(neck, NASFPN) else 0
+            raise ValueError(f"exit_stack={exit_stack}: a NAS-FPN with {stacks} stacks exits after 1..{stacks} (0: all)"
+                             if stacks else f"exit_stack={exit_stack} needs a NAS-FPN neck")
+        self.exit_stack = exit_stack
+        """Anytime detection: ``forward`` stops after this many stacks unless told otherwise (0: all)."""
 
     @property
     def num_stacks(self) -> int:
@@ -55,9 +61,11 @@ class RetinaNet(nn.Module):
             raise ValueError(f"images must be floating point (normalised), got {images.dtype}")
 
     def forward(self, images: torch.Tensor, stacks: int | None = None) -> Outputs:
-        """Head outputs; ``stacks`` exits a NAS-FPN after that many stacks (anytime detection)."""
+        """Head outputs; ``stacks`` exits a NAS-FPN after that many stacks (anytime detection;
+        default ``exit_stack``, i.e. all stacks unless the config sets ``model.neck.exit_stack``)."""
         self._check_images(images)
         feats = self.backbone(images)
+        stacks = stacks or self.exit_stack or None
         pyramid = self.neck(feats, stacks) if isinstance(self.neck, NASFPN) else self.neck(feats)
         return self.head(pyramid)
 
@@ -120,4 +128,4 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
     l = cfg.loss
     loss = RetinaLoss(h.num_classes, MaxIoUAssigner(l.pos_iou_thr, l.neg_iou_thr, l.min_pos_iou, l.match_low_quality),
                       l.focal_alpha, l.focal_gamma, l.cls_weight, l.box_weight)
-    return RetinaNet(backbone, neck, head, anchor_generator, loss, cfg.test, h.deep_supervision)
+    return RetinaNet(backbone, neck, head, anchor_generator, loss, cfg.test, h.deep_supervision, n.exit_stack)

@@ -1,0 +1,25 @@
+"""Architecture search for NAS-FPN pyramids (Ghiasi, Lin, Le, CVPR 2019, Sec. 3).
+
+- ``space``: the paper's search space of merging cells (``PaperGenotype``, ``SearchSpace``) and its
+  lowering to the node-form ``Genotype`` that ``models.nasfpn`` builds;
+- ``controllers``: random search, regularised evolution, the RNN controller trained with PPO;
+- ``proxy``: the proxy task (short training of a small RetinaNet, reward = held-out AP);
+- ``runner``: asynchronous, resumable execution in worker processes or on Ray, and the outputs;
+- ``plots``: reward over trials, unique architectures over time, cell graphs.
+
+    from nasfpn.search import SearchSpec, search
+    spec = SearchSpec(controller="evolution", trials=40, evaluator=evaluator_spec(task))
+    result = search(spec, "runs/search", workers=2)
+"""
+
+from .controllers import Controller, PPOController, RandomSearch, RegularizedEvolution, build_controller
+from .proxy import FakeEvaluator, ProxySettings, ProxyTask, prepare_proxy_task, split_held_out
+from .runner import SearchResult, SearchSpec, evaluator_spec, run_search, search
+from .space import FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace, parse_paper_genotype
+
+__all__ = [
+    "Controller", "FPN_PAPER", "FakeEvaluator", "NASFPN_PAPER", "PPOController", "PaperCell", "PaperGenotype",
+    "ProxySettings", "ProxyTask", "RandomSearch", "RegularizedEvolution", "SearchResult", "SearchSpace",
+    "SearchSpec", "build_controller", "evaluator_spec", "parse_paper_genotype", "prepare_proxy_task",
+    "run_search", "search", "split_held_out",
+]

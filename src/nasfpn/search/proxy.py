@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import (BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig, TrainConfig)
+from ..config import (AnchorConfig, BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig,
+                      TrainConfig)
 from ..models.nasfpn import LEVELS, NASFPN_GENOTYPE, Genotype
 
 PAPER_HELD_OUT = 7392
@@ -77,12 +78,15 @@ class ProxySettings:
     depth: int = 10
     """Backbone ResNet depth, trained from scratch."""
     image_size: int = 128
-    epochs: int = 6
+    epochs: int = 4
     stacks: int = 1
     """Stacked pyramid networks of the searched genotype."""
     width: int = 32
     """Pyramid and head channels."""
     head_convs: int = 2
+    anchor_scale: float = 2.0
+    """Anchor size in strides (the full model: 4). Small images hold small objects: at 128 px the
+    synthetic shapes are 6-64 px, which anchors of 32 px and up at P3 would mostly miss."""
     batch_size: int = 8
     lr: float = 0.04
     warmup_iters: int = 50
@@ -100,6 +104,7 @@ def proxy_config(genotype: Genotype, settings: ProxySettings, num_classes: int,
             backbone=BackboneConfig(depth=s.depth, frozen_stages=0, norm_eval=False, pretrained=None),
             neck=NeckConfig(kind="nasfpn", channels=s.width, stacks=s.stacks, genotype=genotype.to_string()),
             head=HeadConfig(num_classes=num_classes, stacked_convs=s.head_convs, feat_channels=s.width),
+            anchors=AnchorConfig(octave_base_scale=s.anchor_scale),
         ),
         data=DataConfig(image_size=s.image_size, pad_divisor=128, batch_size=s.batch_size, workers=0,
                         class_names=tuple(class_names), category_ids=tuple(category_ids)),
@@ -149,10 +154,15 @@ class ProxyTask:
         del model
         data = DataPaths(train_ann=self.train_ann, train_images=self.images, val_ann=self.heldout_ann,
                          val_images=self.heldout_images or self.images)
-        resume = any(Path(trial_dir).glob("*.pt"))
-        result = train(cfg, data, out_dir=trial_dir, resume=resume, device=device, quiet=True)
+        # A trial that was running when the search stopped continues from its last checkpoint.
+        resume = (Path(trial_dir) / "last.pt").is_file()
+        result = train(cfg, data, out_dir=trial_dir, resume=resume, device=device, quiet=True, check_images=False)
+        if result.status == "diverged":
+            raise FloatingPointError(f"proxy training diverged: {result.message}")
         metrics = dict(result.last_metrics)
-        cost["train_s"] = result.wall_time
+        if "AP" not in metrics:
+            raise RuntimeError(f"proxy training gave no held-out metrics ({result.status}: {result.message})")
+        cost["train_s"] = round(result.wall_time, 2)
         return {"reward": float(metrics["AP"]), "metrics": {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics},
                 "cost": cost}
 
@@ -236,7 +246,7 @@ def _find_layout(root: Path) -> tuple[Path, Path]:
 def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = None, data: str | Path | None = None,
                        train_ann: str | Path | None = None, train_images: str | Path | None = None,
                        heldout_ann: str | Path | None = None, heldout_images: str | Path | None = None,
-                       held_out: int | float | str = "auto", split_seed: int = 0, synthetic_images: int = 480,
+                       held_out: int | float | str = "auto", split_seed: int = 0, synthetic_images: int = 400,
                        synthetic_size: int | None = None) -> ProxyTask:
     """The proxy task of a search: its data located, generated or split under ``work_dir``.
 
