@@ -6,8 +6,9 @@
 One step = forward, loss (8 random boxes per image), backward, SGD update (fused on CUDA). Each
 variant runs in its own fresh process (``nasfpn bench --mode train --json``), so peak memory is
 not polluted by the other variants' allocations; the rounds alternate the variants, and the
-table shows medians over rounds. Memory: CPU peak RSS of the process during one step (sampled,
-see nasfpn/bench.py), CUDA max allocated.
+table shows medians over rounds. Memory (see nasfpn/bench.py): "step memory" is the rise of
+the bytes in use during one step (CPU: glibc malloc in use, sampled every 2 ms; CUDA: max
+allocated), "peak RSS" the whole process.
 """
 
 from __future__ import annotations
@@ -78,15 +79,18 @@ def main() -> None:
                 continue
             step = statistics.median(r["p50_ms"] for r in runs)
             peak = statistics.median(r["peak_mb"] for r in runs)
-            delta = [r["peak_delta_mb"] for r in runs if r.get("peak_delta_mb") is not None]
-            base = base or (step, peak)
+            alloc = [r["alloc_delta_mb"] for r in runs if r.get("alloc_delta_mb") is not None]
+            alloc_delta = statistics.median(alloc) if alloc else None
+            base = base or (step, peak, alloc_delta)
             rows.append({"model": model.replace("retinanet_", "").replace("_crop640_50e", ""), "variant": name,
                          "step_ms": step, "images_per_s": args.batch / step * 1e3, "vs_fp32": step / base[0],
-                         "peak_mb": peak, "delta_mb": statistics.median(delta) if delta else None,
-                         "peak_vs_fp32": peak / base[1]})
+                         "peak_mb": peak, "alloc_delta_mb": alloc_delta,
+                         "alloc_vs_fp32": alloc_delta / base[2] if alloc_delta and base[2] else None})
     print(markdown_table(rows, [("model", "model"), ("variant", "variant"), ("step_ms", "step ms"),
-                                ("images_per_s", "images/s"), ("vs_fp32", "x fp32"), ("peak_mb", "peak MB"),
-                                ("delta_mb", "rise during step MB"), ("peak_vs_fp32", "peak x fp32")]))
+                                ("images_per_s", "images/s"), ("vs_fp32", "x fp32"), ("peak_mb", "peak RSS MB"),
+                                ("alloc_delta_mb", "step memory MB"), ("alloc_vs_fp32", "step memory x fp32")]))
+    print("\nstep memory: peak rise of malloc'd bytes in use during one step (CUDA: max allocated rise), i.e.\n"
+          "activations, gradients, optimizer temporaries; peak RSS: the whole process.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "loads": loads, "rows": rows,

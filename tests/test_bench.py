@@ -38,6 +38,13 @@ def test_peak_memory_sees_a_large_allocation():
     assert "RSS" in big.source
     assert big.delta_mb > 200 and small.delta_mb < 50
     assert big.peak_mb >= big.delta_mb
+    if big.alloc_peak_mb is not None:  # glibc: bytes in use by malloc, cache-independent
+        assert 250 < big.alloc_delta_mb < 300 and small.alloc_delta_mb < 20
+        with bench.PeakMemory("cpu") as again:  # freed memory the heap may keep does not count
+            x = torch.ones(64 * 1024 * 1024)
+            time.sleep(0.05)
+            del x
+        assert 250 < again.alloc_delta_mb < 300
 
 
 def test_calibrate_scores_sets_candidate_count():

@@ -11,12 +11,15 @@ Peak memory (``memory_source`` in the result says which):
 
 - CUDA: ``torch.cuda.max_memory_allocated`` over the measured iterations (tensors only, not the
   caching allocator's reserve);
-- CPU: peak resident set size of the process, read from ``/proc/self/statm`` every 2 ms by a
-  background thread during separate (untimed) iterations, so the sampler does not perturb the
-  timings. ``peak_mb`` is the whole process (model, Python, libraries); ``peak_delta_mb`` the rise
-  above the resident size just before those iterations (activations, workspace). Without
-  ``/proc`` (not Linux) it falls back to ``resource.getrusage(...).ru_maxrss``: the process
-  lifetime peak, with no delta.
+- CPU: two numbers, sampled every 2 ms by a background thread during separate (untimed)
+  iterations, so the sampler does not perturb the timings. ``peak_mb``: peak resident set size of
+  the whole process (model, Python, libraries), from ``/proc/self/statm``. ``alloc_peak_mb`` /
+  ``alloc_delta_mb``: peak of the bytes in use by ``malloc`` (glibc ``mallinfo2``: arenas +
+  mmapped blocks), and its rise above the start: the CPU analogue of CUDA's max allocated,
+  unaffected by memory the allocator keeps cached. ``peak_delta_mb`` is the RSS rise (small when
+  earlier iterations left the heap grown). Without ``/proc`` (not Linux) ``peak_mb`` falls back to
+  ``resource.getrusage(...).ru_maxrss``: the process lifetime peak; without glibc there is no
+  ``alloc_*``.
 
 Randomly initialised models put every score near the focal prior (0.01): nothing passes the
 0.05 score threshold and post-processing would cost nothing. Unless real weights are given, the
@@ -26,6 +29,8 @@ batch (``calibrate_scores``), as a trained model's few thousand candidates do.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import platform
@@ -74,6 +79,30 @@ def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
             "mean_ms": statistics.fmean(seconds) * 1e3, "images_per_s": batch / p50}
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Callable[[], int] | None:
+    """Bytes in use by glibc malloc (all arenas + mmapped blocks), or None without glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+_MALLOC_IN_USE = _mallinfo2() if platform.system() == "Linux" else None
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -85,7 +114,8 @@ def _rss_bytes() -> int | None:
 class PeakMemory:
     """Peak memory while the ``with`` block runs (see the module docstring for what is measured).
 
-    After the block: ``peak_mb``, ``delta_mb`` (None where unknown) and ``source``.
+    After the block: ``peak_mb``, ``delta_mb`` (None where unknown), ``source``, and on CPU with
+    glibc ``alloc_peak_mb`` / ``alloc_delta_mb``.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002) -> None:
@@ -98,11 +128,19 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._start = 0
         self._peak = 0
+        self._alloc_start = 0
+        self._alloc_peak = 0
+        self.alloc_peak_mb: float | None = None
+        self.alloc_delta_mb: float | None = None
+
+    def _sample_once(self) -> None:
+        self._peak = max(self._peak, _rss_bytes() or 0)
+        if _MALLOC_IN_USE is not None:
+            self._alloc_peak = max(self._alloc_peak, _MALLOC_IN_USE())
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            rss = _rss_bytes() or 0
-            self._peak = max(self._peak, rss)
+            self._sample_once()
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakMemory":
@@ -117,7 +155,9 @@ class PeakMemory:
                 self.source = "ru_maxrss (process lifetime peak)"
             else:
                 self._start = self._peak = rss
-                self.source = "peak RSS, /proc/self/statm sampled every 2 ms"
+                if _MALLOC_IN_USE is not None:
+                    self._alloc_start = self._alloc_peak = _MALLOC_IN_USE()
+                self.source = "peak RSS (/proc/self/statm) and malloc in use (mallinfo2), sampled every 2 ms"
                 self._thread = threading.Thread(target=self._sample, daemon=True)
                 self._thread.start()
         return self
@@ -131,8 +171,11 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, _rss_bytes() or 0)
+            self._sample_once()
             self.peak_mb, self.delta_mb = self._peak / mb, (self._peak - self._start) / mb
+            if _MALLOC_IN_USE is not None:
+                self.alloc_peak_mb = self._alloc_peak / mb
+                self.alloc_delta_mb = (self._alloc_peak - self._alloc_start) / mb
         else:
             # ru_maxrss is in KiB on Linux, bytes on macOS.
             scale = 1 if platform.system() == "Darwin" else 1024
@@ -341,7 +384,8 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
     if memory:
         with PeakMemory(dev) as mem:
             run()
-        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, memory_source=mem.source)
+        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, alloc_peak_mb=mem.alloc_peak_mb,
+                      alloc_delta_mb=mem.alloc_delta_mb, memory_source=mem.source)
     result["env"] = environment(dev)
     return result
 
@@ -379,13 +423,13 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
     targets = synthetic_targets(batch, size, num_classes=model.num_classes, device=dev)
 
     def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
         with autocast(dev, precision):
             cls_maps, reg_maps = forward(images)
         losses = model.loss(([m.float() for m in cls_maps], [m.float() for m in reg_maps]), targets)
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
+        optimizer.zero_grad(set_to_none=True)  # here, so a step starts (and is measured) without gradients
         return losses["loss"].detach()
 
     def timed() -> float:
@@ -409,7 +453,8 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
     if memory:
         with PeakMemory(dev) as mem:
             step()
-        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, memory_source=mem.source)
+        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, alloc_peak_mb=mem.alloc_peak_mb,
+                      alloc_delta_mb=mem.alloc_delta_mb, memory_source=mem.source)
         if dev.type == "cpu":  # cross-check: the process lifetime peak (equal steps: the step peak)
             scale = 1 if platform.system() == "Darwin" else 1024
             result["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
@@ -538,8 +583,11 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(f"split p50: pre {r['pre_ms']:.1f} ms  net {r['net_ms']:.1f} ms  post {r['post_ms']:.1f} ms "
                      f"({100 * r['post_share']:.1f}% post)  detections/image {r['detections_per_image']:.0f}")
     if r.get("peak_mb") is not None:
+        what = "CUDA max allocated" if r.get("device", "cpu").startswith("cuda") else "peak RSS"
         delta = f" (+{r['peak_delta_mb']:.0f} MB during the step)" if r.get("peak_delta_mb") is not None else ""
-        lines.append(f"peak memory {r['peak_mb']:.0f} MB{delta}  [{r['memory_source']}]")
+        lines.append(f"peak memory: {what} {r['peak_mb']:.0f} MB{delta}")
+        if r.get("alloc_peak_mb") is not None:
+            lines.append(f"peak malloc in use {r['alloc_peak_mb']:.0f} MB (+{r['alloc_delta_mb']:.0f} MB during the step)")
     return "\n".join(lines)
 
 
