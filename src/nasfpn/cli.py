@@ -133,6 +133,8 @@ def _add_search(sub) -> None:
                        "a stopped search. Writes trials.jsonl, best.json/.txt, best_config.yaml, summary.json and plots.")
     p.add_argument("--out", required=True, help="output folder (trial log, controller snapshots, trials, results)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out with its saved settings")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="instead of searching, compare finished searches: plots and a table in --out")
     d = p.add_argument_group("data (the reward is AP on a held-out part of the training set)")
     d.add_argument("--data", help="dataset folder (annotations/instances_train.json + train/, or COCO 2017), "
                    "or 'synthetic' to generate the embedded dataset")
@@ -179,6 +181,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .search.runner import SearchSpec, evaluator_spec, search
 
     out = Path(args.out)
+    if args.compare:
+        from .search.plots import compare_searches
+
+        compare_searches(args.compare, out)
+        print((out / "compare.md").read_text(), end="")
+        return 0
     if args.resume and (out / "search.json").is_file():
         spec = SearchSpec.from_dict(json.loads((out / "search.json").read_text()))
         if args.trials is not None:

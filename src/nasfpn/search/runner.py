@@ -238,26 +238,29 @@ def _ray_trial(evaluator, genotype_text: str, trial_dir: str, device: str, threa
 
 class RayExecutor:
     """Trials as Ray tasks, ``capacity`` in flight; a task that raises or whose worker dies is a
-    failed trial."""
+    failed trial. Each task asks Ray for ``threads`` CPUs (default: the cluster's CPUs shared by the
+    trials in flight) and ``gpus_per_trial`` GPUs (default: 1 if the cluster has GPUs)."""
 
     def __init__(self, evaluator: Callable[..., dict], workers: int, address: str | None = "local",
-                 threads: int | None = None, gpus_per_trial: float = 0.0) -> None:
+                 threads: int | None = None, gpus_per_trial: float | None = None) -> None:
         import ray
 
         self.ray = ray
         self.started_ray = False
         if not ray.is_initialized():
             if address in (None, "", "local"):
-                ray.init(num_cpus=max(workers * (threads or 1), os.cpu_count() or 1), include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+                ray.init(num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
             else:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             self.started_ray = True
+        resources = ray.cluster_resources()
+        if gpus_per_trial is None:
+            gpus_per_trial = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        self.threads = threads or max(1, int(resources.get("CPU", 1) // workers))
         self.capacity = workers
-        self.threads = threads
         self.device = "cuda" if gpus_per_trial > 0 else "cpu"
         self.evaluator_ref = ray.put(evaluator)
-        self.remote = ray.remote(_ray_trial).options(num_cpus=threads or 1, num_gpus=gpus_per_trial, max_retries=0)
+        self.remote = ray.remote(_ray_trial).options(num_cpus=self.threads, num_gpus=gpus_per_trial, max_retries=0)
         self.refs: dict[Any, Any] = {}
 
     def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
@@ -317,9 +320,7 @@ def build_executor(evaluator: Callable[..., dict], backend: str = "process", wor
         threads = threads or (max(1, cpu_count() // n_cpu_workers) if n_cpu_workers else None)
         return ProcessExecutor(evaluator, devices, threads)
     if backend == "ray":
-        gpus = 1.0 if ray_address in (None, "local") and torch.cuda.is_available() else 0.0
-        threads = threads or (max(1, cpu_count() // workers) if ray_address in (None, "local") else 1)
-        return RayExecutor(evaluator, workers, ray_address, threads, gpus)
+        return RayExecutor(evaluator, workers or 1, ray_address, threads)
     raise ValueError(f"unknown backend {backend!r}; use 'process', 'ray' or 'inline'")
 
 
