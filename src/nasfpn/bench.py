@@ -34,7 +34,6 @@ import ctypes.util
 import math
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import threading
@@ -101,6 +100,14 @@ def _mallinfo2() -> Callable[[], int] | None:
 
 
 _MALLOC_IN_USE = _mallinfo2() if platform.system() == "Linux" else None
+
+
+def _max_rss_mb() -> float:
+    """The process lifetime peak RSS (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def _rss_bytes() -> int | None:
@@ -177,9 +184,7 @@ class PeakMemory:
                 self.alloc_peak_mb = self._alloc_peak / mb
                 self.alloc_delta_mb = (self._alloc_peak - self._alloc_start) / mb
         else:
-            # ru_maxrss is in KiB on Linux, bytes on macOS.
-            scale = 1 if platform.system() == "Darwin" else 1024
-            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / mb
+            self.peak_mb = _max_rss_mb()
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -456,8 +461,7 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
         result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, alloc_peak_mb=mem.alloc_peak_mb,
                       alloc_delta_mb=mem.alloc_delta_mb, memory_source=mem.source)
         if dev.type == "cpu":  # cross-check: the process lifetime peak (equal steps: the step peak)
-            scale = 1 if platform.system() == "Darwin" else 1024
-            result["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+            result["process_max_rss_mb"] = _max_rss_mb()
     result["env"] = environment(dev)
     return result
 
