@@ -11,9 +11,11 @@ eval-only ``InferenceModel``. What each option does:
   convs, FPN / NAS-FPN ``ConvBN`` and the ReLU -> conv -> BN out convs of the merging cells (BN
   follows the conv there, so it folds into it like anywhere else). The separated-BN head shares
   each tower conv across levels with one BN per level; folding gives every level its own copy of
-  the tower convs (``FoldedRetinaHead``): same FLOPs, one memory pass less per conv, ~4x the tower
-  weights (about 94 MB for the R50 presets). This beat keeping the shared conv plus a per-level
-  affine on CPU (benchmarks/RESULTS.md).
+  the tower convs (``FoldedRetinaHead``): same FLOPs, one memory pass less per conv, 5x the tower
+  weights (94 MB instead of 19 MB for the R50 presets). On CPU this measured the same as keeping
+  the shared convs plus a per-level affine (within 2%, benchmarks/RESULTS.md); we keep the
+  per-level convs because no BN is left anywhere, the forward is plain conv + bias + ReLU (which
+  compilers and GPUs fuse), and where convs are not compute-bound the saved pass counts.
 - ``channels_last``: weights and the input in NHWC (oneDNN on CPU, tensor cores on CUDA). Head
   maps then come out NHWC, so the ``permute(0, 2, 3, 1)`` of post-processing is free.
 - ``precision``: ``"bf16"`` / ``"fp16"`` cast the (folded) weights and the input; the head maps
