@@ -182,8 +182,8 @@ def test_random_genotype_in_a_tiny_detector():
                       head=HeadConfig(num_classes=3, stacked_convs=1, feat_channels=8))
     model = build_model(cfg, pretrained_backbone=False)
     torch.manual_seed(0)
-    images = torch.randn(1, 3, 128, 128)
-    targets = [{"boxes": torch.tensor([[8.0, 8.0, 60.0, 50.0]]), "labels": torch.tensor([1])}]
+    images = torch.randn(2, 3, 128, 128)  # BN needs 2 values per channel at P7 (1x1)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 60.0, 50.0]]), "labels": torch.tensor([1])}] * 2
     outputs = model(images)
     loss = sum(v.sum() for v in model.loss(outputs, targets).values())
     assert torch.isfinite(loss)
