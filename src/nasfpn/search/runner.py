@@ -13,6 +13,10 @@ the controller for the next genotype. Trials run
   the trial (same path); the log and everything else stays with the driver;
 - ``backend="inline"``: one at a time in this process (debugging, tests).
 
+Worker processes start from a fork server: as with any ``multiprocessing`` code, a script that
+runs a search with process workers needs the ``if __name__ == "__main__":`` guard. A worker
+whose search process disappears (killed) ends itself within a second.
+
 An evaluator is a picklable callable ``evaluator(genotype, trial_dir, device) -> dict`` with a
 float ``"reward"`` and optional ``"metrics"`` and ``"cost"`` dicts (``proxy.ProxyTask``, or
 ``proxy.FakeEvaluator`` for tests). It receives the node-form ``Genotype`` to build.
