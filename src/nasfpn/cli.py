@@ -310,9 +310,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({size_mb:.1f} MB, {time.perf_counter() - t0:.1f} s): {det.config.name}, {args.format}"
           f"{' ' + meta['contract'] if args.format == 'onnx' else ''}, input {b}x3x{h}x{w}, {meta['precision']}")
     if report is not None:
-        t = report.tolerances
-        print(f"check vs PyTorch ({'fp16 tolerances' if meta['precision'] == 'fp16' else 'fp32 tolerances'}: boxes "
-              f"{t.box_rtol:g} rel, scores {t.score_atol:g}): OK")
+        kind = "fp16 (looser) tolerances" if meta["precision"] == "fp16" else "fp32 tolerances"
+        print(f"check vs eager PyTorch, {kind}: OK")
         print(report.summary())
     return 0
 

@@ -12,6 +12,7 @@ detections of such images can differ slightly, those of square images agree.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import Config, apply_overrides, config_from_dict
-from .export import LEVEL_NAMES, prepare_inputs, read_metadata
+from .export import LEVEL_NAMES, METADATA_KEY, prepare_inputs
 
 # Test-time settings fixed inside an end2end graph (score_thr is an input, so it may change).
 _BAKED_TEST_FIELDS = ("nms_pre", "nms_iou", "max_per_img", "min_bbox_size", "wh_ratio_clip")
@@ -73,7 +74,11 @@ class OnnxDetector:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
-        meta = read_metadata(self.path)
+        self.session = ort_session(self.path, threads, providers)
+        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if stored is None:
+            raise ValueError(f"{self.path} was not exported by nasfpn (no '{METADATA_KEY}' entry in its metadata)")
+        meta = json.loads(stored)
         self.metadata = meta
         config = config_from_dict(meta["config"])
         if isinstance(model, Config):
@@ -92,7 +97,6 @@ class OnnxDetector:
         """Images per run fixed in the file, or None for any batch."""
         self.class_names: tuple[str, ...] = tuple(config.data.class_names) or tuple(meta["class_names"])
         self.category_ids: tuple[int, ...] = tuple(config.data.category_ids) or tuple(meta["category_ids"])
-        self.session = ort_session(self.path, threads, providers)
 
     def _run_end2end(self, batch: np.ndarray, info: np.ndarray, score_thr: float) -> list[dict[str, np.ndarray]]:
         boxes, scores, labels, num = self.session.run(
