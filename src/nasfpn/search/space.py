@@ -125,11 +125,11 @@ class PaperGenotype:
                                      f"(pool: P3..P7" + (f", c0..c{k - 1})" if k else ")"))
             if a == b:
                 raise ValueError(f"{where}: the two inputs must be different features")
+            if cell.level not in LEVELS:
+                raise ValueError(f"{where}: output level P{cell.level} is not one of P3..P7")
             if k < n_mid and cell.level not in INTERMEDIATE_LEVELS:
                 raise ValueError(f"{where}: intermediate cells output at P4..P7 (never P3, stride 8), "
                                  f"got P{cell.level}")
-            if cell.level not in LEVELS:
-                raise ValueError(f"{where}: output level P{cell.level} is not one of P3..P7")
         order = self.output_order
         if sorted(order) != list(LEVELS):
             taken = [f"P{lv}" for lv in order]
