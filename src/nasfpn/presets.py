@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (
+    AnchorConfig,
     BackboneConfig,
     Config,
     DataConfig,
@@ -65,21 +66,31 @@ def nasfpn_scaled(stacks: int, width: int, size: int, depth: int = 50) -> Config
     )
 
 
-# Small model for the embedded synthetic data: trains from scratch on a CPU in minutes.
+# Small model for the embedded synthetic data (``nasfpn demo``): trains from scratch on a CPU.
+# ResNet-10 (the paper's proxy backbone), 2 NAS-FPN stacks of 64 channels, 128 px inputs (a
+# multiple of the pad divisor, so that training crops and test images have the same size: the
+# per-level BN of P6/P7 sees 2x2 and 1x1 maps and does not transfer to other sizes), anchors of
+# 16 px and up at P3 for the 6-64 px synthetic shapes, channels-last (about 20% faster on CPU).
+# lr 0.08 at batch 16 with gradient clipping learned fastest among 0.02-0.16 in short trials.
+# The demo scales the epochs (and milestones) down when a machine is too slow for them.
 NASFPN_TINY = Config(
     name="nasfpn_tiny",
     model=ModelConfig(
-        backbone=BackboneConfig(depth=18, frozen_stages=0, norm_eval=False, pretrained=None),
+        backbone=BackboneConfig(depth=10, frozen_stages=0, norm_eval=False, pretrained=None),
         neck=NeckConfig(kind="nasfpn", channels=64, stacks=2, genotype="nasfpn"),
         head=HeadConfig(num_classes=80, stacked_convs=2, feat_channels=64, separate_bn=True),
+        anchors=AnchorConfig(octave_base_scale=2.0),
     ),
-    data=DataConfig(image_size=256, pad_divisor=128, batch_size=8, workers=2),
+    data=DataConfig(image_size=128, pad_divisor=128, batch_size=16, workers=0),
     train=TrainConfig(
-        epochs=12,
-        base_lr=0.02,
-        base_batch_size=8,
+        epochs=24,
+        base_lr=0.08,
+        base_batch_size=16,
         warmup_iters=100,
-        milestones=(9, 11),
+        milestones=(19, 22),
+        grad_clip=10.0,
+        channels_last=True,
+        eval_interval=4,
     ),
 )
 
