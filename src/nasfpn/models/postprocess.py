@@ -25,7 +25,7 @@ def _best_logit_per_anchor(cls: torch.Tensor, num_classes: int) -> torch.Tensor:
     n, _, h, w = cls.shape
     if cls.is_contiguous(memory_format=torch.channels_last):
         return cls.permute(0, 2, 3, 1).unflatten(-1, (-1, num_classes)).amax(dim=-1).reshape(n, -1)  # (N, H, W, A)
-    return cls.view(n, -1, num_classes, h * w).amax(dim=2).transpose(1, 2).reshape(n, -1)  # (N, A, HW) -> (N, HW*A)
+    return cls.reshape(n, -1, num_classes, h * w).amax(dim=2).transpose(1, 2).reshape(n, -1)  # (N, A, HW) -> (N, HW*A)
 
 
 def select_topk(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anchors: list[torch.Tensor],
@@ -48,8 +48,8 @@ def select_topk(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anch
     for cls, reg, anc in zip(cls_maps, reg_maps, anchors):
         h, w = cls.shape[-2:]
         num_a = cls.shape[1] // num_classes  # anchors per cell
-        logits = cls.view(n, num_a, num_classes, h * w)  # (N, A, K, HW)
-        deltas = reg.view(n, num_a, 4, h * w)  # (N, A, 4, HW)
+        logits = cls.reshape(n, num_a, num_classes, h * w)  # (N, A, K, HW): a view for NCHW and channels-last
+        deltas = reg.reshape(n, num_a, 4, h * w)  # (N, A, 4, HW)
         best = _best_logit_per_anchor(cls, num_classes)  # (N, HW*A), flat anchor index hw * A + a
         num_pairs = best.shape[1] * num_classes
         k = num_pairs if nms_pre <= 0 else min(nms_pre, num_pairs)
