@@ -43,10 +43,16 @@ def running_best(rewards: list[float | None]) -> list[float | None]:
     return out
 
 
+def rolling_mean(rewards: list[float | None], window: int = 10) -> list[float]:
+    """Mean of the last ``window`` rewards (failed trials count as 0, as the controller sees them)."""
+    values = [r if r is not None else 0.0 for r in rewards]
+    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
 def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "",
                  baselines: dict[str, float] | None = None) -> Path:
-    """Reward of every trial (failed ones as crosses at 0) with the running best, and baseline
-    genotypes' rewards as horizontal lines."""
+    """Reward of every trial (failed ones as crosses at 0) with the running best, the mean of the
+    last 10 trials, and baseline genotypes' rewards as horizontal lines."""
     results = trial_results(records)
     fig, ax = plt.subplots(figsize=(7, 4))
     ok = [(r["trial"], r["reward"]) for r in results if r["status"] == "ok"]
@@ -62,6 +68,7 @@ def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "
     xs = [r["trial"] for r in results]
     if any(b is not None for b in best):
         ax.step(xs, [b if b is not None else float("nan") for b in best], where="post", color="black", label="best so far")
+        ax.plot(xs, rolling_mean([r["reward"] for r in results]), color="grey", label="mean of last 10")
     for i, (name, value) in enumerate(sorted((baselines or {}).items())):
         ax.axhline(value, linestyle="--", color=f"C{i + 3}", label=f"{name} ({value:.3f})")
     ax.set_xlabel("trial")
@@ -92,19 +99,25 @@ def plot_unique(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: 
 
 def plot_best_so_far(runs: dict[str, list[dict[str, Any]]], path: str | Path, baselines: dict[str, float] | None = None,
                      title: str = "") -> Path:
-    """Running best reward of several searches on one axis."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, records in runs.items():
+    """Several searches side by side: running best reward (left) and mean reward of the last 10
+    trials (right), with the baselines."""
+    fig, (ax, ax_mean) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, (name, records) in enumerate(runs.items()):
         results = trial_results(records)
+        xs = [r["trial"] for r in results]
         best = running_best([r["reward"] for r in results])
-        ax.step([r["trial"] for r in results], [b if b is not None else float("nan") for b in best], where="post", label=name)
-    for i, (name, value) in enumerate(sorted((baselines or {}).items())):
-        ax.axhline(value, linestyle="--", color=f"C{i + 5}", label=f"{name} ({value:.3f})")
-    ax.set_xlabel("trial")
+        ax.step(xs, [b if b is not None else float("nan") for b in best], where="post", color=f"C{i}", label=name)
+        ax_mean.plot(xs, rolling_mean([r["reward"] for r in results]), color=f"C{i}", label=name)
+    for a in (ax, ax_mean):
+        for i, (name, value) in enumerate(sorted((baselines or {}).items())):
+            a.axhline(value, linestyle="--", color=f"C{i + 5}", label=f"{name} ({value:.3f})")
+        a.set_xlabel("trial")
+        a.legend(fontsize=8, loc="lower right")
+        a.grid(alpha=0.3)
     ax.set_ylabel("best proxy reward (AP)")
     ax.set_title(title or "best reward so far")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+    ax_mean.set_ylabel("proxy reward (AP)")
+    ax_mean.set_title("mean reward of the last 10 trials")
     return _save(fig, path)
 
 
