@@ -224,3 +224,14 @@ def test_collate_train_pads_and_normalises():
     max_h = max(t["img_shape"][0] for t in targets)
     assert images.shape[2] == -(-max_h // 32) * 32
     assert all(t["pad_shape"][0] % 32 == 0 and t["pad_shape"][0] >= t["img_shape"][0] for t in targets)
+
+
+def test_fast_training_resize_stays_within_one_grey_level():
+    from nasfpn.data.transforms import resize_image
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 48, 64), generator=g, dtype=torch.uint8)
+    for h, w in ((55, 73), (32, 43), (48, 64)):
+        exact, fast = resize_image(image, h, w), resize_image(image, h, w, fast=True)
+        assert fast.shape == exact.shape == (3, h, w) and fast.dtype == torch.uint8
+        assert (fast.int() - exact.int()).abs().max() <= 1

@@ -108,14 +108,20 @@ def rescale_size(height: int, width: int, scale: tuple[int, int] | int) -> tuple
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def resize_image(image: torch.Tensor, height: int, width: int, fast: bool = False) -> torch.Tensor:
     """Bilinear resize of a uint8 ``(3, H, W)`` image to ``(3, height, width)``, cv2-style.
 
-    Half-pixel centres, no antialiasing, rounded half up; the image is returned as is when the
-    size does not change (cv2 copies in that case too).
+    Half-pixel centres, no antialiasing; the image is returned as is when the size does not
+    change (cv2 copies in that case too). The default computes in float32 and rounds half up
+    (within one grey level of cv2's INTER_LINEAR on ~12% of pixels). ``fast`` uses PyTorch's
+    uint8 kernel on a channels-last view instead: about 10x faster, within one grey level of
+    cv2 on ~22% of pixels; training augmentation uses it, test-time pre-processing does not.
     """
     if tuple(image.shape[-2:]) == (height, width):
         return image
+    if fast:
+        hwc = image[None].contiguous(memory_format=torch.channels_last)
+        return nnf.interpolate(hwc, size=(height, width), mode="bilinear", align_corners=False, antialias=False)[0]
     out = nnf.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
                           antialias=False)[0]
     return out.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
@@ -271,7 +277,7 @@ class TrainTransform:
         ratio = _uniform(generator, *self.scale_range)
         target = int(self.size * ratio)
         new_h, new_w = rescale_size(h, w, target)
-        image = resize_image(image, new_h, new_w)
+        image = resize_image(image, new_h, new_w, fast=True)
         boxes = resize_boxes(boxes, (h, w), (new_h, new_w))
 
         # Random crop.
