@@ -280,7 +280,6 @@ def test_network_step_has_no_sync_points():
     assert find_sync_points(step) == []
 
 
-@pytest.mark.xfail(strict=True, reason="MaxIoUAssigner: valid.nonzero() and argmax[pos] (models/boxes.py) sync")
 def test_loss_has_no_sync_points():
     model = build_model(get_config("nasfpn_tiny").model, pretrained_backbone=False).train()
     outputs = model(_images(2))

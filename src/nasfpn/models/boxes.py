@@ -76,25 +76,26 @@ class MaxIoUAssigner:
         self.match_low_quality = match_low_quality
 
     def __call__(self, anchors: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """int64 ``(num_anchors,)``: gt index, ``BACKGROUND`` or ``IGNORE`` (also for invalid anchors)."""
+        """int64 ``(num_anchors,)``: gt index, ``BACKGROUND`` or ``IGNORE`` (also for invalid anchors).
+
+        Written without data-dependent indexing, so a training step needs no host-device sync.
+        """
         num = anchors.shape[0]
-        assigned = torch.full((num,), IGNORE, dtype=torch.int64, device=anchors.device)
-        idx = torch.arange(num, device=anchors.device) if valid is None else valid.nonzero().squeeze(1)
-        if gt_boxes.numel() == 0:
-            assigned[idx] = BACKGROUND
-            return assigned
-        ious = box_iou(gt_boxes, anchors[idx])  # (G, V)
+        ignore = torch.full((num,), IGNORE, dtype=torch.int64, device=anchors.device)
+        if gt_boxes.shape[0] == 0:
+            return ignore.fill_(BACKGROUND) if valid is None else torch.where(valid, BACKGROUND, ignore)
+        ious = box_iou(gt_boxes, anchors)  # (G, A)
+        if valid is not None:
+            # An invalid anchor has IoU -1: never background, never a match, never a gt's best.
+            ious = ious.masked_fill(~valid[None, :], -1.0)
         max_iou, argmax = ious.max(dim=0)
-        sub = torch.full((idx.numel(),), IGNORE, dtype=torch.int64, device=anchors.device)
-        sub[(max_iou >= 0) & (max_iou < self.neg_iou_thr)] = BACKGROUND
-        pos = max_iou >= self.pos_iou_thr
-        sub[pos] = argmax[pos]
+        assigned = torch.where((max_iou >= 0) & (max_iou < self.neg_iou_thr), BACKGROUND, ignore)
+        assigned = torch.where(max_iou >= self.pos_iou_thr, argmax, assigned)
         if self.match_low_quality:
             gt_max = ious.max(dim=1, keepdim=True).values  # (G, 1)
             claims = (ious == gt_max) & (gt_max >= self.min_pos_iou)
             # Gts claim in order, so where several claim one anchor the last one wins.
             gt_index = torch.arange(gt_boxes.shape[0], device=anchors.device)[:, None]
             last = torch.where(claims, gt_index, -1).amax(dim=0)
-            sub = torch.where(last >= 0, last, sub)
-        assigned[idx] = sub
+            assigned = torch.where(last >= 0, last, assigned)
         return assigned
