@@ -408,8 +408,8 @@ def train(cfg: Config, data: DataPaths, out_dir: str | Path, resume: bool = Fals
     steps (0: at epoch ends only). ``skip_invalid``: train without the images and annotations that
     the data check flags as errors instead of failing. ``quiet``: no printing at all (proxy
     trainings). ``progress``: progress bars (default: when stderr is a terminal and not quiet).
-    ``max_steps`` / ``time_limit`` (seconds): stop early, at a step boundary, then checkpoint
-    and evaluate. Under ``torchrun`` every process calls this; rank 0 writes the files and gets
+    ``max_steps`` (global step count) / ``time_limit`` (seconds of this call): stop early, at a
+    step boundary, then checkpoint and evaluate. Under ``torchrun`` every process calls this; rank 0 writes the files and gets
     the metrics (other ranks get a result with empty metrics).
 
     Raises ``ValueError`` for bad data (the data-check report) or a checkpoint that does not fit.
@@ -873,7 +873,8 @@ class _Run:
         bad = (~torch.isfinite(terms)).any()
         if not self.scaler.is_enabled():  # with fp16 an overflow is the scaler's business
             bad = bad | ~torch.isfinite(grad_norm)
-        over_time = self.time_limit is not None and self.info.is_main and self.elapsed() > self.time_limit
+        over_time = (self.time_limit is not None and self.info.is_main
+                     and time.time() - self.start_time > self.time_limit)
         vec = torch.cat([torch.nan_to_num(terms, nan=0.0, posinf=0.0, neginf=0.0), terms,
                          losses["num_pos"].detach().float().reshape(1), grad_norm.detach().float().reshape(1),
                          bad.float().reshape(1), torch.tensor([float(over_time)], device=terms.device)])
