@@ -199,12 +199,12 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["train", str(cfg_file), "--train-ann", str(data.train_ann), "--train-images", str(data.train_images),
                "--val-ann", str(data.val_ann), "--val-images", str(data.val_images), "--out", str(run),
-               "--epochs", "1", "--batch-size", "2", "--seed", "3", "--no-progress"])
+               "--epochs", "1", "--batch-size", "6", "--seed", "3", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "lr = base_lr 0.01 x total batch 2" in out and "= 0.005" in out
+    assert "lr = base_lr 0.01 x total batch 6" in out and "= 0.015" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert (saved["train"]["epochs"], saved["data"]["batch_size"], saved["train"]["seed"]) == (1, 2, 3)
+    assert (saved["train"]["epochs"], saved["data"]["batch_size"], saved["train"]["seed"]) == (1, 6, 3)
 
     ev = tmp_path / "eval"
     rc = main(["eval", "--weights", str(run / "last.safetensors"), "--val-ann", str(data.val_ann),

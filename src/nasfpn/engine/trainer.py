@@ -783,11 +783,17 @@ class _Run:
             metrics = self.evaluate() if evaluate_now else None
             if not epoch_done and not evaluate_now:
                 continue
+            # Means over every step of the epoch, including those before a resume (from log.jsonl).
+            done = [r for r in step_log if r.get("epoch") == epoch]
+            good = [r for r in done if not r.get("skipped")]
+            if len(good) < counted:  # the log was not available (another rank): this call's steps
+                good = []
             row: dict[str, Any] = {
                 "epoch": epoch + 1, "step": self.step, "lr": self.schedule(max(self.step - 1, 0)),
-                **{k: (sums[k] / counted if counted else None) for k in LOSS_KEYS},
-                "skipped_steps": skipped_epoch, "epoch_seconds": round(time.time() - epoch_start, 2),
-                "complete": epoch_done,
+                **{k: (sum(r[k] for r in good) / len(good) if good else (sums[k] / counted if counted else None))
+                   for k in LOSS_KEYS},
+                "skipped_steps": max(skipped_epoch, len(done) - len(good)),
+                "epoch_seconds": round(time.time() - epoch_start, 2), "complete": epoch_done,
             }
             is_best = False
             if metrics is not None:
