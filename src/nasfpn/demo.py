@@ -203,14 +203,17 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     print_fn(f"[2/4] schedule: {plan}; {torch.get_num_threads()} thread(s), {step_s:.2f} s per step")
 
     run_dir = out / "run"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)  # the demo's own folder: a new demo is a new run
     print_fn(f"[3/4] training {cfg.name} on {dev} -> {run_dir}")
-    resume = (run_dir / "last.pt").is_file()
     try:
         # Epoch 1 under the estimate, then the epochs that its real duration leaves room for.
         steps = iters_per_epoch(num_train, cfg.data.batch_size)
         time_left = minutes * 60.0 - (time.time() - start) - _RESERVE_SECONDS
-        result = train(cfg, data, run_dir, resume=resume, device=device, progress=progress,
-                       time_limit=max(time_left, 1.0), max_steps=None if resume else steps)
+        result = train(cfg, data, run_dir, device=device, progress=progress, time_limit=max(time_left, 1.0),
+                       max_steps=steps)
         if result.status == "max_steps" and result.history:
             epoch_s = float(result.history[-1]["epoch_seconds"])
             time_left = minutes * 60.0 - (time.time() - start) - _RESERVE_SECONDS
