@@ -222,35 +222,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- check-data
-def _add_check_data(sub) -> None:
-    p = sub.add_parser("check-data", help="validate a COCO-format dataset: JSON, boxes, ids and image files",
-                       description="Report every problem of an annotation file and its images, grouped by kind. "
-                       "Exit status 1 if there are errors (training refuses such data unless told to skip it).")
-    p.add_argument("ann_file", help="COCO instances JSON")
-    p.add_argument("image_dir", help="folder the JSON's file_name entries are relative to")
-    p.add_argument("--no-images", action="store_true", help="check the JSON only, not the image files")
-    p.add_argument("--verify", action="store_true", help="decode every image fully (slow; finds truncated files)")
-    p.add_argument("--workers", type=int, default=None, help="threads reading image files")
-    p.add_argument("--max-examples", type=int, default=10, help="problems listed per kind")
-    p.add_argument("--json", dest="json_out", help="also write every problem to this JSON file")
-    p.set_defaults(func=_cmd_check_data)
-
-
-def _cmd_check_data(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .data.checks import check_dataset, format_report, has_errors
-
-    problems = check_dataset(args.ann_file, args.image_dir, check_images=not args.no_images, verify=args.verify,
-                             workers=args.workers, progress=sys.stderr.isatty())
-    print(format_report(problems, args.max_examples))
-    if args.json_out:
-        rows = [{**dataclasses.asdict(p), "severity": p.severity} for p in problems]
-        Path(args.json_out).write_text(json.dumps(rows, indent=1))
-    return 1 if has_errors(problems) else 0
-
-
 # --------------------------------------------------------------------------- export
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export to ONNX (NMS in the graph) or torch.export, checked against PyTorch")
@@ -345,57 +316,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- bench
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="measure inference, a training step or the input pipeline: latency, throughput, memory")
-    _add_model_args(p)
-    p.add_argument("--mode", default="infer", choices=["infer", "train", "data"],
-                   help="infer: images -> detections; train: forward + loss + backward + SGD step; "
-                        "data: JPEG decode + training transform per worker")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--batch", type=int, default=None, help="images per iteration (default: 1 for infer, 2 for train)")
-    p.add_argument("--size", type=int, help="square image side (default: the config's image_size)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="infer: weights and activations in this type; train: autocast (fp16 with a grad scaler)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC weights and activations (infer default: on; train default: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (first call compiles)")
-    p.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="infer: fold BatchNorm into the convs (default: on)")
-    p.add_argument("--plain", action="store_true", help="infer: the model as built, no fast path at all")
-    p.add_argument("--checkpoint-stacks", action=argparse.BooleanOptionalAction, default=None,
-                   help="train: recompute NAS-FPN stacks in the backward pass (default: the config's)")
-    p.add_argument("--pairs-per-image", type=int, default=1000,
-                   help="infer without --weights: shift the class bias so this many (anchor, class) pairs per "
-                        "image pass the score threshold, as with a trained model (default 1000)")
-    p.add_argument("--decoder", default="pil", choices=["pil", "torchvision"], help="data: JPEG decoder")
-    p.add_argument("--images", type=int, default=32, help="data: generated 640x480 JPEGs (default 32)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations (default 10; data: passes over the images)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: PyTorch's choice)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=_cmd_bench)
+# --------------------------------------------------------------------------- check-data
+def _add_check_data(sub) -> None:
+    p = sub.add_parser("check-data", help="validate a COCO-format dataset: JSON, boxes, ids and image files",
+                       description="Report every problem of an annotation file and its images, grouped by kind. "
+                       "Exit status 1 if there are errors (training refuses such data unless told to skip it).")
+    p.add_argument("ann_file", help="COCO instances JSON")
+    p.add_argument("image_dir", help="folder the JSON's file_name entries are relative to")
+    p.add_argument("--no-images", action="store_true", help="check the JSON only, not the image files")
+    p.add_argument("--verify", action="store_true", help="decode every image fully (slow; finds truncated files)")
+    p.add_argument("--workers", type=int, default=None, help="threads reading image files")
+    p.add_argument("--max-examples", type=int, default=10, help="problems listed per kind")
+    p.add_argument("--json", dest="json_out", help="also write every problem to this JSON file")
+    p.set_defaults(func=_cmd_check_data)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    import dataclasses
 
-    from .bench import bench_data, bench_infer, bench_train, format_result
+    from .data.checks import check_dataset, format_report, has_errors
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = _config(args)
-    if args.mode == "infer":
-        result = bench_infer(cfg, args.device, args.batch or 1, args.size, args.precision, args.channels_last,
-                             args.compile, args.fuse_bn, args.plain, args.warmup, args.iters, args.weights,
-                             args.pairs_per_image)
-    elif args.mode == "train":
-        result = bench_train(cfg, args.device, args.batch or 2, args.size, args.precision, bool(args.channels_last),
-                             args.compile, args.checkpoint_stacks, args.warmup, args.iters)
-    else:
-        result = bench_data(cfg, args.size, args.images, decoder=args.decoder, passes=args.iters)
-    print(json.dumps(result, indent=2) if args.json else format_result(result))
-    return 0
+    problems = check_dataset(args.ann_file, args.image_dir, check_images=not args.no_images, verify=args.verify,
+                             workers=args.workers, progress=sys.stderr.isatty())
+    print(format_report(problems, args.max_examples))
+    if args.json_out:
+        rows = [{**dataclasses.asdict(p), "severity": p.severity} for p in problems]
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    return 1 if has_errors(problems) else 0
 
 
 # --------------------------------------------------------------------------- train
@@ -622,7 +569,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_check_data, _add_export, _add_serve, _add_bench, _add_train, _add_eval, _add_demo]
+COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_export, _add_serve, _add_check_data, _add_train, _add_eval, _add_demo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
