@@ -14,7 +14,7 @@ shows medians over the rounds.
   generic lever, for a fair reading).
 - ``ours plain``: ``retinanet_r50_fpn_crop640_50e`` as built; ``ours fast``:
   ``optimize_for_inference`` (BN folded, channels-last, fp32); ``ours fast bf16``: the same in
-  bf16 (only where the CPU has native bf16, or on CUDA).
+  bf16 (only where the CPU has native bf16, or on CUDA); ``--compile`` adds ``ours fast compiled``.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--pairs-per-image", type=int, default=1000)
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
+    p.add_argument("--compile", action="store_true",
+                   help="add the fast path under torch.compile (inductor, frozen weights on CPU; compiles in warm-up)")
     p.add_argument("--json", help="also write the raw timings here")
     args = p.parse_args()
 
@@ -127,6 +129,9 @@ def main() -> None:
     if bf16:
         variants["ours fast bf16"] = infer_step(optimize_for_inference(ours, precision="bf16"), tensors, cfg, args.size, dev)
 
+    if args.compile:
+        variants["ours fast compiled"] = infer_step(optimize_for_inference(ours, compile=True), tensors, cfg, args.size,
+                                                    dev)
     env = environment(dev)
     load_before = os.getloadavg()[0]
     times = interleaved(variants, args.rounds, args.warmup)

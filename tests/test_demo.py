@@ -45,3 +45,35 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert len(list((tmp_path / "detections").glob("*.png"))) == 4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def test_fastest_setup_prefers_bf16_only_when_clearly_faster(monkeypatch):
+    import torch
+
+    import nasfpn.demo as demo
+
+    cfg = demo_config()
+    threads = torch.get_num_threads()
+    seen = []
+
+    def fake_step(times):
+        def step(c, device, data):
+            seen.append((torch.get_num_threads(), c.train.amp))
+            return times[c.train.amp]
+        return step
+
+    try:
+        monkeypatch.setattr(demo, "_step_seconds", fake_step({"none": 1.0, "bf16": 0.6}))
+        chosen, step_s = demo._fastest_setup(cfg, torch.device("cpu"), None)
+        assert chosen.train.amp == "bf16" and step_s == 0.6
+        assert {amp for _, amp in seen} == {"none", "bf16"}
+        # A few percent faster is not worth the change of numerics.
+        monkeypatch.setattr(demo, "_step_seconds", fake_step({"none": 1.0, "bf16": 0.95}))
+        assert demo._fastest_setup(cfg, torch.device("cpu"), None)[0].train.amp == "none"
+        # A precision the user chose is kept.
+        seen.clear()
+        monkeypatch.setattr(demo, "_step_seconds", fake_step({"none": 1.0, "bf16": 0.1}))
+        assert demo._fastest_setup(cfg, torch.device("cpu"), None, user_amp=True)[0].train.amp == "none"
+        assert {amp for _, amp in seen} == {"none"}
+    finally:
+        torch.set_num_threads(threads)

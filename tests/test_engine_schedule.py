@@ -45,6 +45,17 @@ def test_step_decay_by_epoch():
         s(-1)
 
 
+def test_cosine_decay_by_iteration():
+    cfg = TrainConfig(epochs=4, warmup_iters=0, lr_decay="cosine", milestones=(1, 2))
+    s = LRSchedule.from_config(cfg, 0.1, iters_per_epoch=25)
+    assert s.total_iters == 100
+    assert s(0) == pytest.approx(0.1) and s(50) == pytest.approx(0.05) and s(100) == pytest.approx(0.0, abs=1e-12)
+    assert s(25) == pytest.approx(0.05 * (1 + 2 ** -0.5))  # milestones do not apply
+    assert all(s(i) > s(i + 1) for i in range(99))
+    with pytest.raises(ValueError, match="cosine"):
+        LRSchedule(0.1, 10, decay="linear")
+
+
 def test_no_warmup():
     s = LRSchedule(lr=0.1, iters_per_epoch=3, warmup_iters=0, milestones=())
     assert s(0) == 0.1

@@ -222,6 +222,17 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     rescored = json.loads((tmp_path / "m.json").read_text())
     assert rescored["AP"] == pytest.approx(metrics["AP"]) and rescored["AP50"] == pytest.approx(metrics["AP50"])
 
+    # The fp32 fast path scores like the plain model; bf16 runs and says so in metrics.json.
+    for flags, name in ((["--fast"], "fast"), (["--precision", "bf16"], "bf16")):
+        rc = main(["eval", "--weights", str(run / "last.safetensors"), "--val-ann", str(data.val_ann),
+                   "--val-images", str(data.val_images), "--out", str(tmp_path / name), "--workers", "0",
+                   "--no-progress", *flags])
+        assert rc == 0
+        got = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert got["optimize"] == {"precision": "fp32" if name == "fast" else "bf16"}
+    fast = json.loads((tmp_path / "fast" / "metrics.json").read_text())
+    assert fast["AP"] == pytest.approx(metrics["AP"], abs=1e-3) and fast["AP50"] == pytest.approx(metrics["AP50"], abs=1e-3)
+
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_and_channels_last_steps(data, tmp_path, amp):

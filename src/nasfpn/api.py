@@ -50,6 +50,11 @@ class Detector:
 
         return optimize_for_inference(self.model, **(self.optimize if isinstance(self.optimize, dict) else {}))
 
+    @property
+    def runner(self) -> torch.nn.Module:
+        """The network ``predict`` runs: ``model``, or its optimised copy when ``optimize`` is set."""
+        return self._runner
+
     def to(self, device: str | torch.device) -> "Detector":
         self.device = torch.device(device)
         self.model.to(self.device)

@@ -98,6 +98,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fast_args(p) -> None:
+    p.add_argument("--fast", action="store_true",
+                   help="run the inference fast path: BatchNorm folded into the convs, channels-last")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="network precision of the fast path (bf16/fp16 imply --fast; fp16 needs CUDA)")
+
+
+def _optimize_arg(args: argparse.Namespace) -> bool | dict:
+    if args.fast or args.precision != "fp32":
+        return {"precision": args.precision}
+    return False
+
+
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="detect objects in images: writes predictions.json and drawn pictures")
@@ -112,6 +125,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--vis-thr", type=float, default=0.3, help="only draw detections above this score")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-vis", action="store_true", help="skip writing pictures")
+    _add_fast_args(p)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -121,7 +135,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model = None if args.model == "-" else args.model
     failed = run_predict(model, args.sources, args.weights, args.out, device=args.device, score_thr=args.score_thr,
                          batch_size=args.batch_size, vis=not args.no_vis, vis_thr=args.vis_thr,
-                         overrides=args.overrides, config_file=args.config_file)
+                         overrides=args.overrides, config_file=args.config_file, optimize=_optimize_arg(args))
     return 1 if failed else 0
 
 
@@ -462,6 +476,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    _add_fast_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -489,7 +504,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = None if args.model in (None, "-") else args.model
     run_eval(model, args.weights, ann, images, args.out, device=args.device, batch_size=args.batch_size,
              workers=args.workers, overrides=args.overrides, config_file=args.config_file,
-             progress=False if args.no_progress else None)
+             progress=False if args.no_progress else None, optimize=_optimize_arg(args))
     return 0
 
 

@@ -136,6 +136,9 @@ class TrainConfig:
     milestones: tuple[int, ...] = (30, 40)
     """Epochs after which lr is multiplied by gamma."""
     gamma: float = 0.1
+    lr_decay: str = "step"
+    """"step" (x gamma at each milestone, the recipe's) or "cosine" (from the peak to 0 over the
+    run, by iteration; milestones and gamma unused)."""
     grad_clip: float = 0.0
     """Max global grad norm; 0 disables clipping."""
     amp: str = "none"

@@ -29,28 +29,33 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
 
 
 def load_detector(model: str | None, weights: str, device: str = "cpu", overrides: list[str] | None = None,
-                  config_file: str | None = None):
-    """A PyTorch ``Detector`` or, for an ``.onnx`` file, an onnxruntime one with the same ``predict``."""
+                  config_file: str | None = None, optimize: bool | dict[str, Any] = False):
+    """A PyTorch ``Detector`` or, for an ``.onnx`` file, an onnxruntime one with the same ``predict``.
+
+    ``optimize``: PyTorch fast paths (``Detector``'s argument); an ONNX file has its own."""
     if str(weights).endswith(".onnx"):
         from .interop.runtime import OnnxDetector
 
+        if optimize:
+            raise ValueError(f"{weights}: --fast / --precision apply to PyTorch weights, not to an exported ONNX file")
         return OnnxDetector(weights, model, overrides=overrides, config_file=config_file)
     from .api import load
     from .presets import get_config
 
     cfg = get_config(model, overrides, config_file) if model else None
-    return load(cfg, weights=weights, device=device, overrides=None if cfg else overrides)
+    return load(cfg, weights=weights, device=device, overrides=None if cfg else overrides, optimize=optimize)
 
 
 def run_predict(model: str | None, sources: list[str], weights: str, out: str | Path, device: str = "cpu",
                 score_thr: float | None = None, batch_size: int = 4, vis: bool = True, vis_thr: float = 0.3,
-                overrides: list[str] | None = None, config_file: str | None = None) -> list[str]:
+                overrides: list[str] | None = None, config_file: str | None = None,
+                optimize: bool | dict[str, Any] = False) -> list[str]:
     """Detect objects in every image of ``sources``; returns the files that could not be read."""
     from .data.io import ImageReadError, list_images, read_image
 
     out = Path(out)
     paths = list_images(sources)
-    det = load_detector(model, weights, device, overrides, config_file)
+    det = load_detector(model, weights, device, overrides, config_file, optimize)
     records: list[dict[str, Any]] = []
     failed: list[str] = []
     vis_dir = out / "vis"

@@ -85,7 +85,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> uint8 ``(H, W, 3)`` RGB, with the conversions of ``nasfpn.data.io.read_image``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from .data.io import _to_rgb  # the one RGB conversion used for files read from disk
+    from .data.io import to_rgb  # the RGB conversion of files read from disk
 
     if not data:
         raise ImageRejected(400, "the uploaded file is empty")
@@ -95,7 +95,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             if w * h > max_pixels:
                 raise ImageRejected(413, f"image of {w}x{h} pixels exceeds the limit of {max_pixels:,} pixels")
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageRejected(415, "the uploaded file is not an image (supported: JPEG, PNG, BMP, GIF, TIFF, WebP)") from None
     except Image.DecompressionBombError as e:

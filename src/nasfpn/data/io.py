@@ -45,7 +45,7 @@ class ImageReadError(ValueError):
     """An image file is missing, truncated, corrupt or not an image; the message names the file."""
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 ``(H, W, 3)`` RGB; alpha is dropped, not composited."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
@@ -80,7 +80,7 @@ def read_image(path: str | Path) -> np.ndarray:
             # purpose: a half-grey image would train silently on wrong pixels).
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file (PIL cannot identify it)") from None
     except MemoryError:

@@ -143,10 +143,11 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
              image_dir: str | Path, out_dir: str | Path | None = None, device: str | None = None,
              batch_size: int = 8, workers: int = 0, overrides: list[str] | None = None,
              config_file: str | Path | None = None, progress: bool | None = None,
-             print_fn=print) -> EvalOutcome | None:
+             optimize: bool | dict[str, Any] = False, print_fn=print) -> EvalOutcome | None:
     """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
     ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
-    ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0."""
+    ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0.
+    ``optimize``: evaluate the fast path (``nasfpn.fast``), e.g. ``{"precision": "bf16"}``."""
     from ..api import load
     from ..eval.coco import format_table, write_metrics_json
     from ..presets import get_config
@@ -156,12 +157,12 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
     try:
         if isinstance(model_or_config, (str, Path)) and str(model_or_config) != "-":
             cfg = get_config(model_or_config, overrides, config_file)
-            det = load(cfg, weights=weights, device=info.device)
+            det = load(cfg, weights=weights, device=info.device, optimize=optimize)
         else:
             det = load(model_or_config if isinstance(model_or_config, Config) else None, weights=weights,
-                       device=info.device, overrides=overrides)
+                       device=info.device, overrides=overrides, optimize=optimize)
         cfg = det.config
-        metrics, results = evaluate_model(det.model, cfg, ann_file, image_dir, info.device, batch_size, workers,
+        metrics, results = evaluate_model(det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers,
                                           progress=progress)
         if not info.is_main:
             return None
@@ -172,7 +173,7 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
             results_path = out / "results.json"
             write_json_atomic(results, results_path)
             metrics_path = write_metrics_json({"model": cfg.name, "weights": str(weights), "ann_file": str(ann_file),
-                                               **metrics}, out / "metrics.json")
+                                               "optimize": optimize, **metrics}, out / "metrics.json")
         print_fn(format_table(metrics))
         print_fn(f"{metrics['num_images']} images in {metrics['eval_seconds']:.1f} s")
         return EvalOutcome(metrics, results_path, metrics_path)

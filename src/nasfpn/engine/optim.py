@@ -73,11 +73,14 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD (momentum, no dampening, no Nesterov) over ``param_groups``; ``lr`` is overwritten every step."""
+    """SGD (momentum, no dampening, no Nesterov) over ``param_groups``; ``lr`` is overwritten every step.
+    On CUDA the update is the fused single-kernel one."""
+    from ..fast import make_sgd
+
     groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return make_sgd(groups, lr, cfg.momentum, cfg.weight_decay, groups[0]["params"][0].device)
 
 
 def group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict | None:

@@ -8,12 +8,15 @@ MMDetection's crop-640 schedule is two schedulers multiplied together:
 - ``MultiStepLR(milestones, gamma, by_epoch=True)``: ``gamma ** (number of milestones <= epoch)``
   with ``epoch = step // iters_per_epoch`` counted from 0 (x0.1 from epoch 30, x0.01 from 40).
 
+``lr_decay="cosine"`` replaces the steps by ``0.5 * (1 + cos(pi * step / total_iters))``.
+
 Because nothing is stateful, a resumed run recomputes exactly the learning rate it would have
 had, and the schedule needs no entry in a checkpoint beyond the step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import TrainConfig
@@ -36,14 +39,23 @@ class LRSchedule:
     milestones: tuple[int, ...] = (30, 40)
     """Epochs (0-based) from which the rate is multiplied by another ``gamma``."""
     gamma: float = 0.1
+    decay: str = "step"
+    """"step" or "cosine"."""
+    total_iters: int = 0
+    """Length of the run (cosine only)."""
 
     def __post_init__(self) -> None:
         if self.iters_per_epoch <= 0:
             raise ValueError(f"iters_per_epoch must be positive, got {self.iters_per_epoch}")
+        if self.decay not in ("step", "cosine"):
+            raise ValueError(f"lr decay must be 'step' or 'cosine', got {self.decay!r}")
+        if self.decay == "cosine" and self.total_iters <= 0:
+            raise ValueError("a cosine schedule needs the run's total_iters")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, lr: float, iters_per_epoch: int) -> "LRSchedule":
-        return cls(lr, iters_per_epoch, cfg.warmup_iters, cfg.warmup_ratio, tuple(cfg.milestones), cfg.gamma)
+        return cls(lr, iters_per_epoch, cfg.warmup_iters, cfg.warmup_ratio, tuple(cfg.milestones), cfg.gamma,
+                   cfg.lr_decay, cfg.epochs * iters_per_epoch)
 
     def warmup_factor(self, step: int) -> float:
         if self.warmup_iters <= 0:
@@ -52,6 +64,8 @@ class LRSchedule:
         return self.warmup_ratio + (1.0 - self.warmup_ratio) * t
 
     def decay_factor(self, step: int) -> float:
+        if self.decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_iters) / self.total_iters))
         epoch = step // self.iters_per_epoch
         return self.gamma ** sum(1 for m in self.milestones if epoch >= m)
 

@@ -672,11 +672,12 @@ class _Run:
         self.log(f"lr = base_lr {cfg.train.base_lr:g} x total batch {total_batch} ({cfg.data.batch_size} x {world} "
                  f"process{'es' if world > 1 else ''}) / base batch {cfg.train.base_batch_size} = {self.lr:.6g}")
         total_steps = self.iters_per_epoch * cfg.train.epochs
+        decay = ("cosine decay to 0" if cfg.train.lr_decay == "cosine" else
+                 f"lr x{cfg.train.gamma:g} at epochs {', '.join(map(str, cfg.train.milestones)) or '-'}")
         self.log(f"{len(self.train_ds)} training images, {self.iters_per_epoch} steps per epoch, "
                  f"{cfg.train.epochs} epochs = {total_steps} steps; warm-up {cfg.train.warmup_iters} steps, "
-                 f"lr x{cfg.train.gamma:g} at epochs {', '.join(map(str, cfg.train.milestones)) or '-'}; "
-                 f"device {self.device}" + (f" x {world}" if world > 1 else ""))
-        late = [m for m in cfg.train.milestones if m >= cfg.train.epochs]
+                 f"{decay}; device {self.device}" + (f" x {world}" if world > 1 else ""))
+        late = [m for m in cfg.train.milestones if m >= cfg.train.epochs and cfg.train.lr_decay == "step"]
         if late:
             self.log(f"note: lr milestones {late} lie beyond the last epoch ({cfg.train.epochs}) and never apply")
         if ckpt is not None:
@@ -692,16 +693,24 @@ class _Run:
                 last_metrics = dict(r.get("metrics", {}))
                 break
         stop = False
+        loader = None
         while self.epoch < cfg.train.epochs and not stop:
             epoch = self.epoch
             batches = D.epoch_batches(len(self.train_ds), cfg.data.batch_size, cfg.train.seed, epoch,
                                       self.info.rank, world)[self.iter_in_epoch:]
-            collate = functools.partial(_collate_train, mean=cfg.data.mean, std=cfg.data.std,
-                                        pad_size=cfg.data.image_size if cfg.data.train_pad_to_size else None,
-                                        pad_divisor=cfg.data.pad_divisor)
-            loader = torch.utils.data.DataLoader(_SafeDataset(self.train_ds), batch_sampler=D.BatchList(batches),
-                                                 collate_fn=collate, num_workers=cfg.data.workers,
-                                                 pin_memory=self.device.type == "cuda")
+            if loader is None:
+                # One loader for the whole run: its workers stay alive across epochs (the batch list is
+                # read in this process at each new pass, so it can change from epoch to epoch).
+                from ..fast import loader_settings
+
+                collate = functools.partial(_collate_train, mean=cfg.data.mean, std=cfg.data.std,
+                                            pad_size=cfg.data.image_size if cfg.data.train_pad_to_size else None,
+                                            pad_divisor=cfg.data.pad_divisor)
+                sampler = D.BatchList(batches)
+                loader = torch.utils.data.DataLoader(_SafeDataset(self.train_ds), batch_sampler=sampler,
+                                                     collate_fn=collate,
+                                                     **loader_settings(self.device, cfg.data.workers))
+            sampler.batches = batches
             epoch_start = time.time()
             sums = {k: 0.0 for k in LOSS_KEYS}
             counted = 0
