@@ -24,7 +24,7 @@ from .config import Config, apply_overrides
 
 # Dataset of the demo: images are generated at the model's input size.
 DEMO_TRAIN_IMAGES = 4000
-DEMO_VAL_IMAGES = 150
+DEMO_VAL_IMAGES = 500
 AP50_TARGET = 0.8
 # Seconds kept aside from training for the final evaluation, pictures and start-up.
 _RESERVE_SECONDS = 25.0
