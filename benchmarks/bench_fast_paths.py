@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasfpn.bench import (calibrate_scores, cpu_supports_bf16, environment, infer_step, interleaved, markdown_table,
-                          percentile, synthetic_images)
+from nasfpn.bench import (calibrate_scores, cpu_supports_bf16, environment, infer_step, interleaved_with_load,
+                          markdown_table, median_ms, percentile, synthetic_images)
 from nasfpn.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.models.head import RetinaHead
@@ -191,12 +191,10 @@ def main() -> None:
         makers["compiled"] = lambda m: compiled
 
     env = environment(dev)
-    load_before = os.getloadavg()[0]
-    times = interleaved(variants, args.rounds, args.warmup)
-    load_after = os.getloadavg()[0]
+    times, (load_before, load_after) = interleaved_with_load(variants, args.rounds, args.warmup)
 
     def med(name: str, key: str) -> float:
-        return statistics.median(times[name][key]) * 1e3
+        return median_ms(times, name, key)
 
     base = med("plain", "total")
     rows = []

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 
 import torch
 
-from nasfpn.bench import (calibrate_scores, cpu_supports_bf16, environment, infer_step, interleaved, markdown_table,
-                          percentile, synthetic_images)
+from nasfpn.bench import (calibrate_scores, cpu_supports_bf16, environment, infer_step, interleaved_with_load,
+                          markdown_table, median_ms, percentile, synthetic_images)
 from nasfpn.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.presets import get_config
@@ -133,12 +132,10 @@ def main() -> None:
         variants["ours fast compiled"] = infer_step(optimize_for_inference(ours, compile=True), tensors, cfg, args.size,
                                                     dev)
     env = environment(dev)
-    load_before = os.getloadavg()[0]
-    times = interleaved(variants, args.rounds, args.warmup)
-    load_after = os.getloadavg()[0]
+    times, (load_before, load_after) = interleaved_with_load(variants, args.rounds, args.warmup)
 
     def med(name: str, key: str) -> float:
-        return statistics.median(times[name][key]) * 1e3
+        return median_ms(times, name, key)
 
     base = med("torchvision", "total")
     base_cl = med("torchvision CL", "total")

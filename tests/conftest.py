@@ -17,3 +17,12 @@ def reference_dir() -> Path:
     if not (REFERENCE / "README.md").is_file():
         pytest.skip(f"MMDetection reference fixtures not found at {REFERENCE} (set NASFPN_SHARED)")
     return REFERENCE
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

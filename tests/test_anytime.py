@@ -13,13 +13,8 @@ from nasfpn.models import build_model
 from nasfpn.presets import get_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors on a shared 2-core machine: one thread avoids contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model_config(stacks: int = 3, exit_stack: int = 0, deep_supervision: bool = False) -> ModelConfig:

@@ -10,13 +10,8 @@ from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Genotype
 from nasfpn.search.space import (FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace,
                                  parse_paper_genotype)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors on a shared 2-core machine: one thread avoids contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PUBLISHED = ("gp(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; "

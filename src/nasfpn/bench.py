@@ -251,6 +251,19 @@ def interleaved(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: i
     return out
 
 
+def interleaved_with_load(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: int,
+                          warmup: int = 1) -> tuple[dict[str, dict[str, list[float]]], tuple[float, float]]:
+    """``interleaved`` and the 1-minute load average before and after it."""
+    before = os.getloadavg()[0]
+    times = interleaved(fns, rounds, warmup)
+    return times, (before, os.getloadavg()[0])
+
+
+def median_ms(times: dict[str, dict[str, list[float]]], name: str, key: str = "total") -> float:
+    """Median of one sub-timing of ``interleaved``'s result, in milliseconds."""
+    return statistics.median(times[name][key]) * 1e3
+
+
 # --------------------------------------------------------------------------- inputs
 
 
