@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasfpn.bench import (calibrate_scores, cpu_supports_bf16, environment, infer_step, interleaved_with_load,
-                          markdown_table, median_ms, percentile, synthetic_images)
+from nasfpn.bench import (add_interleaved_args, calibrate_scores, cpu_supports_bf16, environment, infer_step,
+                          interleaved_with_load, markdown_table, median_ms, percentile, synthetic_images)
 from nasfpn.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.models.head import RetinaHead
@@ -144,15 +144,8 @@ def accuracy_report(model_name: str, variants: dict) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="retinanet_r50_nasfpn_crop640_50e")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--size", type=int, default=640)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--pairs-per-image", type=int, default=1000)
+    add_interleaved_args(p)
     p.add_argument("--compile", action="store_true", help="add the torch.compile variant (slow to compile)")
-    p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--accuracy", action="store_true", help="compare detections on the MMDetection reference weights")
     p.add_argument("--json", help="also write the raw timings here")
     args = p.parse_args()

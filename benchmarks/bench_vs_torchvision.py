@@ -26,8 +26,8 @@ import statistics
 
 import torch
 
-from nasfpn.bench import (calibrate_scores, cpu_supports_bf16, environment, infer_step, interleaved_with_load,
-                          markdown_table, median_ms, percentile, synthetic_images)
+from nasfpn.bench import (add_interleaved_args, calibrate_scores, cpu_supports_bf16, environment, infer_step,
+                          interleaved_with_load, markdown_table, median_ms, percentile, synthetic_images)
 from nasfpn.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.presets import get_config
@@ -87,14 +87,7 @@ def torchvision_step(model, images: list[torch.Tensor], device: torch.device):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--size", type=int, default=640)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--pairs-per-image", type=int, default=1000)
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
+    add_interleaved_args(p)
     p.add_argument("--compile", action="store_true",
                    help="add the fast path under torch.compile (inductor, frozen weights on CPU; compiles in warm-up)")
     p.add_argument("--json", help="also write the raw timings here")

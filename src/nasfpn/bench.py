@@ -251,6 +251,18 @@ def interleaved(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: i
     return out
 
 
+def add_interleaved_args(parser) -> None:
+    """Command-line options shared by the side-by-side inference benchmarks in ``benchmarks/``."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pairs-per-image", type=int, default=1000)
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
+
+
 def interleaved_with_load(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: int,
                           warmup: int = 1) -> tuple[dict[str, dict[str, list[float]]], tuple[float, float]]:
     """``interleaved`` and the 1-minute load average before and after it."""
