@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nasfpn.api import Detector
+from nasfpn.bench import calibrate_scores
 from nasfpn.interop import export as ex
 from nasfpn.interop.runtime import ort_session
 from nasfpn.models import build_model
@@ -38,15 +39,6 @@ from nasfpn.presets import PRESETS
 
 SECTION = "## ONNX Runtime vs eager PyTorch (CPU)"
 MODELS = ("retinanet_r50_fpn_crop640_50e", "retinanet_r50_nasfpn_crop640_50e")
-
-
-def _shift_class_bias(model, batch: torch.Tensor, score_thr: float, pairs: int) -> None:
-    """Move the class bias so that about ``pairs`` (anchor, class) pairs score above ``score_thr``."""
-    with torch.no_grad():
-        cls_maps, _ = model(batch)
-        logits = torch.cat([m.permute(0, 2, 3, 1).reshape(1, -1) for m in cls_maps], dim=1)
-        kth = logits.topk(pairs, dim=1).values[0, -1].item()
-        model.head.retina_cls.bias += math.log(score_thr / (1 - score_thr)) - kth + 1e-4
 
 
 def _time_interleaved(fns: dict, warmup: int, iters: int) -> dict[str, tuple[float, float]]:
@@ -79,7 +71,7 @@ def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int,
     image = ex.sample_images(cfg, 3)[2]  # square: no padding, the same input for every runtime
     batch, info, metas = ex.prepare_inputs([image], cfg, hw)
     assert tuple(batch.shape[-2:]) == (640, 640)
-    _shift_class_bias(model, batch, cfg.model.test.score_thr, pairs)
+    calibrate_scores(model, batch, cfg.model.test.score_thr, pairs)
     det = Detector(model, cfg)
 
     files = {}

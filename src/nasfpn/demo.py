@@ -49,22 +49,25 @@ def demo_config(overrides: list[str] | None = None) -> Config:
     return apply_overrides(PRESETS["nasfpn_tiny"], overrides or [])
 
 
-def _step_seconds(cfg: Config, device: torch.device, data, steps: int = 4) -> float:
-    """Seconds per training step of ``cfg`` on this machine now: real batches of the training set
-    (loading and augmentation included) through forward, loss, backward and the SGD step."""
-    import functools
-
+def _timing_dataset(cfg: Config, data):
+    """The training set as ``_step_seconds`` reads it (loading and augmentation included)."""
     from .data.coco import CocoDataset
     from .data.transforms import TrainTransform
+
+    d = cfg.data
+    return CocoDataset(data.train_ann, data.train_images, TrainTransform(d.image_size, tuple(d.scale_range),
+                                                                        d.flip_prob), filter_empty=True)
+
+
+def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) -> float:
+    """Seconds per training step of ``cfg`` on this machine now: real batches of ``dataset``
+    (``_timing_dataset``) through loading, forward, loss, backward and the SGD step."""
     from .engine.optim import build_optimizer
-    from .engine.trainer import TrainStep, _collate_train
+    from .engine.trainer import TrainStep, train_collate
     from .models import build_model
 
     d = cfg.data
-    dataset = CocoDataset(data.train_ann, data.train_images, TrainTransform(d.image_size, tuple(d.scale_range),
-                                                                            d.flip_prob), filter_empty=True)
-    collate = functools.partial(_collate_train, mean=d.mean, std=d.std,
-                                pad_size=d.image_size if d.train_pad_to_size else None, pad_divisor=d.pad_divisor)
+    collate = train_collate(d)
     torch.manual_seed(0)
     m = cfg.model
     model = build_model(replace(m, head=replace(m.head, num_classes=dataset.num_classes)), pretrained_backbone=False)
@@ -89,7 +92,7 @@ def _step_seconds(cfg: Config, device: torch.device, data, steps: int = 4) -> fl
     return rest[len(rest) // 2]
 
 
-def _fastest_setup(cfg: Config, device: torch.device, data, user_amp: bool = False) -> tuple[Config, float]:
+def _fastest_setup(cfg: Config, device: torch.device, dataset, user_amp: bool = False) -> tuple[Config, float]:
     """The fastest CPU set-up for training ``cfg`` here, and its seconds per step.
 
     Tries all threads and one (on a busy machine one thread can beat several, which wait for each
@@ -98,7 +101,7 @@ def _fastest_setup(cfg: Config, device: torch.device, data, user_amp: bool = Fal
     """
     threads = torch.get_num_threads()
     if device.type != "cpu":
-        return cfg, _step_seconds(cfg, device, data)
+        return cfg, _step_seconds(cfg, device, dataset)
     candidates = [(threads, cfg.train.amp)]
     if not user_amp and cfg.train.amp == "none":
         candidates.append((threads, "bf16"))
@@ -107,7 +110,7 @@ def _fastest_setup(cfg: Config, device: torch.device, data, user_amp: bool = Fal
     timed = []
     for n, amp in candidates:
         torch.set_num_threads(n)
-        timed.append((_step_seconds(replace(cfg, train=replace(cfg.train, amp=amp)), device, data), n, amp))
+        timed.append((_step_seconds(replace(cfg, train=replace(cfg.train, amp=amp)), device, dataset), n, amp))
     # fp32 unless bf16 is clearly faster: it changes the numerics a little.
     best = min(timed, key=lambda t: t[0] * (1.1 if t[2] == "bf16" and cfg.train.amp == "none" else 1.0))
     step_s, n, amp = best
@@ -220,7 +223,8 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     budget = minutes * 60.0 - (time.time() - start) - _RESERVE_SECONDS
     data = DataPaths(ds.train_annotations, ds.train_images, ds.val_annotations, ds.val_images)
     threads = torch.get_num_threads()
-    cfg, step_s = _fastest_setup(cfg, dev, data, user_amp=any(o.startswith("train.amp=") for o in overrides or []))
+    cfg, step_s = _fastest_setup(cfg, dev, _timing_dataset(cfg, data),
+                                 user_amp=any(o.startswith("train.amp=") for o in overrides or []))
     full = cfg
     cfg, plan = plan_schedule(full, num_train, step_s, budget)
     precision = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"

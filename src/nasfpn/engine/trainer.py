@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import Config, config_from_dict, config_to_dict, config_to_yaml
+from ..config import Config, DataConfig, config_from_dict, config_to_dict, config_to_yaml
 from . import distributed as D
 from .checkpoint import (atomic_write_text, clean_state_dict, load_checkpoint, model_is_finite, rng_state,
                          save_checkpoint, set_rng_state)
@@ -164,6 +164,12 @@ class TrainStep(nn.Module):
         for key in ("loss", "loss_cls", "loss_bbox", "loss_cls_levels", "loss_bbox_levels"):
             out[key] = torch.stack([l[key] for l in losses]).mean(dim=0)
         return out
+
+
+def train_collate(d: DataConfig):
+    """The ``collate_fn`` of training batches under data config ``d``."""
+    return functools.partial(_collate_train, mean=d.mean, std=d.std,
+                             pad_size=d.image_size if d.train_pad_to_size else None, pad_divisor=d.pad_divisor)
 
 
 def _collate_train(samples, mean, std, pad_size, pad_divisor):
@@ -703,12 +709,9 @@ class _Run:
                 # read in this process at each new pass, so it can change from epoch to epoch).
                 from ..fast import loader_settings
 
-                collate = functools.partial(_collate_train, mean=cfg.data.mean, std=cfg.data.std,
-                                            pad_size=cfg.data.image_size if cfg.data.train_pad_to_size else None,
-                                            pad_divisor=cfg.data.pad_divisor)
                 sampler = D.BatchList(batches)
                 loader = torch.utils.data.DataLoader(_SafeDataset(self.train_ds), batch_sampler=sampler,
-                                                     collate_fn=collate,
+                                                     collate_fn=train_collate(cfg.data),
                                                      **loader_settings(self.device, cfg.data.workers))
             sampler.batches = batches
             epoch_start = time.time()
