@@ -94,4 +94,16 @@ def test_a_real_proxy_trial(tmp_path):
     out = task(NASFPN_GENOTYPE, tmp_path / "trial", "cpu")
     assert 0.0 <= out["reward"] <= 1.0 and out["metrics"]["AP"] == out["reward"]
     assert out["cost"]["params"] > 1e6 and out["cost"]["flops"] > 1e8 and out["cost"]["train_s"] > 0
-    assert (tmp_path / "trial" / "last.pt").is_file()
+    assert not (tmp_path / "trial" / "last.pt").exists()  # deleted once the reward is known
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_trial_keeps_its_checkpoints_only_when_asked(tmp_path, keep, one_thread):
+    settings = ProxySettings(image_size=128, epochs=1, width=16, head_convs=1, batch_size=4, warmup_iters=1)
+    task = prepare_proxy_task(tmp_path, settings, data="synthetic", synthetic_images=10, keep_weights=keep)
+    out = task(NASFPN_GENOTYPE, tmp_path / "trial", "cpu")
+    assert 0.0 <= out["reward"] <= 1.0
+    trial = tmp_path / "trial"
+    assert (trial / "metrics.json").is_file() and (trial / "config.yaml").is_file()
+    for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors"):
+        assert (trial / name).is_file() == keep, name

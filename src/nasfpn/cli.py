@@ -186,6 +186,8 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
     x.add_argument("--proxy-batch", type=int, default=8)
     x.add_argument("--proxy-lr", type=float, default=0.04)
+    x.add_argument("--keep-weights", action="store_true",
+                   help="keep every finished trial's checkpoints (by default deleted once its reward is logged)")
     x.add_argument("--fake-evaluator", action="store_true",
                    help="reward by similarity to the published NAS-FPN instead of training (instant; dry runs, tests)")
     p.set_defaults(func=_cmd_search)
@@ -218,7 +220,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                                      stacks=args.proxy_stacks, width=args.proxy_width, batch_size=args.proxy_batch,
                                      lr=args.proxy_lr, seed=args.seed)
             evaluator = prepare_proxy_task(out, settings, args.data, args.train_ann, args.train_images, args.heldout_ann,
-                                           args.heldout_images, args.held_out, args.seed, args.synthetic_images)
+                                           args.heldout_images, args.held_out, args.seed, args.synthetic_images,
+                                           keep_weights=args.keep_weights)
         spec = SearchSpec(controller=args.controller, trials=args.trials or 40, seed=args.seed, num_cells=args.cells,
                           gp=args.gp, controller_options=options, evaluator=evaluator_spec(evaluator),
                           baselines=not args.no_baselines, reuse=not args.no_reuse)

@@ -129,16 +129,21 @@ class ProxyTask:
     settings: ProxySettings = field(default_factory=ProxySettings)
     class_names: tuple[str, ...] = ()
     category_ids: tuple[int, ...] = ()
+    keep_weights: bool = False
+    """Keep each finished trial's checkpoints. By default they are deleted once its reward is
+    known (only the search log matters then), because they add up: about 110 MB a trial with
+    the default proxy, several GB per search."""
 
     @classmethod
     def from_files(cls, train_ann: str | Path, images: str | Path, heldout_ann: str | Path,
-                   heldout_images: str | Path | None = None, settings: ProxySettings | None = None) -> "ProxyTask":
+                   heldout_images: str | Path | None = None, settings: ProxySettings | None = None,
+                   keep_weights: bool = False) -> "ProxyTask":
         """A task whose classes are those of the train annotation file (sorted by category id)."""
         from ..data.coco import load_coco_json
 
         cats = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in load_coco_json(train_ann)["categories"])
         return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
-                   settings or ProxySettings(), tuple(n for _, n in cats), tuple(i for i, _ in cats))
+                   settings or ProxySettings(), tuple(n for _, n in cats), tuple(i for i, _ in cats), keep_weights)
 
     def config(self, genotype: Genotype) -> Config:
         return proxy_config(genotype, self.settings, len(self.class_names), self.class_names, self.category_ids)
@@ -163,6 +168,9 @@ class ProxyTask:
         if "AP" not in metrics:
             raise RuntimeError(f"proxy training gave no held-out metrics ({result.status}: {result.message})")
         cost["train_s"] = round(result.wall_time, 2)
+        if not self.keep_weights:
+            for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors"):
+                (Path(trial_dir) / name).unlink(missing_ok=True)
         return {"reward": float(metrics["AP"]), "metrics": {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics},
                 "cost": cost}
 
@@ -247,7 +255,7 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
                        train_ann: str | Path | None = None, train_images: str | Path | None = None,
                        heldout_ann: str | Path | None = None, heldout_images: str | Path | None = None,
                        held_out: int | float | str = "auto", split_seed: int = 0, synthetic_images: int = 400,
-                       synthetic_size: int | None = None) -> ProxyTask:
+                       synthetic_size: int | None = None, keep_weights: bool = False) -> ProxyTask:
     """The proxy task of a search: its data located, generated or split under ``work_dir``.
 
     ``data``: a dataset folder, or ``"synthetic"`` for the embedded dataset (``synthetic_images``
@@ -278,4 +286,4 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
             held_out = float(held_out) if "." in held_out else int(held_out)
         train_ann, heldout_ann = split_held_out(train_ann, work_dir / "split", held_out, split_seed)
     return ProxyTask.from_files(Path(train_ann).resolve(), Path(train_images).resolve(), Path(heldout_ann).resolve(),
-                                Path(heldout_images).resolve() if heldout_images else None, settings)
+                                Path(heldout_images).resolve() if heldout_images else None, settings, keep_weights)
