@@ -107,3 +107,16 @@ def test_a_finished_trial_keeps_its_checkpoints_only_when_asked(tmp_path, keep, 
     assert (trial / "metrics.json").is_file() and (trial / "config.yaml").is_file()
     for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors"):
         assert (trial / name).is_file() == keep, name
+
+
+def test_proxy_precision_sets_autocast_and_channels_last(tmp_path, one_thread):
+    train = proxy_config(NASFPN_GENOTYPE, ProxySettings(), 3).train
+    assert train.amp == "none" and not train.channels_last
+    train = proxy_config(NASFPN_GENOTYPE, ProxySettings(precision="bf16"), 3).train
+    assert train.amp == "bf16" and train.channels_last
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        ProxySettings(precision="int8")
+    settings = ProxySettings(image_size=128, epochs=1, width=16, head_convs=1, batch_size=4, warmup_iters=1,
+                             precision="bf16")
+    task = prepare_proxy_task(tmp_path, settings, data="synthetic", synthetic_images=10)
+    assert 0.0 <= task(NASFPN_GENOTYPE, tmp_path / "trial", "cpu")["reward"] <= 1.0
