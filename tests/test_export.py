@@ -73,9 +73,12 @@ def test_end2end_graph_equals_postprocess_in_pytorch():
     hw = ex.export_input_hw(cfg)
     batch, info, metas = ex.prepare_inputs(ex.sample_images(cfg, 2), cfg, hw)
     graph = ex.EndToEndGraph(model, hw, cfg.model.test).eval()
-    anchors = [getattr(graph, f"anchors_{i}") for i in range(5)]
     with torch.no_grad():
         maps = graph.network(batch)
+        anchors = graph.anchors(maps[:5])
+        # Anchors computed in the graph (dynamic size) equal the constants of a fixed-size graph.
+        for a, b in zip(ex.GraphAnchors(model, None)(maps[:5]), anchors):
+            assert torch.equal(a, b)
         ref = model.postprocess((list(maps[:5]), list(maps[5:])), metas)
         for thr in (cfg.model.test.score_thr, 0.3):
             boxes, scores, labels, num = ex.postprocess_fixed(maps[:5], maps[5:], anchors, info, torch.tensor(thr), 80,
@@ -147,6 +150,52 @@ def test_export_raw_contract(tiny_weights, tmp_path):
     # The runtime post-processes raw files itself; 3 images fill a batch of 2 with a blank one.
     images = _square_images(3)
     _assert_same_detections(det.predict(images), OnnxDetector(out).predict(images))
+
+
+def _landscape_and_portrait() -> list[np.ndarray]:
+    return [render_image(SyntheticSpec(image_size=hw, max_objects=8), seed=11, split="val", index=i)[0]
+            for i, hw in enumerate([(150, 256), (256, 120), (200, 200)])]
+
+
+def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "dynamic.onnx"
+    assert main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--size", "384",
+                 "--dynamic-size", "--dynamic-batch"]) == 0
+    assert "input Bx3xHxW (multiples of 128, >= 256)" in capsys.readouterr().out
+    meta = ex.read_metadata(out)
+    assert meta["input_hw"] is None and meta["dynamic_size"] and meta["min_side"] == 256
+    session = ort_session(out)
+    assert session.get_inputs()[0].shape[:2] == ["batch", 3]
+    assert all(isinstance(d, str) for d in session.get_inputs()[0].shape[2:])
+    det = load(None, weights=tiny_weights, overrides=["data.image_size=384"])
+    onnx_det = OnnxDetector(out)
+    assert onnx_det.input_hw is None
+    # At 384 px these pad to 256x384, 384x256 and 384x384 in eager PyTorch, and now in the file
+    # too: one run per image, then all three in one batch; the detections are eager's.
+    images = _landscape_and_portrait()
+    runs = [([images[0]], (256, 384)), ([images[1]], (384, 256)), ([images[2]], (384, 384)), (images, (384, 384))]
+    for chunk, padded in runs:
+        batch, _, _ = ex.prepare_inputs(chunk, det.config, None, meta["min_side"])
+        assert tuple(batch.shape[-2:]) == padded
+        _assert_same_detections(det.predict(chunk), onnx_det.predict(chunk))
+    # Below min_side the input is padded up to it (a narrow image at a small image_size).
+    batch, _, _ = ex.prepare_inputs([np.zeros((256, 60, 3), np.uint8)], tiny_config(), None, 256)
+    assert tuple(batch.shape[-2:]) == (256, 256)
+
+
+def test_dynamic_size_raw_and_torch_export(tiny_weights, tmp_path):
+    det = load(None, weights=tiny_weights)
+    raw = tmp_path / "raw_dynamic.onnx"
+    meta, report = ex.export(det, raw, contract="raw", dynamic_size=True)
+    assert report.ok and report.images == 3, report.summary()
+    outputs = ort_session(raw).run(None, {"images": np.zeros((1, 3, 256, 384), np.float32)})
+    sizes = [(256 // s, 384 // s) for s in (8, 16, 32, 64, 128)]
+    assert [o.shape[-2:] for o in outputs[:5]] == sizes
+    for a, b in zip(outputs[10:], det.model.anchor_generator.grid_anchors(sizes)):
+        np.testing.assert_array_equal(a, b.numpy())
+    program = tmp_path / "dynamic.pt2"
+    meta, report = ex.export(det, program, "torch-export", dynamic_size=True)
+    assert meta["dynamic_size"] and report.ok and report.images == 3, report.summary()
 
 
 _LOAD_WITHOUT_PACKAGE = r"""
@@ -292,12 +341,13 @@ def _reference_filled(short: str, reference_dir: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dynamic_size", [False, True])
 @pytest.mark.parametrize("contract", ["end2end", "raw"])
 @pytest.mark.parametrize("short", ["r50_fpn", "r50_nasfpn"])
-def test_seed_models_export_and_match_pytorch(short, contract, reference_dir, tmp_path):
+def test_seed_models_export_and_match_pytorch(short, contract, dynamic_size, reference_dir, tmp_path):
     det = _reference_filled(short, reference_dir)
     images = [np.array(Image.open(reference_dir / name).convert("RGB")) for name in ("img_640x480.png", "img_640x640.png")]
     out = tmp_path / f"{short}_{contract}.onnx"
-    meta, report = ex.export(det, out, contract=contract, images=images)
-    print(f"\n{det.config.name} {contract}: {report.summary()}")
+    meta, report = ex.export(det, out, contract=contract, dynamic_size=dynamic_size, images=images)
+    print(f"\n{det.config.name} {contract}{' dynamic size' if dynamic_size else ''}: {report.summary()}")
     assert report.ok and report.eager_detections == 200

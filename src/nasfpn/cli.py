@@ -254,6 +254,9 @@ def _add_export(sub) -> None:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported input (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="any input height and width (multiples of pad_divisor): images are padded as in PyTorch, "
+                        "not to a fixed square")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or newer; default 18)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16 exports a half-precision network (looser check tolerances)")
@@ -289,13 +292,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         meta, report = export(det, args.out, args.format, contract=args.contract, batch=args.batch,
-                              dynamic_batch=args.dynamic_batch, opset=args.opset, precision=args.precision,
+                              dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, opset=args.opset,
+                              precision=args.precision,
                               verify=not args.no_check, images=images)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     size_mb = Path(args.out).stat().st_size / 2**20
-    h, w = meta["input_hw"]
+    h, w = meta["input_hw"] or ("H", f"W (multiples of {det.config.data.pad_divisor}, >= {meta['min_side']})")
     b = meta["batch"] or "B"
     print(f"wrote {args.out} ({size_mb:.1f} MB, {time.perf_counter() - t0:.1f} s): {det.config.name}, {args.format}"
           f"{' ' + meta['contract'] if args.format == 'onnx' else ''}, input {b}x3x{h}x{w}, {meta['precision']}")

@@ -4,7 +4,10 @@ Formats
 -------
 ``onnx`` with one of two contracts, and ``torch-export`` (a ``torch.export`` program, ``.pt2``).
 H = W = ``image_size`` rounded up to ``pad_divisor`` (640 for both crop-640 presets); B is the
-batch given at export, or any batch with ``dynamic_batch``.
+batch given at export, or any batch with ``dynamic_batch``. With ``dynamic_size`` H and W are
+any multiples of ``pad_divisor`` from ``min_side`` up (the smallest such multiple above the top
+level's stride, 128: P7 must be at least 2x2 cells) and the anchors are computed in the graph, so
+an image is padded exactly as in eager PyTorch and detections agree for every aspect ratio.
 
 ONNX ``end2end`` (default): pre-processed images in, final detections out, NMS in the graph.
 
@@ -69,6 +72,7 @@ import torchvision
 from torch import nn
 
 from ..config import Config, TestConfig, config_to_dict
+from ..models.anchors import level_anchors
 from ..models.boxes import decode
 from ..models.detector import RetinaNet
 
@@ -147,7 +151,8 @@ def postprocess_fixed(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch
     for cls, reg, anc in zip(cls_maps, reg_maps, anchors):
         logits = cls.float().permute(0, 2, 3, 1).reshape(n, -1)  # (B, HWA*C)
         deltas = reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4)  # (B, HWA, 4)
-        k = logits.shape[1] if cfg.nms_pre <= 0 else min(cfg.nms_pre, logits.shape[1])
+        # sym_min: with a dynamic input size the level's length is only known at run time.
+        k = logits.shape[1] if cfg.nms_pre <= 0 else torch.sym_min(cfg.nms_pre, logits.shape[1])
         # Ranked by logit (sigmoid is monotonic), only the k selected go through the sigmoid.
         top, idx = logits.topk(k, dim=1)
         anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
@@ -173,7 +178,7 @@ def postprocess_fixed(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch
     flat = selected[:, 0] * m + selected[:, 2]
     kept = torch.zeros(n * m, dtype=torch.bool, device=scores.device).index_fill(0, flat, True).view(n, m)
 
-    k = min(cfg.max_per_img, m)
+    k = torch.sym_min(cfg.max_per_img, m)
     top, order = torch.where(kept, scores, -1.0).topk(k, dim=1)  # (B, K)
     num = kept.sum(dim=1).clamp(max=k)
     row_valid = torch.arange(k, device=num.device)[None, :] < num[:, None]
@@ -201,37 +206,56 @@ class NetworkGraph(nn.Module):
         return tuple(m.float() for m in cls_maps) + tuple(m.float() for m in reg_maps)
 
 
-class RawGraph(NetworkGraph):
-    """``NetworkGraph`` plus the anchors of every level as constant outputs."""
+class GraphAnchors(nn.Module):
+    """The anchors of every level inside a graph: constants for a fixed input size
+    (``input_hw``), or computed from the head maps' sizes (``input_hw=None``, dynamic size)."""
 
-    def __init__(self, model: RetinaNet, input_hw: tuple[int, int], half: bool = False) -> None:
+    def __init__(self, model: RetinaNet, input_hw: tuple[int, int] | None) -> None:
+        super().__init__()
+        gen = model.anchor_generator
+        self.strides = gen.strides
+        self.fixed = input_hw is not None
+        device = next(model.parameters()).device
+        tensors = _anchors(model, input_hw) if self.fixed else [b.to(device) for b in gen.base_anchors]
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t.clone(), persistent=False)
+
+    def forward(self, cls_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        tensors = [getattr(self, f"t{i}") for i in range(len(self.strides))]
+        if self.fixed:
+            # "+ 0": an output must be computed, not an initializer.
+            return [t + 0 for t in tensors]
+        return [level_anchors(base, m.shape[-2], m.shape[-1], s) for base, m, s in zip(tensors, cls_maps, self.strides)]
+
+
+class RawGraph(NetworkGraph):
+    """``NetworkGraph`` plus the anchors of every level as outputs."""
+
+    def __init__(self, model: RetinaNet, input_hw: tuple[int, int] | None, half: bool = False) -> None:
         super().__init__(model, half)
-        for i, anc in enumerate(_anchors(model, input_hw)):
-            self.register_buffer(f"anchors_{i}", anc, persistent=False)
+        self.anchors = GraphAnchors(model, input_hw)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         maps = super().forward(images)
-        # "+ 0": an output must be computed, not an initializer.
-        return maps + tuple(getattr(self, f"anchors_{i}") + 0 for i in range(len(LEVEL_NAMES)))
+        return maps + tuple(self.anchors(maps[:len(maps) // 2]))
 
 
 class EndToEndGraph(nn.Module):
     """``(images, image_info, score_thr)`` -> ``(boxes, scores, labels, num_detections)``."""
 
-    def __init__(self, model: RetinaNet, input_hw: tuple[int, int], test_cfg: TestConfig, half: bool = False) -> None:
+    def __init__(self, model: RetinaNet, input_hw: tuple[int, int] | None, test_cfg: TestConfig,
+                 half: bool = False) -> None:
         super().__init__()
         self.network = NetworkGraph(model, half)
         self.num_classes = model.num_classes
         self.test_cfg = test_cfg
-        for i, anc in enumerate(_anchors(model, input_hw)):
-            self.register_buffer(f"anchors_{i}", anc, persistent=False)
+        self.anchors = GraphAnchors(model, input_hw)
 
     def forward(self, images: torch.Tensor, image_info: torch.Tensor, score_thr: torch.Tensor):
         maps = self.network(images)
         levels = len(maps) // 2
-        anchors = [getattr(self, f"anchors_{i}") for i in range(levels)]
-        return postprocess_fixed(maps[:levels], maps[levels:], anchors, image_info, score_thr, self.num_classes,
-                                 self.test_cfg)
+        return postprocess_fixed(maps[:levels], maps[levels:], self.anchors(maps[:levels]), image_info, score_thr,
+                                 self.num_classes, self.test_cfg)
 
 
 def _anchors(model: RetinaNet, input_hw: tuple[int, int]) -> list[torch.Tensor]:
@@ -252,15 +276,25 @@ def export_input_hw(config: Config) -> tuple[int, int]:
     return side, side
 
 
+def min_input_side(config: Config) -> int:
+    """Smallest side of a dynamic-size input: the first multiple of ``pad_divisor`` above the top
+    level's stride (its map must be at least 2x2: the exported graph cannot take a 1-cell level)."""
+    top = max(config.model.anchors.strides)
+    d = max(1, config.data.pad_divisor)
+    return (top // d + 1) * d
+
+
 def export_metadata(config: Config, contract: str, fmt: str, batch: int | None, precision: str,
-                    class_names: Sequence[str], category_ids: Sequence[int], opset: int | None) -> dict[str, Any]:
+                    class_names: Sequence[str], category_ids: Sequence[int], opset: int | None,
+                    dynamic_size: bool = False) -> dict[str, Any]:
     d = config.data
-    h, w = export_input_hw(config)
     return {
         "format": "nasfpn-onnx" if fmt == "onnx" else "nasfpn-torch-export",
         "version": METADATA_VERSION,
         "contract": contract if fmt == "onnx" else "network",
-        "input_hw": [h, w],
+        "input_hw": None if dynamic_size else list(export_input_hw(config)),
+        "dynamic_size": dynamic_size,
+        "min_side": min_input_side(config) if dynamic_size else None,
         "batch": batch,
         "precision": precision,
         "opset": opset,
@@ -275,13 +309,31 @@ def export_metadata(config: Config, contract: str, fmt: str, batch: int | None, 
     }
 
 
-def _example_inputs(config: Config, contract: str, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _example_inputs(config: Config, contract: str, batch: int, device: torch.device,
+                    dynamic_size: bool = False) -> tuple[torch.Tensor, ...]:
     h, w = export_input_hw(config)
+    if dynamic_size:
+        # Traced at a small non-square size: torch.export would take equal H and W for a rule.
+        d = max(1, config.data.pad_divisor)
+        h, w = min_input_side(config) + d, min_input_side(config) + 2 * d
     images = torch.zeros((batch, 3, h, w), device=device)
     if contract != "end2end":
         return (images,)
     info = torch.tensor([[h, w, 1.0, 1.0]] * batch, device=device)
     return images, info, torch.tensor(config.model.test.score_thr, device=device)
+
+
+def _image_dims(config: Config, dynamic_batch: bool, dynamic_size: bool) -> dict[int, Any] | None:
+    """torch.export's dynamic dimensions of the ``images`` input (None: all fixed)."""
+    dims: dict[int, Any] = {}
+    if dynamic_batch:
+        dims[0] = torch.export.Dim("batch", min=1, max=1024)
+    if dynamic_size:
+        d = max(1, config.data.pad_divisor)
+        low = min_input_side(config) // d
+        dims[2] = d * torch.export.Dim("height_blocks", min=low, max=max(low, 8192 // d))
+        dims[3] = d * torch.export.Dim("width_blocks", min=low, max=max(low, 8192 // d))
+    return dims or None
 
 
 @contextlib.contextmanager
@@ -305,7 +357,7 @@ def _atomic_target(path: Path) -> Path:
 
 
 def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract: str = "end2end", batch: int = 1,
-                dynamic_batch: bool = False, opset: int = 18, precision: str = "fp32",
+                dynamic_batch: bool = False, dynamic_size: bool = False, opset: int = 18, precision: str = "fp32",
                 class_names: Sequence[str] = (), category_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Write ``model`` as ONNX (see the module docstring for the contracts); returns the metadata."""
     import onnx
@@ -320,7 +372,7 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
         raise ValueError(f"batch must be >= 1, got {batch}")
     path = Path(path)
     graph_model = _prepared_copy(model, precision)
-    hw = export_input_hw(config)
+    hw = None if dynamic_size else export_input_hw(config)
     if contract == "end2end":
         module: nn.Module = EndToEndGraph(graph_model, hw, config.model.test, precision == "fp16")
         input_names = ["images", "image_info", "score_thr"]
@@ -333,11 +385,12 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
     module.eval()
     device = next(graph_model.parameters()).device
     # A dynamic batch is traced at 2: torch.export specialises dimensions of size 1.
-    args = _example_inputs(config, contract, 2 if dynamic_batch else batch, device)
+    args = _example_inputs(config, contract, 2 if dynamic_batch else batch, device, dynamic_size)
+    dims = _image_dims(config, dynamic_batch, dynamic_size)
     dynamic_shapes = None
-    if dynamic_batch:
-        b = torch.export.Dim("batch", min=1, max=1024)
-        dynamic_shapes = ({0: b}, {0: b}, None) if contract == "end2end" else ({0: b},)
+    if dims is not None:
+        info_dims = {0: dims[0]} if dynamic_batch else None
+        dynamic_shapes = (dims, info_dims, None) if contract == "end2end" else (dims,)
     tmp = _atomic_target(path)
     try:
         with torch.no_grad(), _quiet_exporter(), warnings.catch_warnings():
@@ -351,7 +404,7 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
         program.save(str(tmp), external_data=False)
         proto = onnx.load(str(tmp))
         meta = export_metadata(config, contract, "onnx", None if dynamic_batch else batch, precision, class_names,
-                               category_ids, opset)
+                               category_ids, opset, dynamic_size)
         _set_metadata(proto, meta)
         if contract == "end2end":
             _make_input_optional(proto, "score_thr", np.array(config.model.test.score_thr, dtype=np.float32))
@@ -406,18 +459,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def export_torch_program(model: RetinaNet, config: Config, path: str | Path, *, batch: int = 1,
-                         dynamic_batch: bool = False, precision: str = "fp32") -> dict[str, Any]:
+                         dynamic_batch: bool = False, dynamic_size: bool = False,
+                         precision: str = "fp32") -> dict[str, Any]:
     """Save backbone + neck + head as a ``torch.export`` program (``.pt2``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     path = Path(path)
     module = NetworkGraph(_prepared_copy(model, precision), precision == "fp16").eval()
     device = next(module.parameters()).device
-    (images,) = _example_inputs(config, "raw", 2 if dynamic_batch else batch, device)
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+    (images,) = _example_inputs(config, "raw", 2 if dynamic_batch else batch, device, dynamic_size)
+    dims = _image_dims(config, dynamic_batch, dynamic_size)
     with torch.no_grad():
-        program = torch.export.export(module, (images,), dynamic_shapes=dynamic_shapes, strict=False)
-    meta = export_metadata(config, "network", "torch-export", None if dynamic_batch else batch, precision, (), (), None)
+        program = torch.export.export(module, (images,), dynamic_shapes=(dims,) if dims else None, strict=False)
+    meta = export_metadata(config, "network", "torch-export", None if dynamic_batch else batch, precision, (), (), None,
+                           dynamic_size)
     tmp = _atomic_target(path)
     try:
         torch.export.save(program, str(tmp), extra_files={"nasfpn.json": json.dumps(meta)})
@@ -545,8 +600,11 @@ def sample_images(config: Config, count: int = 2) -> list[np.ndarray]:
     return out
 
 
-def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, input_hw: tuple[int, int]):
-    """Pre-process ``images`` as ``nasfpn.data`` does and pad to ``input_hw``.
+def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, input_hw: tuple[int, int] | None,
+                   min_side: int = 0):
+    """Pre-process ``images`` as ``nasfpn.data`` does and pad to ``input_hw`` (a fixed-size file),
+    or, for a dynamic-size file (``input_hw=None``), to ``pad_divisor`` as eager PyTorch does and
+    at least ``min_side``.
 
     Returns ``(batch float32 (N, 3, H, W), image_info float32 (N, 4), metas)``.
     """
@@ -554,7 +612,7 @@ def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, 
 
     d = config.data
     batch, metas = preprocess_batch(list(images), d.image_size, d.pad_divisor, d.mean, d.std)
-    h, w = input_hw
+    h, w = input_hw or (max(batch.shape[-2], min_side), max(batch.shape[-1], min_side))
     if batch.shape[-2] > h or batch.shape[-1] > w:
         raise ValueError(f"pre-processed batch {tuple(batch.shape[-2:])} exceeds the model input {h}x{w}")
     batch = torch.nn.functional.pad(batch, (0, w - batch.shape[-1], 0, h - batch.shape[-2]))
@@ -595,22 +653,25 @@ def verify_export(path: str | Path, model: RetinaNet, config: Config, images: Se
         meta = _read_program_metadata(path)
     tol = tolerances or Tolerances.for_precision(meta["precision"])
     batch_n = meta["batch"]
+    dynamic_size = bool(meta.get("dynamic_size"))
     if images is None:
-        images = sample_images(config, max(2, batch_n or 2))
+        # A dynamic-size file is checked at three input shapes (one image per run).
+        images = sample_images(config, max(3 if dynamic_size else 2, batch_n or 2))
     images = list(images)
     if batch_n is not None and len(images) % batch_n:
         # A fixed-batch file takes exactly ``batch`` images: repeat the last one to fill it up.
         images += [images[-1]] * (batch_n - len(images) % batch_n)
     test_cfg = config.model.test if score_thr is None else replace(config.model.test, score_thr=score_thr)
     model = model.eval()
-    hw = tuple(meta["input_hw"])
+    hw = None if dynamic_size else tuple(meta["input_hw"])
+    min_side = meta.get("min_side") or 0
     report = ParityReport(tolerances=tol)
-    step = batch_n or len(images)
+    step = batch_n or (1 if dynamic_size else len(images))
     session = ort_session(path) if fmt == "onnx" else None
     program = torch.export.load(str(path)).module() if fmt == "torch-export" else None
     for start in range(0, len(images), step):
         chunk = images[start:start + step]
-        batch, info, metas = prepare_inputs(chunk, config, hw)
+        batch, info, metas = prepare_inputs(chunk, config, hw, min_side)
         t0 = time.perf_counter()
         ref_maps, ref_dets = _eager(model, batch, metas, test_cfg)
         report.seconds_eager += time.perf_counter() - t0
@@ -658,7 +719,7 @@ def _read_program_metadata(path: Path) -> dict[str, Any]:
 
 
 def export(detector, out: str | Path, fmt: str = "onnx", *, contract: str = "end2end", batch: int = 1,
-           dynamic_batch: bool = False, opset: int = 18, precision: str = "fp32",
+           dynamic_batch: bool = False, dynamic_size: bool = False, opset: int = 18, precision: str = "fp32",
            verify: bool = True, images: Sequence[np.ndarray] | None = None) -> tuple[dict[str, Any], ParityReport | None]:
     """Export a ``nasfpn.api.Detector`` and check the file against eager PyTorch.
 
@@ -669,10 +730,11 @@ def export(detector, out: str | Path, fmt: str = "onnx", *, contract: str = "end
     model, config = detector.model.eval(), detector.config
     if fmt == "onnx":
         meta = export_onnx(model, config, out, contract=contract, batch=batch, dynamic_batch=dynamic_batch,
-                           opset=opset, precision=precision, class_names=detector.class_names,
+                           dynamic_size=dynamic_size, opset=opset, precision=precision, class_names=detector.class_names,
                            category_ids=detector.category_ids)
     else:
-        meta = export_torch_program(model, config, out, batch=batch, dynamic_batch=dynamic_batch, precision=precision)
+        meta = export_torch_program(model, config, out, batch=batch, dynamic_batch=dynamic_batch,
+                                    dynamic_size=dynamic_size, precision=precision)
     if not verify:
         return meta, None
     report = verify_export(out, model, config, images)

@@ -7,7 +7,8 @@ Both ONNX contracts work: ``end2end`` files run as they are (score threshold pas
 ``score_thr`` input); for ``raw`` files the head outputs go through ``models/postprocess.py``.
 Pre-processing is ``nasfpn.data``'s, then zero padding to the file's fixed input size, so a
 non-square image sees more padding than in ``Detector.predict`` (which pads to ``pad_divisor``);
-detections of such images can differ slightly, those of square images agree.
+detections of such images can differ slightly, those of square images agree. A file exported with
+``dynamic_size`` is padded as ``Detector.predict`` pads (to at least its ``min_side``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class OnnxDetector:
         _check_compatible(meta, config)
         self.config = config
         self.contract: str = meta["contract"]
-        self.input_hw: tuple[int, int] = tuple(meta["input_hw"])
+        self.input_hw: tuple[int, int] | None = tuple(meta["input_hw"]) if meta.get("input_hw") else None
+        """The file's fixed input size, or None for a dynamic-size file."""
+        self.min_side: int = meta.get("min_side") or 0
         self.batch: int | None = meta["batch"]
         """Images per run fixed in the file, or None for any batch."""
         self.class_names: tuple[str, ...] = tuple(config.data.class_names) or tuple(meta["class_names"])
@@ -128,7 +131,7 @@ class OnnxDetector:
         out: list[dict[str, Any]] = []
         for start in range(0, len(images), step):
             chunk = list(images[start:start + step])
-            batch, info, metas = prepare_inputs(chunk, self.config, self.input_hw)
+            batch, info, metas = prepare_inputs(chunk, self.config, self.input_hw, self.min_side)
             real = len(chunk)
             if self.batch is not None and real < self.batch:
                 # A fixed-batch file: fill the batch with blank images, drop their results.

@@ -14,6 +14,16 @@ import math
 import torch
 
 
+def level_anchors(base: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
+    """``(h*w*A, 4)`` anchors of one level: ``base`` (A, 4) centred on every cell. Plain tensor
+    ops on the sizes, so an exported graph can compute them for an input size it learns at run time."""
+    shift_x = torch.arange(w, dtype=torch.float32, device=base.device) * stride
+    shift_y = torch.arange(h, dtype=torch.float32, device=base.device) * stride
+    yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+    shifts = torch.stack([xx.reshape(-1), yy.reshape(-1), xx.reshape(-1), yy.reshape(-1)], dim=-1)
+    return (base[None, :, :] + shifts[:, None, :]).reshape(-1, 4)
+
+
 class AnchorGenerator:
     def __init__(self, strides: tuple[int, ...] = (8, 16, 32, 64, 128), octave_base_scale: float = 4.0,
                  scales_per_octave: int = 3, ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> None:
@@ -41,13 +51,7 @@ class AnchorGenerator:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        out = []
-        for (h, w), s, base in zip(key[0], self.strides, self.base_anchors):
-            shift_x = torch.arange(w, dtype=torch.float32) * s
-            shift_y = torch.arange(h, dtype=torch.float32) * s
-            yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
-            shifts = torch.stack([xx.reshape(-1), yy.reshape(-1), xx.reshape(-1), yy.reshape(-1)], dim=-1)
-            out.append((base[None, :, :] + shifts[:, None, :]).reshape(-1, 4).to(device))
+        out = [level_anchors(base, h, w, s).to(device) for (h, w), s, base in zip(key[0], self.strides, self.base_anchors)]
         if len(self._cache) > 64:
             self._cache.clear()
         self._cache[key] = out
