@@ -7,7 +7,7 @@ Both ONNX contracts work: ``end2end`` files run as they are (score threshold pas
 ``score_thr`` input); for ``raw`` files the head outputs go through ``models/postprocess.py``.
 Pre-processing is ``nasfpn.data``'s, then zero padding to the file's fixed input size, so a
 non-square image sees more padding than in ``Detector.predict`` (which pads to ``pad_divisor``);
-detections of such images can differ slightly, those of square images agree. A file exported with
+detections of such images differ, those of square images agree. A file exported with
 ``dynamic_size`` is padded as ``Detector.predict`` pads (to at least its ``min_side``).
 """
 
