@@ -120,3 +120,24 @@ def test_proxy_precision_sets_autocast_and_channels_last(tmp_path, one_thread):
                              precision="bf16")
     task = prepare_proxy_task(tmp_path, settings, data="synthetic", synthetic_images=10)
     assert 0.0 <= task(NASFPN_GENOTYPE, tmp_path / "trial", "cpu")["reward"] <= 1.0
+
+
+def test_proxy_seeds_average_and_a_rerun_reuses_finished_runs(tmp_path, one_thread):
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        ProxySettings(seeds=0)
+    settings = ProxySettings(image_size=128, epochs=1, width=16, head_convs=1, batch_size=4, warmup_iters=1, seeds=2)
+    task = prepare_proxy_task(tmp_path, settings, data="synthetic", synthetic_images=10)
+    assert [task.config(NASFPN_GENOTYPE, k).train.seed for k in (0, 1)] == [0, 1]
+    trial = tmp_path / "trial"
+    out = task(NASFPN_GENOTYPE, trial, "cpu")
+    runs = [json.loads((trial / f"seed{k}" / "proxy_result.json").read_text()) for k in (0, 1)]
+    assert out["metrics"]["AP_per_seed"] == [r["AP"] for r in runs]
+    assert out["reward"] == pytest.approx((runs[0]["AP"] + runs[1]["AP"]) / 2)
+    assert out["cost"]["train_s"] == pytest.approx(runs[0]["train_s"] + runs[1]["train_s"], abs=0.02)
+    assert not (trial / "seed0" / "last.pt").exists()
+    # A trial run again (its search stopped before logging it) trains only what it had not finished.
+    (trial / "seed1" / "proxy_result.json").unlink()
+    (trial / "seed0" / "proxy_result.json").write_text(json.dumps({**runs[0], "AP": 0.5}))
+    again = task(NASFPN_GENOTYPE, trial, "cpu")
+    assert again["metrics"]["AP_per_seed"][0] == 0.5
+    assert again["metrics"]["AP_per_seed"][1] == pytest.approx(runs[1]["AP"])  # seed 1 trained again, same result

@@ -186,6 +186,8 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
     x.add_argument("--proxy-batch", type=int, default=8)
     x.add_argument("--proxy-lr", type=float, default=0.04)
+    x.add_argument("--proxy-seeds", type=int, default=1,
+                   help="training runs per trial (seeds --seed, --seed+1, ...); reward = their mean AP")
     x.add_argument("--proxy-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="train trials with autocast + channels-last: bf16 on CPUs with AVX512-BF16/AMX, bf16/fp16 on CUDA")
     x.add_argument("--keep-weights", action="store_true",
@@ -220,7 +222,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         else:
             settings = ProxySettings(depth=args.proxy_depth, image_size=args.proxy_size, epochs=args.proxy_epochs,
                                      stacks=args.proxy_stacks, width=args.proxy_width, batch_size=args.proxy_batch,
-                                     lr=args.proxy_lr, seed=args.seed, precision=args.proxy_precision)
+                                     lr=args.proxy_lr, seed=args.seed, precision=args.proxy_precision,
+                                     seeds=args.proxy_seeds)
             evaluator = prepare_proxy_task(out, settings, args.data, args.train_ann, args.train_images, args.heldout_ann,
                                            args.heldout_images, args.held_out, args.seed, args.synthetic_images,
                                            keep_weights=args.keep_weights)

@@ -92,6 +92,10 @@ class ProxySettings:
     warmup_iters: int = 50
     seed: int = 0
     """Training seed, the same for every trial so that rewards compare architectures only."""
+    seeds: int = 1
+    """Training runs per trial, with seeds ``seed``, ``seed + 1``, ...; the reward is their mean AP.
+    At the default budget a single run's AP varies with the seed about as much as it does between
+    good architectures (docs/search.md): more seeds buy a steadier ranking with trial time."""
     precision: str = "fp32"
     """``"bf16"`` / ``"fp16"``: autocast and channels-last training (bf16 on CPUs with AVX512-BF16
     or AMX, either on CUDA). 1.6x faster trials on such a CPU; rewards of different precisions
@@ -100,6 +104,8 @@ class ProxySettings:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"proxy precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.seeds < 1:
+            raise ValueError(f"proxy seeds must be >= 1, got {self.seeds}")
 
 
 def proxy_config(genotype: Genotype, settings: ProxySettings, num_classes: int,
@@ -154,11 +160,11 @@ class ProxyTask:
         return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
                    settings or ProxySettings(), tuple(n for _, n in cats), tuple(i for i, _ in cats), keep_weights)
 
-    def config(self, genotype: Genotype) -> Config:
-        return proxy_config(genotype, self.settings, len(self.class_names), self.class_names, self.category_ids)
+    def config(self, genotype: Genotype, seed_index: int = 0) -> Config:
+        settings = replace(self.settings, seed=self.settings.seed + seed_index)
+        return proxy_config(genotype, settings, len(self.class_names), self.class_names, self.category_ids)
 
     def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
-        from ..engine.trainer import DataPaths, train
         from ..models import build_model
         from ..models.summary import count_flops, count_params
 
@@ -166,22 +172,44 @@ class ProxyTask:
         model = build_model(cfg.model, pretrained_backbone=False)
         cost = {"params": count_params(model), "flops": count_flops(model, cfg.data.image_size)}
         del model
+        trial_dir = Path(trial_dir)
+        n = self.settings.seeds
+        # One run: in the trial folder itself. Several: one folder per seed, each run's metrics
+        # kept in it, so that a search stopped mid-trial trains only the runs it had not finished.
+        runs = [self._run(self.config(genotype, k), trial_dir if n == 1 else trial_dir / f"seed{k}", device)
+                for k in range(n)]
+        metrics = {k: sum(r[k] for r in runs) / n for k in ("AP", "AP50", "AP75") if all(k in r for r in runs)}
+        if n > 1:
+            metrics["AP_per_seed"] = [r["AP"] for r in runs]
+        cost["train_s"] = round(sum(r["train_s"] for r in runs), 2)
+        return {"reward": float(metrics["AP"]), "metrics": metrics, "cost": cost}
+
+    def _run(self, cfg: Config, run_dir: Path, device: str) -> dict[str, float]:
+        """One proxy training: held-out AP, AP50, AP75 and its training seconds."""
+        from ..engine.trainer import DataPaths, train
+
+        done = run_dir / "proxy_result.json"
+        if done.is_file():
+            return json.loads(done.read_text())
         data = DataPaths(train_ann=self.train_ann, train_images=self.images, val_ann=self.heldout_ann,
                          val_images=self.heldout_images or self.images)
-        # A trial that was running when the search stopped continues from its last checkpoint.
-        resume = (Path(trial_dir) / "last.pt").is_file()
-        result = train(cfg, data, out_dir=trial_dir, resume=resume, device=device, quiet=True, check_images=False)
+        # A run that was going when the search stopped continues from its last checkpoint.
+        resume = (run_dir / "last.pt").is_file()
+        result = train(cfg, data, out_dir=run_dir, resume=resume, device=device, quiet=True, check_images=False)
         if result.status == "diverged":
             raise FloatingPointError(f"proxy training diverged: {result.message}")
         metrics = dict(result.last_metrics)
         if "AP" not in metrics:
             raise RuntimeError(f"proxy training gave no held-out metrics ({result.status}: {result.message})")
-        cost["train_s"] = round(result.wall_time, 2)
+        out = {k: float(metrics[k]) for k in ("AP", "AP50", "AP75") if k in metrics}
+        out["train_s"] = round(result.wall_time, 2)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, done)
         if not self.keep_weights:
             for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors"):
-                (Path(trial_dir) / name).unlink(missing_ok=True)
-        return {"reward": float(metrics["AP"]), "metrics": {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics},
-                "cost": cost}
+                (run_dir / name).unlink(missing_ok=True)
+        return out
 
 
 def full_size_config(genotype: Genotype, preset: str = "retinanet_r50_nasfpn_crop640_50e") -> Config:
