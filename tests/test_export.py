@@ -178,6 +178,10 @@ def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, tmp_path, capsy
         batch, _, _ = ex.prepare_inputs(chunk, det.config, None, meta["min_side"])
         assert tuple(batch.shape[-2:]) == padded
         _assert_same_detections(det.predict(chunk), onnx_det.predict(chunk))
+    # The resize target may change for a dynamic-size file (not for a fixed-size one).
+    at_512 = OnnxDetector(out, overrides=["data.image_size=512"])
+    det_512 = load(None, weights=tiny_weights, overrides=["data.image_size=512"])
+    _assert_same_detections(det_512.predict(images[:1]), at_512.predict(images[:1]))
     # Below min_side the input is padded up to it (a narrow image at a small image_size).
     batch, _, _ = ex.prepare_inputs([np.zeros((256, 60, 3), np.uint8)], tiny_config(), None, 256)
     assert tuple(batch.shape[-2:]) == (256, 256)
@@ -272,6 +276,8 @@ def test_onnx_detector_matches_detector(end2end_onnx, tiny_weights):
     assert OnnxDetector(end2end_onnx, overrides=["model.test.score_thr=0.4"]).config.model.test.score_thr == 0.4
     with pytest.raises(ValueError, match="nms_iou"):
         OnnxDetector(end2end_onnx, overrides=["model.test.nms_iou=0.6"])
+    with pytest.raises(ValueError, match="data.image_size"):  # a fixed-size graph
+        OnnxDetector(end2end_onnx, overrides=["data.image_size=512"])
 
 
 def test_predict_cli_with_onnx_writes_the_same_predictions(end2end_onnx, tiny_weights, tmp_path):

@@ -32,7 +32,9 @@ def _check_compatible(meta: dict[str, Any], config: Config) -> None:
     """Raise ``ValueError`` if ``config`` asks for something the exported graph cannot do."""
     stored = config_from_dict(meta["config"])
     problems = []
-    for name in ("image_size", "pad_divisor", "mean", "std"):
+    # A dynamic-size graph runs at any input size: only its padding rule and normalisation are fixed.
+    fixed = ("pad_divisor", "mean", "std") if meta.get("dynamic_size") else ("image_size", "pad_divisor", "mean", "std")
+    for name in fixed:
         if getattr(config.data, name) != getattr(stored.data, name):
             problems.append(f"data.{name} {getattr(config.data, name)} (file: {getattr(stored.data, name)})")
     if config.model.head.num_classes != stored.model.head.num_classes:
