@@ -600,6 +600,14 @@ def sample_images(config: Config, count: int = 2) -> list[np.ndarray]:
     return out
 
 
+def input_padding(meta: dict[str, Any]) -> tuple[tuple[int, int] | None, int]:
+    """``(input_hw, min_side)`` of an exported file's metadata for ``prepare_inputs``: its fixed
+    input size, or None and the smallest side for a dynamic-size file."""
+    if meta.get("dynamic_size"):
+        return None, int(meta["min_side"])
+    return (int(meta["input_hw"][0]), int(meta["input_hw"][1])), 0
+
+
 def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, input_hw: tuple[int, int] | None,
                    min_side: int = 0):
     """Pre-process ``images`` as ``nasfpn.data`` does and pad to ``input_hw`` (a fixed-size file),
@@ -653,7 +661,8 @@ def verify_export(path: str | Path, model: RetinaNet, config: Config, images: Se
         meta = _read_program_metadata(path)
     tol = tolerances or Tolerances.for_precision(meta["precision"])
     batch_n = meta["batch"]
-    dynamic_size = bool(meta.get("dynamic_size"))
+    hw, min_side = input_padding(meta)
+    dynamic_size = hw is None
     if images is None:
         # A dynamic-size file is checked at three input shapes (one image per run).
         images = sample_images(config, max(3 if dynamic_size else 2, batch_n or 2))
@@ -663,8 +672,6 @@ def verify_export(path: str | Path, model: RetinaNet, config: Config, images: Se
         images += [images[-1]] * (batch_n - len(images) % batch_n)
     test_cfg = config.model.test if score_thr is None else replace(config.model.test, score_thr=score_thr)
     model = model.eval()
-    hw = None if dynamic_size else tuple(meta["input_hw"])
-    min_side = meta.get("min_side") or 0
     report = ParityReport(tolerances=tol)
     step = batch_n or (1 if dynamic_size else len(images))
     session = ort_session(path) if fmt == "onnx" else None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import Config, apply_overrides, config_from_dict
-from .export import LEVEL_NAMES, METADATA_KEY, prepare_inputs
+from .export import LEVEL_NAMES, METADATA_KEY, input_padding, prepare_inputs
 
 # Test-time settings fixed inside an end2end graph (score_thr is an input, so it may change).
 _BAKED_TEST_FIELDS = ("nms_pre", "nms_iou", "max_per_img", "min_bbox_size", "wh_ratio_clip")
@@ -95,9 +95,9 @@ class OnnxDetector:
         _check_compatible(meta, config)
         self.config = config
         self.contract: str = meta["contract"]
-        self.input_hw: tuple[int, int] | None = tuple(meta["input_hw"]) if meta.get("input_hw") else None
+        self.input_hw: tuple[int, int] | None
         """The file's fixed input size, or None for a dynamic-size file."""
-        self.min_side: int = meta.get("min_side") or 0
+        self.input_hw, self.min_side = input_padding(meta)
         self.batch: int | None = meta["batch"]
         """Images per run fixed in the file, or None for any batch."""
         self.class_names: tuple[str, ...] = tuple(config.data.class_names) or tuple(meta["class_names"])
