@@ -14,28 +14,15 @@ end-to-end time x 0.7 (the speed issue's target).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nasfpn.bench import environment
+from nasfpn.bench import environment, interleaved, median_ms
 from nasfpn.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.presets import get_config
-
-
-def median_s(fn, rounds: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def conv_rate(size: int, channels: int, rounds: int) -> float:
@@ -43,7 +30,7 @@ def conv_rate(size: int, channels: int, rounds: int) -> float:
     conv = nn.Conv2d(channels, channels, 3, padding=1).eval().to(memory_format=torch.channels_last)
     x = torch.randn(1, channels, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        seconds = median_s(lambda: conv(x), rounds)
+        seconds = median_ms(interleaved({"conv": lambda: conv(x)}, rounds, warmup=2), "conv") / 1e3
     return 2 * channels * channels * 9 * size * size / seconds / 1e9
 
 
@@ -62,8 +49,8 @@ def main() -> None:
     fast = optimize_for_inference(plain)
     x = torch.randn(1, 3, args.size, args.size)
     with torch.no_grad():
-        plain_s = median_s(lambda: plain(x), args.rounds)
-        fast_s = median_s(lambda: fast(x), args.rounds)
+        times = interleaved({"plain": lambda: plain(x), "fast": lambda: fast(x)}, args.rounds, warmup=2)
+    plain_s, fast_s = median_ms(times, "plain") / 1e3, median_ms(times, "fast") / 1e3
 
     with FlopCounterMode(display=False) as counter:
         fast(x)

@@ -12,6 +12,7 @@ reproduces within the export check's tolerances.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from pathlib import Path
 
@@ -27,13 +28,6 @@ from nasfpn.presets import PRESETS
 MODELS = ("retinanet_r50_fpn_crop640_50e", "retinanet_r50_nasfpn_crop640_50e")
 
 
-def timed(fn, *args):
-    """A call for ``interleaved``, which takes functions returning None or their own sub-timings."""
-    def call() -> None:
-        fn(*args)
-    return call
-
-
 def bench_model(name: str, workdir: Path, threads: int, rounds: int, pairs: int) -> dict:
     cfg = PRESETS[name]
     torch.manual_seed(0)
@@ -46,12 +40,12 @@ def bench_model(name: str, workdir: Path, threads: int, rounds: int, pairs: int)
         ref = {k: v.numpy() for k, v in model.postprocess(model(eager_batch), metas)[0].items()}
 
     row = {"name": name, "eager_hw": tuple(eager_batch.shape[-2:])}
-    fns = {"eager": timed(det.predict, [image])}
+    fns = {"eager": functools.partial(det.predict, [image])}
     for kind, dynamic in (("fixed", False), ("dynamic", True)):
         path = workdir / f"{name}_{kind}.onnx"
         meta = ex.export_onnx(model, cfg, path, dynamic_size=dynamic)
         session = ort_session(path, threads)
-        batch, info, _ = ex.prepare_inputs([image], cfg, None if dynamic else tuple(meta["input_hw"]), meta["min_side"] or 0)
+        batch, info, _ = ex.prepare_inputs([image], cfg, *ex.input_padding(meta))
         feed = {"images": batch.numpy(), "image_info": info.numpy()}
         boxes, scores, labels, num = session.run(None, feed)
         report = ex.ParityReport()
@@ -60,7 +54,7 @@ def bench_model(name: str, workdir: Path, threads: int, rounds: int, pairs: int)
                             report.tolerances, report)
         row[kind] = {"hw": tuple(batch.shape[-2:]), "matched": report.matched, "eager": report.eager_detections,
                      "max_box_px": report.max_box_abs}
-        fns[kind] = timed(session.run, None, feed)
+        fns[kind] = functools.partial(session.run, None, feed)
     times, load = interleaved_with_load(fns, rounds, warmup=2)
     for key in fns:
         row.setdefault(key, {})

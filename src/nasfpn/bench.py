@@ -230,10 +230,11 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def interleaved(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: int,
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int,
                 warmup: int = 1) -> dict[str, dict[str, list[float]]]:
     """Time every function once per round, round-robin, so that changes in machine load hit all
-    of them alike. A function may return a dict of its own sub-timings (seconds).
+    of them alike. A function may return a dict of its own sub-timings (seconds); any other
+    return value is ignored.
 
     Returns ``{name: {"total": [seconds per round], <sub-timing>: [...]}}``.
     """
@@ -246,7 +247,7 @@ def interleaved(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: i
             a = time.perf_counter()
             parts = fn()
             out[name]["total"].append(time.perf_counter() - a)
-            for key, value in (parts or {}).items():
+            for key, value in (parts.items() if isinstance(parts, dict) else ()):
                 out[name].setdefault(key, []).append(value)
     return out
 
@@ -263,7 +264,7 @@ def add_interleaved_args(parser) -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
 
 
-def interleaved_with_load(fns: dict[str, Callable[[], dict[str, float] | None]], rounds: int,
+def interleaved_with_load(fns: dict[str, Callable[[], Any]], rounds: int,
                           warmup: int = 1) -> tuple[dict[str, dict[str, list[float]]], tuple[float, float]]:
     """``interleaved`` and the 1-minute load average before and after it."""
     before = os.getloadavg()[0]
