@@ -1,12 +1,9 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("NASFPN_SHARED", ROOT.parent / "shared"))
-REFERENCE = SHARED / "reference"
+from mmdet_reference import FIXTURES, reference_root
 
 # Same arithmetic as the reference runs (2 threads), and predictable CI load.
 torch.set_num_threads(2)
@@ -14,9 +11,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not (REFERENCE / "README.md").is_file():
-        pytest.skip(f"MMDetection reference fixtures not found at {REFERENCE} (set NASFPN_SHARED)")
-    return REFERENCE
+    """The MMDetection parity fixtures (vendored in tests/fixtures/mmdet; a missing copy fails)."""
+    root = reference_root()
+    if root is None:
+        pytest.fail(f"MMDetection parity fixtures missing: expected them in {FIXTURES}")
+    return root
 
 
 @pytest.fixture

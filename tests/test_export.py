@@ -7,7 +7,6 @@ reference rule, are exported in both contracts by the ``slow`` tests.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -333,16 +332,14 @@ def test_export_fp16_with_loose_tolerances(tiny_weights, tmp_path):
 
 
 def _reference_filled(short: str, reference_dir: Path):
+    from mmdet_reference import filled_state_dict
+
     from nasfpn.interop.weights import load_into_model
     from nasfpn.models import build_model
 
-    spec = importlib.util.spec_from_file_location("fill_weights", reference_dir / "fill_weights.py")
-    fw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fw)
-    keys_state, tied = fw.state_dict_from_keys_json(reference_dir / f"mmdet_keys_{short}.json")
     cfg = PRESETS[{"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}[short]]
     model = build_model(cfg.model, pretrained_backbone=False).eval()
-    load_into_model(model, fw.fill_state_dict(keys_state, "public", tied), "mmdet")
+    load_into_model(model, filled_state_dict(short, reference_dir), "mmdet")
     return Detector(model, cfg)
 
 

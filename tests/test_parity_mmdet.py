@@ -1,4 +1,4 @@
-"""Parity with MMDetection 3.3 on deterministic synthetic weights (see shared/reference/README.md).
+"""Parity with MMDetection 3.3 on deterministic synthetic weights (tests/fixtures/mmdet/README.md).
 
 The weights are filled by the reference rule on MMDetection's key names, loaded through our
 MMDetection converter, and the head outputs and final detections must agree with what
@@ -7,7 +7,6 @@ MMDetection itself produced, within the tolerances the reference states.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -22,25 +21,18 @@ from nasfpn.models import build_model
 from nasfpn.models.postprocess import class_aware_nms
 from nasfpn.presets import PRESETS
 
+from mmdet_reference import filled_state_dict, state_dict_sha256
+
 MODELS = {"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}
 IMAGES = ["img_640x640.png", "img_640x480.png"]
-
-
-def _fill_module(reference_dir):
-    spec = importlib.util.spec_from_file_location("fill_weights", reference_dir / "fill_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def parity_model(request, reference_dir):
     short = request.param
-    fw = _fill_module(reference_dir)
-    keys_state, tied = fw.state_dict_from_keys_json(reference_dir / f"mmdet_keys_{short}.json")
-    filled = fw.fill_state_dict(keys_state, "public", tied)
+    filled = filled_state_dict(short, reference_dir)
     expected_sha = json.loads((reference_dir / f"detections_{short}.json").read_text())["state_dict_sha256"]
-    assert fw.state_dict_sha256(filled) == expected_sha
+    assert state_dict_sha256(filled) == expected_sha
     cfg = PRESETS[MODELS[short]]
     model = build_model(cfg.model, pretrained_backbone=False).eval()
     load_into_model(model, filled, "mmdet")

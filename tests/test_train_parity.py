@@ -1,9 +1,9 @@
-"""One training iteration against MMDetection 3.3 (shared/reference/train, README section 8).
+"""One training iteration against MMDetection 3.3 (tests/fixtures/mmdet/train).
 
 The reference weights (fill rule ``uniform-v1``, seed ``public``) are loaded through our
 MMDetection converter; the fixed batch of 2 images runs through our train-mode forward, loss,
 backward and one SGD step built by ``nasfpn.engine.optim`` with the schedule's warm-up learning
-rate at step 0 (0.08 x 0.1). Checked against the record with the tolerances of section 8.7:
+rate at step 0 (0.08 x 0.1). Checked against the record with the tolerances the record states:
 
 - per-level losses, totals and ``avg_factor``; positives and their gt (``pos_anchor_index`` /
   ``pos_gt_index``) from our assigner; the valid-flag probe (image 1 with pad_shape (600, 520));
@@ -20,7 +20,6 @@ and box targets stay float32, as in MMDetection (our loss does this for any mode
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from nasfpn.interop.weights import load_into_model
 from nasfpn.models import build_model
 from nasfpn.models.boxes import BACKGROUND, IGNORE
 from nasfpn.presets import PRESETS
+
+from mmdet_reference import filled_state_dict, state_dict_sha256
 
 MODELS = {"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}
 
@@ -55,7 +56,7 @@ PASSES = [
 
 @dataclass
 class Tol:
-    """Section 8.7 tolerances for one precision."""
+    """The record's tolerances for one precision."""
 
     loss_rel: float
     loss_abs: float
@@ -75,13 +76,6 @@ TOL = {
     "float32": Tol(1e-3, 1e-4, 2e-4, 1e-3, 3e-3, 2e-3, 1e-2, 0.25, 0.05, 0.1, 0.5, 0.1),
     "float64": Tol(1e-6, 1e-9, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6),
 }
-
-
-def _fill_module(reference_dir):
-    spec = importlib.util.spec_from_file_location("fill_weights", reference_dir / "fill_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _our_name(mmdet_name: str) -> str:
@@ -106,10 +100,8 @@ def iteration(request, reference_dir):
     ref = ref_all[dtype_name]
     batch = json.loads((reference_dir / "train" / "batch.json").read_text())
 
-    fw = _fill_module(reference_dir)
-    keys_state, tied = fw.state_dict_from_keys_json(reference_dir / f"mmdet_keys_{short}.json")
-    filled = fw.fill_state_dict(keys_state, "public", tied)
-    assert fw.state_dict_sha256(filled) == ref_all["state_dict_sha256"]
+    filled = filled_state_dict(short, reference_dir)
+    assert state_dict_sha256(filled) == ref_all["state_dict_sha256"]
     cfg = PRESETS[MODELS[short]]
     model = build_model(cfg.model, pretrained_backbone=False)
     load_into_model(model, filled, "mmdet")
@@ -354,7 +346,7 @@ def test_sgd_step(iteration):
 def test_loss_after_step(iteration):
     it = iteration
     if it["loss_after"] is None:
-        pytest.skip("the float32 record has no loss after the step (not reproducible, section 8.7)")
+        pytest.skip("the float32 record has no loss after the step (not reproducible in float32)")
     ref, tol, mine = it["ref"]["loss_after_step"], it["tol"], it["loss_after"]
     for lvl in range(5):
         _check_loss(f"after step loss_cls P{lvl + 3}", mine["loss_cls_levels"][lvl], ref["loss_cls"][lvl], tol)
