@@ -62,8 +62,9 @@ def _timing_dataset(cfg: Config, data):
 def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) -> float:
     """Seconds per training step of ``cfg`` on this machine now: real batches of ``dataset``
     (``_timing_dataset``) through loading, forward, loss, backward and the SGD step."""
+    from .data.collate import train_collate
     from .engine.optim import build_optimizer
-    from .engine.trainer import TrainStep, train_collate
+    from .engine.trainer import TrainStep
     from .models import build_model
 
     d = cfg.data

@@ -8,9 +8,10 @@ as "ignored" instances, which RetinaNet's loss does not use. Boxes become xyxy f
 
 Unreadable images: a file that fails to decode mid-run is logged once (by name) and, with
 ``on_read_error="resample"`` (the default, for training), replaced by another index drawn from
-the same per-sample generator, so the batch keeps its size and the run stays reproducible.
-``on_read_error="skip"`` returns ``None`` instead (the collate functions drop it; for
-evaluation), and ``"raise"`` re-raises the ``ImageReadError``.
+the same per-sample generator, so the batch keeps its size and the run stays reproducible; when
+``max_read_retries`` replacements in a row are unreadable too, the sample is ``None``.
+``on_read_error="skip"`` returns ``None`` at once (for evaluation), and ``"raise"`` re-raises the
+``ImageReadError``. The collate functions drop ``None`` samples (training: ``data.collate``).
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ class CocoDataset(Dataset):
                 # Deterministic replacement: the draw comes from this sample's own generator.
                 candidate = int(torch.randint(0, len(self), (), generator=generator))
         else:
-            raise ImageReadError(f"{self.max_read_retries + 1} images in a row were unreadable while loading "
-                                 f"index {index} (last: {self.image_path(candidate)}); check the image folder")
+            logger.warning("skipping sample %d: %d images in a row were unreadable (last: %s); check the image folder",
+                           index, self.max_read_retries + 1, self.image_path(candidate))
+            return None
         return self.transform(sample, generator) if self.transform is not None else sample

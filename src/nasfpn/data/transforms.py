@@ -1,4 +1,6 @@
-"""Pre-processing: test-time resize / normalise / pad, training augmentation and batch collation.
+"""Pre-processing: test-time resize / normalise / pad, training augmentation, evaluation batches.
+
+The training collate is ``data.collate.collate_train``.
 
 Images travel as uint8 tensors ``(3, H, W)`` RGB until the batch is built; boxes are float32
 ``(M, 4)`` xyxy in pixels of the current image. The steps reproduce MMDetection's crop-640
@@ -340,7 +342,7 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
     ``img_shapes`` gives the ``(h, w)`` of real pixels in each image (top-left); everything else
     is padding and becomes exactly 0 in the normalised space. Meant for normalising on the GPU
-    after moving a compact uint8 batch (``collate_train(..., normalize=False)``).
+    after moving a compact uint8 batch (``data.collate.collate_train(..., normalize=False)``).
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a uint8 (N, 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
@@ -356,42 +358,10 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
     return out
 
 
-def collate_train(samples: Sequence[Sample | None], mean: Sequence[float], std: Sequence[float],
-                  pad_size: int | None = None, pad_divisor: int = 1,
-                  normalize: bool = True) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Batch ``TrainTransform`` outputs into ``(images, targets)``.
+def __getattr__(name: str) -> Any:
+    # The training collate moved to data/collate.py; old imports from here keep working.
+    if name == "collate_train":
+        from .collate import collate_train
 
-    ``images`` is float32 ``(N, 3, H, W)`` normalised with 0 padding, or, with
-    ``normalize=False``, uint8 with 0 padding to be passed through ``normalize_batch`` later
-    (on the device). ``H = W = pad_size`` if given, else the largest size rounded up to
-    ``pad_divisor``. Each target holds ``boxes`` float32 ``(M, 4)``, ``labels`` int64 ``(M,)``,
-    ``img_shape`` (real pixels) and ``pad_shape`` (``(pad_size, pad_size)``, or the image size
-    rounded up to ``pad_divisor``, as MMDetection uses for anchor valid flags), plus
-    ``image_id``. ``None`` samples are dropped; use with ``functools.partial`` in a DataLoader.
-    """
-    kept = [s for s in samples if s is not None]
-    if not kept:
-        raise ValueError("no readable sample in this batch")
-    fixed = (pad_size, pad_size) if pad_size is not None else None
-    targets = []
-    for s in kept:
-        h, w = s["image"].shape[-2:]
-        targets.append({
-            "boxes": s["boxes"].float(),
-            "labels": s["labels"].long(),
-            "img_shape": (h, w),
-            "pad_shape": fixed or (round_up(h, pad_divisor), round_up(w, pad_divisor)),
-            "image_id": s["image_id"],
-        })
-    if normalize:
-        return normalize_pad([s["image"] for s in kept], mean, std, pad_divisor, fixed), targets
-    max_h = max(t["img_shape"][0] for t in targets)
-    max_w = max(t["img_shape"][1] for t in targets)
-    batch_h, batch_w = fixed or (round_up(max_h, pad_divisor), round_up(max_w, pad_divisor))
-    if max_h > batch_h or max_w > batch_w:
-        raise ValueError(f"an image of {max_h}x{max_w} does not fit the pad size {batch_h}x{batch_w}")
-    batch = torch.zeros((len(kept), 3, batch_h, batch_w), dtype=torch.uint8)
-    for i, s in enumerate(kept):
-        h, w = s["image"].shape[-2:]
-        batch[i, :, :h, :w] = s["image"]
-    return batch, targets
+        return collate_train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,6 @@ Files in ``out_dir``::
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import Config, DataConfig, config_from_dict, config_to_dict, config_to_yaml
+from ..config import Config, config_from_dict, config_to_dict, config_to_yaml
 from . import distributed as D
 from .checkpoint import (atomic_write_text, clean_state_dict, load_checkpoint, model_is_finite, rng_state,
                          save_checkpoint, set_rng_state)
@@ -164,44 +163,6 @@ class TrainStep(nn.Module):
         for key in ("loss", "loss_cls", "loss_bbox", "loss_cls_levels", "loss_bbox_levels"):
             out[key] = torch.stack([l[key] for l in losses]).mean(dim=0)
         return out
-
-
-def train_collate(d: DataConfig):
-    """The ``collate_fn`` of training batches under data config ``d``."""
-    return functools.partial(_collate_train, mean=d.mean, std=d.std,
-                             pad_size=d.image_size if d.train_pad_to_size else None, pad_divisor=d.pad_divisor)
-
-
-def _collate_train(samples, mean, std, pad_size, pad_divisor):
-    """``collate_train`` that returns None for a batch without any readable image."""
-    from ..data.transforms import collate_train
-
-    kept = [s for s in samples if s is not None]
-    if not kept:
-        return None
-    return collate_train(kept, mean, std, pad_size=pad_size, pad_divisor=pad_divisor)
-
-
-class _SafeDataset(torch.utils.data.Dataset):
-    """Wraps a ``CocoDataset``: an image that cannot be loaded (even after the dataset's own
-    re-draws) becomes None, which the collate function drops, instead of a crash."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        from ..data.io import ImageReadError
-
-        try:
-            return self.dataset[key]
-        except ImageReadError as e:
-            import logging
-
-            logging.getLogger(__name__).warning("skipping sample %s: %s", key, e)
-            return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -709,8 +670,10 @@ class _Run:
                 # read in this process at each new pass, so it can change from epoch to epoch).
                 from ..fast import loader_settings
 
+                from ..data.collate import train_collate
+
                 sampler = D.BatchList(batches)
-                loader = torch.utils.data.DataLoader(_SafeDataset(self.train_ds), batch_sampler=sampler,
+                loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=sampler,
                                                      collate_fn=train_collate(cfg.data),
                                                      **loader_settings(self.device, cfg.data.workers))
             sampler.batches = batches
