@@ -61,34 +61,47 @@ class Detector:
         self._runner = self._make_runner()
         return self
 
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The padded ``(H, W)`` network input of an image of ``height x width``."""
+        from .data.batching import padded_input_shape
+
+        d = self.config.data
+        return padded_input_shape(height, width, d.image_size, d.pad_divisor)
+
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
                 batch_size: int = 8) -> list[dict[str, Any]]:
         """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
 
-        Returns one dict per image: ``boxes`` float ``(D, 4)`` xyxy in original pixels, ``scores``,
-        ``labels`` (0-based) and ``category_ids`` (the dataset's ids), all numpy arrays.
+        Returns one dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original
+        pixels, ``scores``, ``labels`` (0-based) and ``category_ids`` (the dataset's ids), all numpy
+        arrays. Images run together only when they pad to the same input shape, so each result
+        depends on its own image alone, whatever its neighbours and ``batch_size``.
         """
-        from .data.transforms import preprocess_batch
+        from .data.batching import group_by_shape
+        from .data.transforms import preprocess_batch, to_uint8_chw
 
         data = self.config.data
         test_cfg = self.config.model.test
         if score_thr is not None:
             test_cfg = replace(test_cfg, score_thr=score_thr)
         self.model.eval()
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
-            batch, metas = preprocess_batch(chunk, data.image_size, data.pad_divisor, data.mean, data.std, self.device)
+        chw = [to_uint8_chw(image, i) for i, image in enumerate(images)]
+        keys = [self.input_shape(*im.shape[-2:]) for im in chw]
+        cat_ids = np.asarray(self.category_ids, dtype=np.int64)
+        out: list[dict[str, Any]] = [{}] * len(chw)
+        for members in group_by_shape(keys, batch_size):
+            batch, metas = preprocess_batch([chw[i] for i in members], data.image_size, data.pad_divisor,
+                                            data.mean, data.std, self.device)
             dets = self._runner.postprocess(self._runner(batch), metas, test_cfg)
-            for d in dets:
+            for i, d in zip(members, dets):
                 labels = d["labels"].cpu().numpy()
-                out.append({
+                out[i] = {
                     "boxes": d["boxes"].cpu().numpy(),
                     "scores": d["scores"].cpu().numpy(),
                     "labels": labels,
-                    "category_ids": np.asarray(self.category_ids, dtype=np.int64)[labels],
-                })
+                    "category_ids": cat_ids[labels],
+                }
         return out
 
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .data.batching import group_by_shape
+
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
@@ -205,14 +207,7 @@ class Batcher:
 
     def input_key(self, image: np.ndarray) -> tuple[int, int]:
         """The padded input size ``image`` pre-processes to; images batch together only on equal keys."""
-        fixed = getattr(self.detector, "input_hw", None)
-        if fixed is not None:
-            return tuple(fixed)
-        from .data.transforms import rescale_size, round_up
-
-        d = self.detector.config.data
-        h, w = rescale_size(image.shape[0], image.shape[1], d.image_size)
-        return round_up(h, d.pad_divisor), round_up(w, d.pad_divisor)
+        return self.detector.input_shape(image.shape[0], image.shape[1])
 
     async def submit(self, image: np.ndarray, score_thr: float) -> _Job:
         loop = asyncio.get_running_loop()
@@ -257,10 +252,7 @@ class Batcher:
         self.batches += 1
         self.batch_sizes[len(jobs)] += 1
         results: list[dict[str, Any] | None] = [None] * len(jobs)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.key, []).append(i)
-        for members in groups.values():
+        for members in group_by_shape([job.key for job in jobs], len(jobs)):
             t0 = time.perf_counter()
             thr = min(jobs[i].score_thr for i in members)
             dets = self.detector.predict([jobs[i].image for i in members], score_thr=thr, batch_size=len(members))

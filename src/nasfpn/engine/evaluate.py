@@ -1,7 +1,9 @@
 """COCO evaluation of a model on an annotated image folder, in one or several processes.
 
 Images go through the test pre-processing (keep-ratio resize to ``image_size``, normalise, pad
-to ``pad_divisor``) exactly as ``Detector.predict`` does. Under ``torchrun`` each rank predicts
+to ``pad_divisor``) exactly as ``Detector.predict`` does, and batch only with images of the same
+padded shape (``data.batching``), so the results do not depend on the batch size, the order of
+the dataset or the number of processes. Under ``torchrun`` each rank predicts
 every ``world_size``-th image; predictions are gathered with ``all_gather_object`` and rank 0
 scores them. Unreadable images are logged and skipped (their ground truth counts as missed).
 """
@@ -36,39 +38,43 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
     Returns one dict per image: ``image_id``, ``boxes`` (D, 4) xyxy original pixels, ``scores``,
     ``labels`` (numpy).
     """
-    from ..data.transforms import collate_eval
+    from ..data.batching import ShapeBatchSampler, collate_eval_groups
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
     indices = D.shard_indices(len(dataset), rank, world_size)
     subset = torch.utils.data.Subset(dataset, indices)
-    collate = functools.partial(collate_eval, mean=cfg.data.mean, std=cfg.data.std, pad_divisor=cfg.data.pad_divisor)
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate)
+    # Batches of one padded shape (sizes from the annotation file; the collate re-groups by the
+    # sizes actually read), so an image's detections do not depend on its batch neighbours.
+    sizes = [tuple(dataset.json_sizes[i]) for i in indices]
+    sampler = ShapeBatchSampler(sizes, batch_size, cfg.data.image_size, cfg.data.pad_divisor)
+    collate = functools.partial(collate_eval_groups, mean=cfg.data.mean, std=cfg.data.std,
+                                pad_divisor=cfg.data.pad_divisor)
+    loader = torch.utils.data.DataLoader(subset, batch_sampler=sampler, num_workers=workers, collate_fn=collate)
     out: list[dict[str, Any]] = []
     show = _progress_enabled(progress) and rank == 0
     from tqdm import tqdm
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    for images, metas, infos in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False,
-                                     dynamic_ncols=True):
-        if not infos:
-            continue
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(images)
-        outputs = ([m.float() for m in outputs[0]], [m.float() for m in outputs[1]])
-        dets = model.postprocess(outputs, metas)
-        for info, det in zip(infos, dets):
-            out.append({
-                "image_id": info["image_id"],
-                "boxes": det["boxes"].cpu().numpy(),
-                "scores": det["scores"].cpu().numpy(),
-                "labels": det["labels"].cpu().numpy(),
-            })
+    for groups in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False, dynamic_ncols=True):
+        for images, metas, infos in groups:
+            if not infos:
+                continue
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outputs = model(images)
+            outputs = ([m.float() for m in outputs[0]], [m.float() for m in outputs[1]])
+            dets = model.postprocess(outputs, metas)
+            for info, det in zip(infos, dets):
+                out.append({
+                    "image_id": info["image_id"],
+                    "boxes": det["boxes"].cpu().numpy(),
+                    "scores": det["scores"].cpu().numpy(),
+                    "labels": det["labels"].cpu().numpy(),
+                })
     model.train(was_training)
     return out
 

@@ -120,21 +120,35 @@ class OnnxDetector:
         dets = postprocess(cls_maps, reg_maps, anchors, metas, self.config.model.head.num_classes, cfg)
         return [{k: v.numpy() for k, v in d.items()} for d in dets]
 
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The padded ``(H, W)`` input of an image of ``height x width``: the file's fixed size, or
+        as ``Detector.input_shape`` (at least ``min_side``) for a dynamic-size file."""
+        if self.input_hw is not None:
+            return self.input_hw
+        from ..data.batching import padded_input_shape
+
+        d = self.config.data
+        return padded_input_shape(height, width, d.image_size, d.pad_divisor, self.min_side)
+
     def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
                 batch_size: int = 8) -> list[dict[str, Any]]:
         """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
 
-        Returns one dict per image: ``boxes`` float ``(D, 4)`` xyxy in original pixels, ``scores``,
-        ``labels`` (0-based) and ``category_ids``, all numpy arrays.
+        Returns one dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original
+        pixels, ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays. As in
+        ``Detector.predict``, images run together only when they pad to the same input shape.
         """
+        from ..data.batching import group_by_shape
+        from ..data.transforms import to_uint8_chw
+
         thr = self.config.model.test.score_thr if score_thr is None else float(score_thr)
-        step = self.batch or max(1, batch_size)
+        chw = [to_uint8_chw(image, i) for i, image in enumerate(images)]
+        keys = [self.input_shape(*im.shape[-2:]) for im in chw]
         cat_ids = np.asarray(self.category_ids, dtype=np.int64)
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(images), step):
-            chunk = list(images[start:start + step])
-            batch, info, metas = prepare_inputs(chunk, self.config, self.input_hw, self.min_side)
-            real = len(chunk)
+        out: list[dict[str, Any]] = [{}] * len(chw)
+        for members in group_by_shape(keys, self.batch or max(1, batch_size)):
+            batch, info, metas = prepare_inputs([chw[i] for i in members], self.config, self.input_hw, self.min_side)
+            real = len(members)
             if self.batch is not None and real < self.batch:
                 # A fixed-batch file: fill the batch with blank images, drop their results.
                 fill = self.batch - real
@@ -145,12 +159,12 @@ class OnnxDetector:
                 dets = self._run_end2end(batch.numpy(), info.numpy(), thr)
             else:
                 dets = self._run_raw(batch.numpy(), metas, thr)
-            for d in dets[:real]:
+            for i, d in zip(members, dets[:real]):
                 labels = d["labels"].astype(np.int64)
-                out.append({
+                out[i] = {
                     "boxes": d["boxes"].astype(np.float32),
                     "scores": d["scores"].astype(np.float32),
                     "labels": labels,
                     "category_ids": cat_ids[labels],
-                })
+                }
         return out
