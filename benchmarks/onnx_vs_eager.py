@@ -80,7 +80,7 @@ def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int,
         t0 = time.perf_counter()
         exported = not (reuse and path.is_file())
         if exported:
-            ex.export(det, path, contract=contract, verify=False)
+            ex.export(det, path, contract=contract, dynamic_size=False, verify=False)
         report = ex.verify_export(path, model, cfg, images=[image])
         if not report.ok:
             raise SystemExit(f"{path} disagrees with PyTorch:\n{report.summary()}")

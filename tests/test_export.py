@@ -104,7 +104,7 @@ def tiny_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def end2end_onnx(tiny_weights, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "tiny_end2end.onnx"
-    rc = main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--dynamic-batch"])
+    rc = main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--dynamic-batch", "--fixed-size"])
     assert rc == 0
     return out
 
@@ -135,7 +135,7 @@ def test_export_cli_end2end_contract(end2end_onnx, capsys):
 def test_export_raw_contract(tiny_weights, tmp_path):
     det = load(None, weights=tiny_weights)
     out = tmp_path / "raw.onnx"
-    meta, report = ex.export(det, out, contract="raw", batch=2)
+    meta, report = ex.export(det, out, contract="raw", batch=2, dynamic_size=False)
     assert report.ok and report.images == 2 and report.max_map_abs < 1e-3, report.summary()
     session = ort_session(out)
     names = [o.name for o in session.get_outputs()]
@@ -156,11 +156,22 @@ def _landscape_and_portrait() -> list[np.ndarray]:
             for i, hw in enumerate([(150, 256), (256, 120), (200, 200)])]
 
 
-def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, tmp_path, capsys):
-    out = tmp_path / "dynamic.onnx"
-    assert main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--size", "384",
-                 "--dynamic-size", "--dynamic-batch"]) == 0
-    assert "input Bx3xHxW (multiples of 128, >= 256)" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def dynamic_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
+    """The default export (dynamic size) at 384 px, any batch; with what the command printed."""
+    import contextlib
+
+    out = tmp_path_factory.mktemp("dynamic") / "dynamic.onnx"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--size", "384",
+                     "--dynamic-batch"]) == 0
+    return out, printed.getvalue()
+
+
+def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, dynamic_onnx):
+    out, printed = dynamic_onnx
+    assert "input Bx3xHxW (multiples of 128, >= 256)" in printed
     meta = ex.read_metadata(out)
     assert meta["input_hw"] is None and meta["dynamic_size"] and meta["min_side"] == 256
     session = ort_session(out)
@@ -177,6 +188,8 @@ def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, tmp_path, capsy
         batch, _, _ = ex.prepare_inputs(chunk, det.config, None, meta["min_side"])
         assert tuple(batch.shape[-2:]) == padded
         _assert_same_detections(det.predict(chunk), onnx_det.predict(chunk))
+    # Batched with its neighbours, each image keeps the detections of a one-image eager call.
+    _assert_same_detections([det.predict([im])[0] for im in images], onnx_det.predict(images, batch_size=8))
     # The resize target may change for a dynamic-size file (not for a fixed-size one).
     at_512 = OnnxDetector(out, overrides=["data.image_size=512"])
     det_512 = load(None, weights=tiny_weights, overrides=["data.image_size=512"])
@@ -184,6 +197,41 @@ def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, tmp_path, capsy
     # Below min_side the input is padded up to it (a narrow image at a small image_size).
     batch, _, _ = ex.prepare_inputs([np.zeros((256, 60, 3), np.uint8)], tiny_config(), None, 256)
     assert tuple(batch.shape[-2:]) == (256, 256)
+
+
+def test_example_client_reproduces_nasfpn_predict(tiny_weights, dynamic_onnx, tmp_path):
+    """examples/onnx_client.py (onnxruntime + numpy + Pillow, no nasfpn) against `nasfpn predict`
+    on upscaled, downscaled, portrait, landscape and unresized images."""
+    out, _ = dynamic_onnx
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"up_landscape": (90, 130), "down_portrait": (900, 500), "portrait": (384, 200),
+             "landscape": (150, 384), "down_square": (700, 700)}
+    for i, (name, hw) in enumerate(sizes.items()):
+        pixels = render_image(SyntheticSpec(image_size=hw, max_objects=6), seed=5, split="val", index=i)[0]
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    files = sorted(str(p) for p in folder.iterdir())
+    client = Path(__file__).resolve().parents[1] / "examples" / "onnx_client.py"
+    proc = subprocess.run([sys.executable, "-I", str(client), str(out), *files, "--score-thr", "0.1",
+                           "--json", str(tmp_path / "client.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["predict", "-", *files, "--weights", str(tiny_weights), "--out", str(tmp_path / "pred"),
+                 "--set", "data.image_size=384", "--score-thr", "0.1", "--no-vis"]) == 0
+
+    def by_file(records):
+        out: dict[str, dict[str, list]] = {f: {"boxes": [], "scores": [], "labels": []} for f in files}
+        for r in records:
+            x, y, w, h = r["bbox"]
+            out[r["file_name"]]["boxes"].append([x, y, x + w, y + h])
+            out[r["file_name"]]["scores"].append(r["score"])
+            out[r["file_name"]]["labels"].append(r["category_id"])
+        return [{k: np.asarray(v, dtype=np.float64).reshape(-1, 4) if k == "boxes" else np.asarray(v)
+                 for k, v in out[f].items()} for f in files]
+
+    ours = by_file(json.loads((tmp_path / "pred" / "predictions.json").read_text()))
+    theirs = by_file(json.loads((tmp_path / "client.json").read_text()))
+    report = _assert_same_detections(ours, theirs)
+    assert report.eager_detections > 20 * len(files) and report.matched == report.eager_detections
 
 
 def test_dynamic_size_raw_and_torch_export(tiny_weights, tmp_path):
@@ -226,7 +274,7 @@ def test_torch_export_loads_without_the_package(tiny_weights, tmp_path):
     det = load(None, weights=tiny_weights)
     out = tmp_path / "tiny.pt2"
     rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out", str(out),
-               "--dynamic-batch"])
+               "--dynamic-batch", "--fixed-size"])
     assert rc == 0
     cfg = det.config
     batch, _, _ = ex.prepare_inputs(ex.sample_images(cfg, 3), cfg, (256, 256))
@@ -254,8 +302,10 @@ def test_export_fails_loudly_when_the_file_disagrees(tiny_weights, tmp_path, mon
 
     monkeypatch.setattr(ex, "_prepared_copy", tampered)
     rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out",
-               str(tmp_path / "bad.pt2")])
+               str(tmp_path / "bad.pt2"), "--fixed-size"])
     err = capsys.readouterr().err
+    # A fixed-size file says what it changes.
+    assert "every image is padded to 256x256" in err and "differ from PyTorch" in err
     assert rc == 3
     assert "disagrees with eager PyTorch" in err and "unmatched" in err
 

@@ -257,9 +257,13 @@ def _add_export(sub) -> None:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported input (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
-    p.add_argument("--dynamic-size", action="store_true",
-                   help="any input height and width (multiples of pad_divisor): images are padded as in PyTorch, "
-                        "not to a fixed square")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--dynamic-size", action="store_true",
+                      help="any input height and width (multiples of pad_divisor), images padded as in PyTorch, "
+                           "so detections agree at every aspect ratio (the default)")
+    size.add_argument("--fixed-size", action="store_true",
+                      help="a fixed square input (image_size x image_size): non-square images get more padding "
+                           "than in PyTorch and other detections")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or newer; default 18)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16 exports a half-precision network (looser check tolerances)")
@@ -292,10 +296,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from .data.io import list_images, read_image
 
         images = [read_image(p) for p in list_images(args.sample)]
+    if args.fixed_size:
+        side = det.config.data.image_size
+        print(f"note: --fixed-size: every image is padded to {side}x{side}, not to a multiple of "
+              f"{det.config.data.pad_divisor} as in PyTorch, so the detections of non-square images differ from "
+              "PyTorch's (the pyramid sees the extra padding); square images agree. Leave the flag out for a file "
+              "that agrees at every aspect ratio.", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         meta, report = export(det, args.out, args.format, contract=args.contract, batch=args.batch,
-                              dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, opset=args.opset,
+                              dynamic_batch=args.dynamic_batch, dynamic_size=not args.fixed_size, opset=args.opset,
                               precision=args.precision,
                               verify=not args.no_check, images=images)
     except ExportError as e:

@@ -3,11 +3,13 @@
 Formats
 -------
 ``onnx`` with one of two contracts, and ``torch-export`` (a ``torch.export`` program, ``.pt2``).
-H = W = ``image_size`` rounded up to ``pad_divisor`` (640 for both crop-640 presets); B is the
-batch given at export, or any batch with ``dynamic_batch``. With ``dynamic_size`` H and W are
-any multiples of ``pad_divisor`` from ``min_side`` up (the smallest such multiple above the top
-level's stride, 128: P7 must be at least 2x2 cells) and the anchors are computed in the graph, so
-an image is padded exactly as in eager PyTorch and detections agree for every aspect ratio.
+By default (``dynamic_size``) H and W are any multiples of ``pad_divisor`` from ``min_side`` up
+(the smallest such multiple above the top level's stride, 128: P7 must be at least 2x2 cells)
+and the anchors are computed in the graph, so an image is padded exactly as in eager PyTorch and
+detections agree for every aspect ratio. A fixed-size file (``dynamic_size=False``) has H = W =
+``image_size`` rounded up to ``pad_divisor`` (640 for both crop-640 presets): a non-square image
+is padded to that square, more than in PyTorch, and its detections differ. B is the batch given
+at export, or any batch with ``dynamic_batch``. ``docs/deployment.md`` states the whole contract.
 
 ONNX ``end2end`` (default): pre-processed images in, final detections out, NMS in the graph.
 
@@ -357,7 +359,7 @@ def _atomic_target(path: Path) -> Path:
 
 
 def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract: str = "end2end", batch: int = 1,
-                dynamic_batch: bool = False, dynamic_size: bool = False, opset: int = 18, precision: str = "fp32",
+                dynamic_batch: bool = False, dynamic_size: bool = True, opset: int = 18, precision: str = "fp32",
                 class_names: Sequence[str] = (), category_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Write ``model`` as ONNX (see the module docstring for the contracts); returns the metadata."""
     import onnx
@@ -459,7 +461,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def export_torch_program(model: RetinaNet, config: Config, path: str | Path, *, batch: int = 1,
-                         dynamic_batch: bool = False, dynamic_size: bool = False,
+                         dynamic_batch: bool = False, dynamic_size: bool = True,
                          precision: str = "fp32") -> dict[str, Any]:
     """Save backbone + neck + head as a ``torch.export`` program (``.pt2``)."""
     if precision not in PRECISIONS:
@@ -726,7 +728,7 @@ def _read_program_metadata(path: Path) -> dict[str, Any]:
 
 
 def export(detector, out: str | Path, fmt: str = "onnx", *, contract: str = "end2end", batch: int = 1,
-           dynamic_batch: bool = False, dynamic_size: bool = False, opset: int = 18, precision: str = "fp32",
+           dynamic_batch: bool = False, dynamic_size: bool = True, opset: int = 18, precision: str = "fp32",
            verify: bool = True, images: Sequence[np.ndarray] | None = None) -> tuple[dict[str, Any], ParityReport | None]:
     """Export a ``nasfpn.api.Detector`` and check the file against eager PyTorch.
 
