@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .fast import autocast, make_sgd, optimize_for_inference
+from .fast import optimize_for_inference
 from .models import RetinaNet, build_model
 
 MODES = ("infer", "train", "data")
@@ -427,41 +427,48 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
 def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | None = None, precision: str = "fp32",
                 channels_last: bool = False, compile: bool = False, checkpoint_stacks: bool | None = None,
                 warmup: int = 2, iters: int = 5, memory: bool = True) -> dict[str, Any]:
-    """One training step (forward, loss, backward, SGD update) on a synthetic batch.
+    """The trainer's training step (``engine.step.train_step``) on a synthetic batch.
 
-    Random images, 8 random boxes per image, ``pad_shape`` set as the training collate does.
-    ``precision`` bf16 / fp16 runs the network under autocast (fp16 with a GradScaler); SGD is
-    the fused CUDA kernel on CUDA (``make_sgd``). ``checkpoint_stacks`` overrides the config's
-    activation checkpointing of the NAS-FPN stacks.
+    The step is the one ``nasfpn train`` runs: forward under autocast, loss, backward, gradient
+    norm (clipped to ``cfg.train.grad_clip`` when > 0), finiteness check with BN buffer backup,
+    SGD update (the trainer's parameter groups; the fused kernel on CUDA). Random images, 8
+    random boxes per image, ``pad_shape`` set as the training collate does. ``precision`` bf16 /
+    fp16 is the trainer's ``train.amp`` (fp16 with a GradScaler). ``compile`` compiles the
+    network (the loss stays eager). ``checkpoint_stacks`` overrides the config's activation
+    checkpointing of the NAS-FPN stacks. ``skipped_steps`` counts steps the finiteness check
+    skipped.
     """
+    from .engine.step import build_step_parts, train_step
+
     dev = torch.device(device)
     size = size or cfg.data.image_size
     model_cfg = cfg.model
     if checkpoint_stacks is not None:
         model_cfg = replace(model_cfg, neck=replace(model_cfg.neck, checkpoint_stacks=checkpoint_stacks))
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    t = replace(cfg.train, amp="none" if precision == "fp32" else precision, channels_last=channels_last)
     torch.manual_seed(0)
     model = build_model(model_cfg, pretrained_backbone=False).to(dev).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    t = cfg.train
-    optimizer = make_sgd([p for p in model.parameters() if p.requires_grad], 1e-4, t.momentum, t.weight_decay, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    forward: Callable = torch.compile(model) if compile else model
+    if compile:
+        model.compile()  # the network's forward; TrainStep calls it, the loss stays eager
+    lr = 1e-4
+    parts = build_step_parts(model, t, lr, model_cfg.head.deep_supervision)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(dev)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = synthetic_targets(batch, size, num_classes=model.num_classes, device=dev)
+    skipped = 0
 
-    def step() -> torch.Tensor:
-        with autocast(dev, precision):
-            cls_maps, reg_maps = forward(images)
-        losses = model.loss(([m.float() for m in cls_maps], [m.float() for m in reg_maps]), targets)
-        scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)  # here, so a step starts (and is measured) without gradients
-        return losses["loss"].detach()
+    def step() -> float:
+        nonlocal skipped
+        result = train_step(parts, (images, targets), lr)
+        skipped += not result.applied
+        parts.optimizer.zero_grad(set_to_none=True)  # so the next step starts (and is measured) without gradients
+        return result.loss
 
     def timed() -> float:
         _sync(dev)
@@ -473,13 +480,16 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
     first_s = timed()
     for _ in range(max(warmup - 1, 0)):
         timed()
+    skipped = 0
     times = [timed() for _ in range(iters)]
-    loss = float(step())
+    skipped_timed = skipped
+    loss = step()
     result: dict[str, Any] = {
         "mode": "train", "model": cfg.name, "device": str(dev), "batch": batch, "size": size, "precision": precision,
         "channels_last": channels_last, "compile": compile, "checkpoint_stacks": model_cfg.neck.checkpoint_stacks,
-        "fused_sgd": bool(optimizer.defaults.get("fused")), "warmup": warmup, "iters": iters,
-        **latency_stats(times, batch), "first_call_s": first_s, "loss": loss,
+        "fused_sgd": bool(parts.optimizer.defaults.get("fused")), "grad_clip": t.grad_clip, "warmup": warmup,
+        "iters": iters, **latency_stats(times, batch), "first_call_s": first_s, "loss": loss,
+        "skipped_steps": skipped_timed,
     }
     if memory:
         with PeakMemory(dev) as mem:
@@ -611,10 +621,13 @@ def format_result(r: dict[str, Any]) -> str:
     if r["mode"] == "infer":
         opts += [f"fuse_bn={r['fuse_bn']}", "plain" if r["plain"] else "fast paths"]
     else:
-        opts += [f"checkpoint_stacks={r['checkpoint_stacks']}", f"fused_sgd={r['fused_sgd']}"]
+        opts += [f"checkpoint_stacks={r['checkpoint_stacks']}", f"fused_sgd={r['fused_sgd']}",
+                 f"grad_clip={r.get('grad_clip', 0.0):g}"]
     lines.append("  ".join(opts))
     lines.append(f"latency p50 {r['p50_ms']:.1f} ms  p90 {r['p90_ms']:.1f} ms  throughput {r['images_per_s']:.2f} images/s"
                  f"  (first call {r['first_call_s']:.1f} s)")
+    if r.get("skipped_steps"):
+        lines.append(f"warning: {r['skipped_steps']} of {r['iters']} timed steps were skipped (non-finite loss or gradient)")
     if r["mode"] == "infer":
         lines.append(f"split p50: pre {r['pre_ms']:.1f} ms  net {r['net_ms']:.1f} ms  post {r['post_ms']:.1f} ms "
                      f"({100 * r['post_share']:.1f}% post)  detections/image {r['detections_per_image']:.0f}")

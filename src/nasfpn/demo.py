@@ -61,10 +61,10 @@ def _timing_dataset(cfg: Config, data):
 
 def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) -> float:
     """Seconds per training step of ``cfg`` on this machine now: real batches of ``dataset``
-    (``_timing_dataset``) through loading, forward, loss, backward and the SGD step."""
+    (``_timing_dataset``) through loading, the collate and the trainer's step
+    (``engine.step.train_step``: forward, loss, backward, clipping, finiteness check, SGD step)."""
     from .data.collate import train_collate
-    from .engine.optim import build_optimizer
-    from .engine.trainer import TrainStep
+    from .engine.step import build_step_parts, train_step
     from .models import build_model
 
     d = cfg.data
@@ -75,19 +75,14 @@ def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) ->
     model.to(device).train()
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    step = TrainStep(model, cfg.train.amp, m.head.deep_supervision)
-    opt = build_optimizer(model, cfg.train, 1e-4)
+    lr = 1e-4
+    parts = build_step_parts(model, cfg.train, lr, m.head.deep_supervision)
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        images, targets = collate([dataset[(j % len(dataset), 0)] for j in range(i * d.batch_size, (i + 1) * d.batch_size)])
-        images = images.to(device)
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-        opt.zero_grad()
-        step(images, targets)["loss"].backward()
-        opt.step()
+        batch = collate([dataset[(j % len(dataset), 0)] for j in range(i * d.batch_size, (i + 1) * d.batch_size)])
+        if batch is not None:  # no readable image: the trainer skips such a batch too
+            train_step(parts, batch, lr)
         times.append(time.perf_counter() - t0)
     rest = sorted(times[1:]) if len(times) > 1 else times
     return rest[len(rest) // 2]

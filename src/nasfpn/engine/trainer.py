@@ -39,7 +39,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,10 +50,10 @@ from ..config import Config, config_from_dict, config_to_dict, config_to_yaml
 from . import distributed as D
 from .checkpoint import (atomic_write_text, clean_state_dict, load_checkpoint, model_is_finite, rng_state,
                          save_checkpoint, set_rng_state)
-from .optim import build_optimizer, unwrap_model
-from .schedule import LRSchedule, scaled_lr, set_lr
+from .schedule import LRSchedule, scaled_lr
+from .step import LOSS_KEYS, StepResult, TrainStep, build_step_parts, train_step
 
-LOSS_KEYS = ("loss", "loss_cls", "loss_bbox")
+__all__ = ["DataPaths", "TrainResult", "TrainStep", "train"]
 
 
 # --------------------------------------------------------------------------- public types
@@ -128,41 +128,6 @@ class TrainResult:
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-# --------------------------------------------------------------------------- the model step
-
-
-class TrainStep(nn.Module):
-    """Forward + loss in one module, so DistributedDataParallel sees the whole training graph.
-
-    ``forward(images, targets)`` returns the loss dict of ``RetinaNet.loss``. The network runs
-    under autocast when ``amp`` is set; the loss is computed in float32. With deep supervision
-    the loss terms are the means over the stacks' exits.
-    """
-
-    def __init__(self, model: nn.Module, amp: str = "none", deep_supervision: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-        self.deep_supervision = deep_supervision and getattr(model, "num_stacks", 1) > 1
-
-    def forward(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if self.deep_supervision:
-                exits = self.model.forward_stacks(images)
-            else:  # every stack trains, also when inference exits early (model.neck.exit_stack)
-                exits = [self.model(images, getattr(self.model, "num_stacks", None))]
-        losses = []
-        for cls_maps, reg_maps in exits:
-            outputs = ([m.float() for m in cls_maps], [m.float() for m in reg_maps])
-            losses.append(self.model.loss(outputs, targets))
-        if len(losses) == 1:
-            return losses[0]
-        out = dict(losses[-1])
-        for key in ("loss", "loss_cls", "loss_bbox", "loss_cls_levels", "loss_bbox_levels"):
-            out[key] = torch.stack([l[key] for l in losses]).mean(dim=0)
-        return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -515,7 +480,13 @@ class _Run:
             else:
                 self.log("sync_bn: single process, BatchNorm left as is")
         self.model = model
-        self.train_step: nn.Module = TrainStep(model, cfg.train.amp, cfg.model.head.deep_supervision)
+        total_batch = cfg.data.batch_size * self.info.world_size
+        self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
+        self.iters_per_epoch = D.iters_per_epoch(len(self.train_ds), cfg.data.batch_size, self.info.world_size)
+        self.schedule = LRSchedule.from_config(cfg.train, self.lr, self.iters_per_epoch)
+        self.parts = build_step_parts(model, cfg.train, self.schedule(0), cfg.model.head.deep_supervision,
+                                      self.info.world_size)
+        self.optimizer, self.scaler = self.parts.optimizer, self.parts.scaler
         if self.info.distributed:
             # Buffers (BN running statistics) stay per rank during training, as in mmengine's DDP
             # wrapper; with sync_bn they are identical anyway.
@@ -524,20 +495,9 @@ class _Run:
             ddp = nn.parallel.DistributedDataParallel
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                        else {"broadcast_buffers": False})
-            self.train_step = ddp(self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                  find_unused_parameters=False, **no_sync)
-
-        total_batch = cfg.data.batch_size * self.info.world_size
-        self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
-        self.iters_per_epoch = D.iters_per_epoch(len(self.train_ds), cfg.data.batch_size, self.info.world_size)
-        self.schedule = LRSchedule.from_config(cfg.train, self.lr, self.iters_per_epoch)
-        self.optimizer = build_optimizer(model, cfg.train, self.schedule(0))
-        if cfg.train.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"train.amp must be none, bf16 or fp16, got {cfg.train.amp!r}")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.buffers = [b for b in model.buffers()]
-        self.buffer_backup = [b.detach().clone() for b in self.buffers]
+            self.parts.loss_module = ddp(self.parts.loss_module,
+                                         device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                         find_unused_parameters=False, **no_sync)
 
         self.step = 0
         self.epoch = 0
@@ -826,53 +786,13 @@ class _Run:
                                 "last": result.last_metrics}, self.out_dir / "summary.json")
         return result
 
-    def _train_one(self, batch) -> tuple[dict[str, float] | None, bool]:
-        """One optimizer step; returns the loss terms (averaged over ranks) and whether it was applied."""
+    def _train_one(self, batch) -> tuple[dict[str, Any] | None, bool]:
+        """One optimizer step; returns the step's values (averaged over ranks) and whether it was applied."""
         if batch is None:
             return None, False
-        images, targets = batch
-        dev = self.device
-        images = images.to(dev, non_blocking=True)
-        if self.cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = [{**t, "boxes": t["boxes"].to(dev, non_blocking=True), "labels": t["labels"].to(dev, non_blocking=True)}
-                   for t in targets]
-        lr = self.schedule(self.step)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        torch._foreach_copy_(self.buffer_backup, self.buffers)
+        result: StepResult = train_step(self.parts, batch, self.schedule(self.step), stop=self._over_time)
+        return asdict(result), result.applied
 
-        losses = self.train_step(images, targets)
-        loss = losses["loss"]
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if self.cfg.train.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        terms = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
-        bad = (~torch.isfinite(terms)).any()
-        if not self.scaler.is_enabled():  # with fp16 an overflow is the scaler's business
-            bad = bad | ~torch.isfinite(grad_norm)
-        over_time = (self.time_limit is not None and self.info.is_main
-                     and time.time() - self.start_time > self.time_limit)
-        vec = torch.cat([torch.nan_to_num(terms, nan=0.0, posinf=0.0, neginf=0.0), terms,
-                         losses["num_pos"].detach().float().reshape(1), grad_norm.detach().float().reshape(1),
-                         bad.float().reshape(1), torch.tensor([float(over_time)], device=terms.device)])
-        if self.info.distributed:
-            D.all_reduce_sum(vec)
-        vals = vec.tolist()  # the one host sync of the step
-        world = self.info.world_size
-        n = len(LOSS_KEYS)
-        raw = vals[n:2 * n]
-        values = {k: v / world for k, v in zip(LOSS_KEYS, raw)}
-        values.update(num_pos=vals[2 * n] / world, grad_norm=vals[2 * n + 1] / world, lr=lr, stop=vals[2 * n + 3] > 0)
-        if vals[2 * n + 2] > 0:
-            torch._foreach_copy_(self.buffers, self.buffer_backup)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update()
-            return values, False
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return values, True
+    def _over_time(self) -> bool:
+        return (self.time_limit is not None and self.info.is_main
+                and time.time() - self.start_time > self.time_limit)
