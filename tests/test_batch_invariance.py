@@ -186,3 +186,28 @@ def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tm
     _assert_same_results(tmp_path / "bs1" / "results.json", tmp_path / "two" / "results.json")
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["AP"] == pytest.approx(metrics[1]["AP"], abs=1e-9)
+
+
+def test_predict_cli_mixed_folder_equals_batch_size_1(eval_case, tmp_path):
+    """`nasfpn predict` of a folder of mixed sizes at its default batch size, against --batch-size 1."""
+    from nasfpn.cli import main
+
+    _, images, weights = eval_case
+    for args, out in (([], "default"), (["--batch-size", "1"], "one")):
+        assert main(["predict", "-", str(images), "--weights", str(weights), "--out", str(tmp_path / out),
+                     "--no-vis", *args]) == 0
+
+    def by_file(path):
+        out: dict[str, dict[str, list]] = {}
+        for r in json.loads(path.read_text()):
+            d = out.setdefault(r["file_name"], {"boxes": [], "scores": [], "labels": []})
+            x, y, w, h = r["bbox"]
+            d["boxes"].append([x, y, x + w, y + h])
+            d["scores"].append(r["score"])
+            d["labels"].append(r["category_id"])
+        return [{k: np.asarray(v) for k, v in out[f].items()} for f in sorted(out)]
+
+    default, one = by_file(tmp_path / "default" / "predictions.json"), by_file(tmp_path / "one" / "predictions.json")
+    assert len(default) == len(SIZES)
+    report = _matched(one, default)
+    assert report.ok and report.matched > 0, report.summary()
