@@ -188,6 +188,19 @@ def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tm
     assert two["AP"] == pytest.approx(metrics[1]["AP"], abs=1e-9)
 
 
+def test_eval_bf16_fast_path_does_not_depend_on_batch_size(eval_case, tmp_path):
+    from nasfpn.engine.evaluate import run_eval
+
+    ann, images, weights = eval_case
+    for bs in (1, 8):
+        run_eval(None, weights, ann, images, tmp_path / f"bs{bs}", device="cpu", batch_size=bs, progress=False,
+                 optimize={"precision": "bf16"}, print_fn=lambda *a: None)
+    ra, rb = (_results_by_image(tmp_path / f"bs{bs}" / "results.json") for bs in (1, 8))
+    assert sorted(ra) == sorted(rb)
+    report = _matched([ra[k] for k in sorted(ra)], [rb[k] for k in sorted(rb)], Tolerances.for_precision("fp16"))
+    assert report.ok, report.summary()
+
+
 def test_predict_cli_mixed_folder_equals_batch_size_1(eval_case, tmp_path):
     """`nasfpn predict` of a folder of mixed sizes at its default batch size, against --batch-size 1."""
     from nasfpn.cli import main
