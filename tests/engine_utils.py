@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from nasfpn.config import BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig, TrainConfig
-from nasfpn.engine.trainer import DataPaths
+from nasfpn.engine.data_paths import DataPaths
 
 SIZE = 128
 

@@ -10,89 +10,41 @@ The loop is a plain function over explicit objects (model, optimizer, scaler, da
   in the middle of an epoch (``--checkpoint-interval``).
 - Deep supervision (``model.head.deep_supervision``, NAS-FPN only): the loss is the **mean** of
   the losses of the head run on the output of every stack, so its scale matches a single exit.
-- A step whose loss is not finite (on any rank) is skipped: no update, BN running statistics
-  restored; the terms are printed. ``train.max_bad_steps`` skipped steps in a row stop the run;
-  the last checkpoint on disk is the last good one (a non-finite model is never written).
+- A step whose loss is not finite (on any rank) is skipped (``engine.step``): no update, BN running
+  statistics restored; the terms are printed. ``train.max_bad_steps`` skipped steps in a row stop
+  the run; the last checkpoint on disk is the last good one (a non-finite model is never written).
+- An unreadable image is replaced by another one (``data.coco``); a batch without any readable
+  image (``data.collate``) is skipped, and its step still counts.
 - Under ``torchrun`` the model is wrapped in DistributedDataParallel (gradients averaged over
   ranks; MMDetection's RetinaNet normalises its loss by the positives of each device, as here);
   ``train.sync_bn`` synchronises BatchNorm (``engine.distributed``); rank 0 writes every file.
 
-Per step there is one host-device synchronisation: reading the loss terms (one small tensor,
-all-reduced first under DDP), needed to decide whether the step is applied.
-
-Files in ``out_dir``::
-
-    config.yaml            the resolved config (classes taken from the training annotations)
-    log.jsonl              one line per step: losses, lr, skipped
-    metrics.csv            one row per epoch: mean losses, lr, COCO metrics of the epoch's evaluation
-    last.pt / best.pt      training checkpoints (``engine.checkpoint``); best by box AP
-    last.safetensors / best.safetensors   model weights with their config (``nasfpn eval/predict --weights``)
-    loss.png / ap.png      curves
-    summary.json           status, best and last metrics, wall time
+Where the pieces are: the step in ``engine.step``, the files of ``out_dir`` (config, step log,
+metrics, checkpoints, curves) in ``engine.run_dir``, what is printed in ``engine.hooks``, the
+kernel settings of ``train.deterministic`` in ``engine.determinism``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import Config, config_from_dict, config_to_dict, config_to_yaml
+from ..config import Config, config_from_dict, config_to_dict
 from . import distributed as D
-from .checkpoint import (atomic_write_text, clean_state_dict, load_checkpoint, model_is_finite, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import clean_state_dict, load_checkpoint, rng_state, set_rng_state
+from .data_paths import DataPaths
+from .determinism import set_determinism
+from .hooks import Console, bad_step_message, epoch_message, fmt_time
+from .run_dir import RunFiles, step_record
 from .schedule import LRSchedule, scaled_lr
 from .step import LOSS_KEYS, StepResult, TrainStep, build_step_parts, train_step
 
 __all__ = ["DataPaths", "TrainResult", "TrainStep", "train"]
-
-
-# --------------------------------------------------------------------------- public types
-
-
-@dataclass(frozen=True)
-class DataPaths:
-    """Where the training and validation data live (COCO-format annotation files + image folders).
-
-    Without ``val_ann`` the run trains without evaluation (no best checkpoint, empty metrics).
-    """
-
-    train_ann: str | Path
-    train_images: str | Path
-    val_ann: str | Path | None = None
-    val_images: str | Path | None = None
-
-    @classmethod
-    def from_root(cls, root: str | Path, require_train: bool = True) -> "DataPaths":
-        """COCO 2017 (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``) or our
-        synthetic layout (``annotations/instances_{train,val}.json``, ``train/``, ``val/``).
-
-        ``require_train=False`` also accepts a folder with the validation split only (evaluation).
-        """
-        root = Path(root)
-        layouts = [
-            (root / "annotations" / "instances_train2017.json", root / "train2017",
-             root / "annotations" / "instances_val2017.json", root / "val2017"),
-            (root / "annotations" / "instances_train.json", root / "train",
-             root / "annotations" / "instances_val.json", root / "val"),
-        ]
-        for train_ann, train_images, val_ann, val_images in layouts:
-            if train_ann.is_file():
-                has_val = val_ann.is_file()
-                return cls(train_ann, train_images, val_ann if has_val else None, val_images if has_val else None)
-            if not require_train and val_ann.is_file():
-                return cls(train_ann, train_images, val_ann, val_images)
-        raise ValueError(f"{root}: found neither COCO 2017 (annotations/instances_train2017.json + train2017/) nor "
-                         "annotations/instances_train.json + train/; pass --train-ann/--train-images instead")
 
 
 @dataclass
@@ -126,204 +78,8 @@ class TrainResult:
         return self.status != "diverged"
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _set_determinism(cfg: Config, device: torch.device) -> Callable[[], None]:
-    """Apply ``train.deterministic``; returns a function restoring the previous global settings.
-
-    On CUDA this selects deterministic kernels (cuDNN, cuBLAS, scatter/index ops). CPU kernels give
-    the same results run to run for a fixed thread count already, and PyTorch's deterministic mode
-    only slows them down (about 2x on convolution backward), so it is not switched on there.
-    """
-    prev_alg = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_bench = torch.backends.cudnn.benchmark
-    prev_det = torch.backends.cudnn.deterministic
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    if cfg.train.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: a few CUDA backward kernels (nearest upsampling) have no deterministic version.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Filling every new tensor with NaN (a debugging aid of deterministic mode) costs time only.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    def restore() -> None:
-        torch.use_deterministic_algorithms(prev_alg, warn_only=prev_warn)
-        torch.backends.cudnn.benchmark = prev_bench
-        torch.backends.cudnn.deterministic = prev_det
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-    return restore
-
-
-def _classes_from_dataset(cfg: Config, dataset) -> Config:
-    """The config with the dataset's class count, names and category ids (saved with the weights)."""
-    m = cfg.model
-    return replace(
-        cfg,
-        model=replace(m, head=replace(m.head, num_classes=dataset.num_classes)),
-        data=replace(cfg.data, class_names=tuple(dataset.class_names),
-                     category_ids=tuple(int(c) for c in dataset.label_to_category_id)),
-    )
-
-
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _dict_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
-
-
-def _bad_step_message(step: int, values: dict[str, float], streak: int, total: int, limit: int) -> str:
-    terms = ", ".join(f"{k}={values[k]:.6g}" for k in LOSS_KEYS)
-    extra = f", grad_norm={values['grad_norm']:.6g}" if "grad_norm" in values else ""
-    return (f"step {step}: non-finite loss or gradient ({terms}{extra}); update skipped "
-            f"({streak} in a row, {total} in total, stop after {limit} in a row)")
-
-
-class _Writer:
-    """Files of a run, written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
-        self.out_dir = out_dir
-        self.enabled = enabled
-        self._log_lines: list[str] = []
-
-    def config(self, cfg: Config) -> None:
-        if self.enabled:
-            atomic_write_text(config_to_yaml(cfg), self.out_dir / "config.yaml")
-
-    def step(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self._log_lines.append(json.dumps(record))
-            if len(self._log_lines) >= 50:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.enabled and self._log_lines:
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write("\n".join(self._log_lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self._log_lines = []
-
-    def truncate_log(self, step: int) -> list[dict[str, Any]]:
-        """Keep the log lines of steps before ``step`` (a resumed run redoes the rest); return them."""
-        path = self.out_dir / "log.jsonl"
-        kept: list[dict[str, Any]] = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if rec.get("step", step) < step:
-                    kept.append(rec)
-        if self.enabled:
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), path)
-        return kept
-
-    def metrics_csv(self, history: list[dict[str, Any]]) -> None:
-        if not self.enabled or not history:
-            return
-        from ..eval.coco import STAT_KEYS
-
-        cols = ["epoch", "step", "lr", "loss", "loss_cls", "loss_bbox", "skipped_steps", "epoch_seconds", *STAT_KEYS]
-        lines = [",".join(cols)]
-        for row in history:
-            vals = []
-            for c in cols:
-                v = row.get(c)
-                vals.append("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)))
-            lines.append(",".join(vals))
-        atomic_write_text("\n".join(lines) + "\n", self.out_dir / "metrics.csv")
-
-    def plots(self, step_log: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
-        if not self.enabled:
-            return
-        try:
-            _plot_curves(self.out_dir, step_log, history)
-        except Exception as e:  # plotting must never stop a run
-            print(f"warning: could not draw curves: {e}", file=sys.stderr)
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, acc, q = [], 0.0, []
-    for v in values:
-        q.append(v)
-        acc += v
-        if len(q) > window:
-            acc -= q.pop(0)
-        out.append(acc / len(q))
-    return out
-
-
-def _plot_curves(out_dir: Path, step_log: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    good = [r for r in step_log if not r.get("skipped") and all(math.isfinite(r.get(k, math.nan)) for k in LOSS_KEYS)]
-    if good:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [r["step"] for r in good]
-        window = max(1, len(good) // 50)
-        for key, colour in zip(LOSS_KEYS, ("k", "tab:blue", "tab:orange")):
-            vals = [r[key] for r in good]
-            ax.plot(steps, vals, color=colour, alpha=0.15, linewidth=0.8)
-            ax.plot(steps, _smooth(vals, window), color=colour, label=key)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_title("training loss")
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=100)
-        plt.close(fig)
-    evals = [r for r in history if r.get("AP") is not None]
-    if evals:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        epochs = [r["epoch"] for r in evals]
-        for key in ("AP", "AP50", "AP75"):
-            ax.plot(epochs, [r[key] for r in evals], marker="o", label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("box AP")
-        ax.set_ylim(0, 1)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_title("validation")
-        fig.tight_layout()
-        fig.savefig(out_dir / "ap.png", dpi=100)
-        plt.close(fig)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-# --------------------------------------------------------------------------- train
+Stop = tuple[str, str]
+"""Why a run stops early: ``(status, message)``."""
 
 
 def train(cfg: Config, data: DataPaths, out_dir: str | Path, resume: bool = False, device: str | None = None, *,
@@ -348,13 +104,67 @@ def train(cfg: Config, data: DataPaths, out_dir: str | Path, resume: bool = Fals
     """
     start_time = time.time()
     info = D.init_distributed(device)
-    restore = _set_determinism(cfg, info.device)
+    restore = set_determinism(cfg.train.deterministic, info.device)
     try:
         return _Run(cfg, data, Path(out_dir), resume, info, checkpoint_interval, skip_invalid, quiet, progress,
                     max_steps, time_limit, check_images, start_time).run()
     finally:
         restore()
         D.cleanup(info)
+
+
+def _classes_from_dataset(cfg: Config, dataset) -> Config:
+    """The config with the dataset's class count, names and category ids (saved with the weights)."""
+    m = cfg.model
+    return replace(
+        cfg,
+        model=replace(m, head=replace(m.head, num_classes=dataset.num_classes)),
+        data=replace(cfg.data, class_names=tuple(dataset.class_names),
+                     category_ids=tuple(int(c) for c in dataset.label_to_category_id)),
+    )
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+
+
+@dataclass
+class _EpochCounts:
+    """This call's steps of the epoch in progress."""
+
+    start: float = field(default_factory=time.time)
+    applied: int = 0
+    skipped: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in LOSS_KEYS})
+
+    def add(self, result: StepResult) -> None:
+        if result.applied:
+            self.applied += 1
+            for k in LOSS_KEYS:
+                self.sums[k] += getattr(result, k)
+        else:
+            self.skipped += 1
+
+
+def _epoch_row(epoch: int, step_log: list[dict[str, Any]], fallback: _EpochCounts, step: int, lr: float,
+               complete: bool) -> dict[str, Any]:
+    """The ``metrics.csv`` row of ``epoch`` (0-based): means over every step of the epoch, also
+    those before a resume (from ``log.jsonl``); ``fallback`` counts this call's steps only, for
+    ranks that could not read the log."""
+    done = [r for r in step_log if r.get("epoch") == epoch]
+    good = [r for r in done if not r.get("skipped")]
+    if len(good) < fallback.applied:  # the log was not available (another rank): this call's steps
+        good = []
+    means = {k: (sum(r[k] for r in good) / len(good) if good else
+                 (fallback.sums[k] / fallback.applied if fallback.applied else None)) for k in LOSS_KEYS}
+    return {"epoch": epoch + 1, "step": step, "lr": lr, **means,
+            "skipped_steps": max(fallback.skipped, len(done) - len(good)),
+            "epoch_seconds": round(time.time() - fallback.start, 2), "complete": complete}
 
 
 class _Run:
@@ -369,29 +179,60 @@ class _Run:
         self.device = info.device
         self.checkpoint_interval = max(0, int(checkpoint_interval))
         self.skip_invalid = skip_invalid
-        self.quiet = quiet
-        self.progress = (not quiet and sys.stderr.isatty()) if progress is None else (progress and not quiet)
         self.max_steps = max_steps
         self.time_limit = time_limit
         self.check_images = check_images
         self.start_time = start_time
-        self.writer = _Writer(out_dir, info.is_main)
-
-    # ------------------------------------------------------------------ output
-    def log(self, text: str) -> None:
-        if self.info.is_main and not self.quiet:
-            if self.progress:
-                from tqdm import tqdm
-
-                tqdm.write(text)
-            else:
-                print(text, flush=True)
-
-    def warn(self, text: str) -> None:
-        if self.info.is_main:
-            print(f"warning: {text}", file=sys.stderr, flush=True)
+        self.console = Console(info.is_main, quiet, progress)
+        self.files = RunFiles(out_dir, info.is_main)
 
     # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        """Data checks, datasets, resume state, model and step parts, first files and lines."""
+        requested = self.cfg
+        train_problems, _ = self._check_data()
+        self._datasets(train_problems)
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        ckpt = self._load_resume_state()
+        self._build(ckpt)
+        self.files.config(self.cfg)
+        self.step_log = self.files.start_log(self.step if ckpt is not None else None)
+        self.streak = 0  # non-finite steps in a row
+        self.last_metrics: dict[str, Any] = next(
+            (dict(r.get("metrics", {})) for r in reversed(self.history) if r.get("AP") is not None), {})
+        self._describe(requested, resumed=ckpt is not None)
+
+    def _describe(self, requested: Config, resumed: bool) -> None:
+        cfg, log, world = self.cfg, self.console.log, self.info.world_size
+        if cfg.model.head.num_classes != requested.model.head.num_classes:
+            names = cfg.data.class_names
+            log(f"classes: {cfg.model.head.num_classes} from {self.data.train_ann} "
+                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+        log(f"lr = base_lr {cfg.train.base_lr:g} x total batch {cfg.data.batch_size * world} ({cfg.data.batch_size} x "
+            f"{world} process{'es' if world > 1 else ''}) / base batch {cfg.train.base_batch_size} = {self.lr:.6g}")
+        decay = ("cosine decay to 0" if cfg.train.lr_decay == "cosine" else
+                 f"lr x{cfg.train.gamma:g} at epochs {', '.join(map(str, cfg.train.milestones)) or '-'}")
+        log(f"{len(self.train_ds)} training images, {self.iters_per_epoch} steps per epoch, "
+            f"{cfg.train.epochs} epochs = {self.iters_per_epoch * cfg.train.epochs} steps; warm-up "
+            f"{cfg.train.warmup_iters} steps, {decay}; device {self.device}" + (f" x {world}" if world > 1 else ""))
+        late = [m for m in cfg.train.milestones if m >= cfg.train.epochs and cfg.train.lr_decay == "step"]
+        if late:
+            log(f"note: lr milestones {late} lie beyond the last epoch ({cfg.train.epochs}) and never apply")
+        if resumed:
+            log(f"resumed from {self.out_dir / 'last.pt'}: epoch {self.epoch + 1}, step {self.step}")
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """One loader for the whole run: its workers stay alive across epochs (the batch list is
+        read in this process at each new pass, so it can change from epoch to epoch)."""
+        from ..data.collate import train_collate
+        from ..fast import loader_settings
+
+        return torch.utils.data.DataLoader(self.train_ds, batch_sampler=D.BatchList([]),
+                                           collate_fn=train_collate(self.cfg.data),
+                                           **loader_settings(self.device, self.cfg.data.workers))
+
     def _check_data(self) -> tuple[list, list]:
         """Data checks on rank 0, shared with the other ranks; raises the report on errors."""
         from ..data.checks import DataCheckError, validate_dataset
@@ -400,11 +241,11 @@ class _Run:
         if self.info.is_main:
             try:
                 train_problems = validate_dataset(self.data.train_ann, self.data.train_images, self.skip_invalid,
-                                                  check_images=self.check_images, progress=self.progress)
+                                                  check_images=self.check_images, progress=self.console.progress)
                 val_problems = []
                 if self.data.val_ann is not None:
                     val_problems = validate_dataset(self.data.val_ann, self.data.val_images, True,
-                                                    check_images=self.check_images, progress=self.progress)
+                                                    check_images=self.check_images, progress=self.console.progress)
                 result = ("ok", train_problems, val_problems)
             except DataCheckError as e:
                 result = ("error", str(e), [])
@@ -412,10 +253,11 @@ class _Run:
         if result[0] == "error":
             raise ValueError(f"training data {self.data.train_ann} has problems:\n{result[1]}")
         if result[1]:
-            self.log(f"data check: {len(result[1])} problem(s) in the training data; "
-                     f"{'skipping the invalid items' if self.skip_invalid else 'warnings only'}")
+            self.console.log(f"data check: {len(result[1])} problem(s) in the training data; "
+                             f"{'skipping the invalid items' if self.skip_invalid else 'warnings only'}")
         if result[2]:
-            self.log(f"data check: {len(result[2])} problem(s) in the validation data (unreadable images are skipped)")
+            self.console.log(f"data check: {len(result[2])} problem(s) in the validation data "
+                             "(unreadable images are skipped)")
         return result[1], result[2]
 
     def _datasets(self, train_problems: list) -> None:
@@ -449,7 +291,7 @@ class _Run:
                                  "or choose another output folder")
             return None
         if not path.is_file():
-            self.log(f"no checkpoint in {self.out_dir}: starting a new run")
+            self.console.log(f"no checkpoint in {self.out_dir}: starting a new run")
             return None
         ckpt = load_checkpoint(path)
         saved = config_from_dict(ckpt["config"])
@@ -459,7 +301,7 @@ class _Run:
         changed = _dict_diff(config_to_dict(saved.train), config_to_dict(self.cfg.train)) + \
             _dict_diff(config_to_dict(saved.data), config_to_dict(self.cfg.data))
         if changed:
-            self.log("resuming with changed settings:\n  " + "\n  ".join(changed))
+            self.console.log("resuming with changed settings:\n  " + "\n  ".join(changed))
         return ckpt
 
     def _build(self, ckpt: dict[str, Any] | None) -> None:
@@ -478,7 +320,7 @@ class _Run:
                 group = torch.distributed.new_group() if self.device.type != "cuda" else None
                 model = D.convert_sync_batchnorm(model, self.device, group)
             else:
-                self.log("sync_bn: single process, BatchNorm left as is")
+                self.console.log("sync_bn: single process, BatchNorm left as is")
         self.model = model
         total_batch = cfg.data.batch_size * self.info.world_size
         self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
@@ -523,7 +365,156 @@ class _Run:
                 raise ValueError(f"the checkpoint was written with {ckpt['data']['iters_per_epoch']} steps per epoch, "
                                  f"this run has {self.iters_per_epoch} (batch size, world size or data changed)")
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        self._setup()
+        loader = self._loader()
+        status, message = "completed", ""
+        while self.epoch < self.cfg.train.epochs:
+            epoch = self.epoch
+            stop = self._train_epoch(loader, epoch)
+            if stop is None or stop[0] != "diverged":  # diverged: no evaluation, no checkpoint (keep the good one)
+                self._end_epoch(epoch, stopped=stop is not None)
+            if stop is not None:
+                status, message = stop
+                break
+        self.files.flush()
+        return self._finish(status, message)
+
+    def _train_epoch(self, loader: torch.utils.data.DataLoader, epoch: int) -> Stop | None:
+        """The remaining steps of ``epoch``; returns why the run stops, if it does before the epoch's end."""
+        cfg = self.cfg
+        loader.batch_sampler.batches = D.epoch_batches(len(self.train_ds), cfg.data.batch_size, cfg.train.seed,
+                                                       epoch, self.info.rank, self.info.world_size)[self.iter_in_epoch:]
+        self.counts = _EpochCounts()
+        self.console.start_epoch(epoch, cfg.train.epochs, self.iter_in_epoch, self.iters_per_epoch)
+        self.model.train()
+        try:
+            for batch in loader:
+                stop = self._step(batch, epoch)
+                if stop is not None:
+                    return stop
+                if (self.checkpoint_interval and self.step % self.checkpoint_interval == 0
+                        and self.iter_in_epoch < self.iters_per_epoch):  # an epoch's end saves anyway
+                    self.save(weights=False)
+        finally:
+            self.console.end_epoch()
+        return None
+
+    def _step(self, batch, epoch: int) -> Stop | None:
+        """One step (``batch`` None: no readable image, nothing trained); returns why the run stops after it."""
+        step = self.step
+        result = None
+        if batch is not None:
+            result = train_step(self.parts, batch, self.schedule(step), stop=self._over_time)
+        self.step += 1
+        self.iter_in_epoch += 1
+        if result is not None:
+            record = step_record(result, step, epoch, self.iter_in_epoch - 1)
+            self.files.step(record)
+            self.step_log.append(record)
+            self.counts.add(result)
+            if result.applied:
+                self.streak = 0
+            else:
+                self.streak += 1
+                self.skipped_total += 1
+                limit = self.cfg.train.max_bad_steps
+                self.console.warn(bad_step_message(step, result, self.streak, self.skipped_total, limit))
+                if self.streak >= limit:
+                    return "diverged", (f"training stopped: {self.streak} non-finite losses in a row (last at step "
+                                        f"{step}); the last good checkpoint is {self.out_dir / 'last.pt'}. "
+                                        "Lower the learning rate, enable --grad-clip, or check the data.")
+        self.console.step(result, epoch, self.step, self.iter_in_epoch, self.iters_per_epoch,
+                          self.iters_per_epoch * self.cfg.train.epochs - self.step)
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return "max_steps", f"stopped after max_steps={self.max_steps}"
+        if result is not None and result.stop:
+            return "time_limit", f"time limit of {self.time_limit:.0f} s reached at step {self.step}"
+        return None
+
+    def _over_time(self) -> bool:
+        # Rank 0's clock decides; the step shares the answer with the other ranks.
+        return (self.time_limit is not None and self.info.is_main
+                and time.time() - self.start_time > self.time_limit)
+
+    def _end_epoch(self, epoch: int, stopped: bool) -> None:
+        """After the steps of ``epoch`` (all of them, or up to a stop): evaluation, the epoch's
+        row in the history, its line, metrics files, curves, checkpoint."""
+        train_cfg = self.cfg.train
+        complete = self.iter_in_epoch >= self.iters_per_epoch
+        if complete:
+            self.epoch += 1
+            self.iter_in_epoch = 0
+        evaluate_now = stopped or (complete and ((epoch + 1) % max(1, train_cfg.eval_interval) == 0
+                                                 or epoch + 1 == train_cfg.epochs))  # a stopped run reports too
+        if not (complete or evaluate_now):
+            return
+        metrics = self.evaluate() if evaluate_now else None
+        row = _epoch_row(epoch, self.step_log, self.counts, self.step, self.schedule(max(self.step - 1, 0)), complete)
+        is_best = False
+        if metrics is not None:
+            from .evaluate import to_numpy_metrics
+
+            row.update(to_numpy_metrics(metrics))
+            row["metrics"] = dict(metrics)
+            self.last_metrics = dict(metrics)
+            if not self.best or metrics["AP"] > self.best.get("AP", -1.0):
+                self.best = {**metrics, "epoch": epoch + 1}
+                is_best = True
+        if self.history and self.history[-1]["epoch"] == row["epoch"]:
+            self.history[-1] = row  # a stopped partial epoch, then finished after a resume
+        else:
+            self.history.append(row)
+        if self.info.is_main:
+            self.console.log(epoch_message(row, train_cfg.epochs, metrics, self.elapsed()))
+            self.files.metrics_csv(self.history)
+            if metrics is not None or stopped or self.epoch >= train_cfg.epochs:
+                self.files.plots(self.step_log, self.history)  # ~1 s of CPU: not after every epoch
+            if metrics is not None:
+                self.files.metrics_json(metrics)
+        self.save(best=is_best)
+
+    def _finish(self, status: str, message: str) -> TrainResult:
+        if status == "diverged":
+            self.console.warn(message)
+        elif status == "completed":
+            self.console.log(f"done: {self.epoch} epochs, {self.step} steps in {fmt_time(self.elapsed())}"
+                             + (f"; best AP {self.best['AP']:.3f} (epoch {self.best['epoch']})" if self.best else ""))
+        main = self.info.is_main
+        result = TrainResult(
+            out_dir=self.out_dir, status=status, message=message, epochs=self.epoch, steps=self.step,
+            wall_time=time.time() - self.start_time,
+            last_metrics=self.last_metrics if main else {},
+            best_metrics=dict(self.best) if main else {},
+            best_epoch=self.best.get("epoch") if self.best else None,
+            skipped_steps=self.skipped_total,
+            history=[{k: v for k, v in r.items() if k != "metrics"} for r in self.history],
+            config=self.cfg,
+            model=self.model,
+        )
+        self.files.summary({"status": status, "message": message, "epochs": result.epochs, "steps": result.steps,
+                            "wall_time": result.wall_time, "skipped_steps": result.skipped_steps,
+                            "best_epoch": result.best_epoch, "best": result.best_metrics,
+                            "last": result.last_metrics})
+        return result
+
+    # ------------------------------------------------------------------ hooks: checkpoints, evaluation
+    def save(self, best: bool = False, weights: bool = True) -> None:
+        if self.info.is_main and not self.files.checkpoint(self._state(), best=best, weights=weights):
+            self.console.warn("the model holds non-finite values: checkpoint not written (the previous one is kept)")
+
+    def evaluate(self) -> dict[str, Any] | None:
+        from .evaluate import evaluate_model
+
+        if self.val_ds is None:
+            return None
+        metrics, _ = evaluate_model(self.model, self.cfg, self.data.val_ann, self.data.val_images, self.device,
+                                    self.cfg.data.batch_size, self.cfg.data.workers, dataset=self.val_ds,
+                                    progress=self.console.progress, channels_last=self.cfg.train.channels_last,
+                                    amp=self.cfg.train.amp)
+        return metrics
+
     def _state(self) -> dict[str, Any]:
         return {
             "config": config_to_dict(self.cfg),
@@ -544,255 +535,3 @@ class _Run:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
-
-    def save(self, best: bool = False, weights: bool = True) -> None:
-        if not self.info.is_main:
-            return
-        from ..interop.weights import save_safetensors
-
-        state = self._state()
-        if not model_is_finite(state["model"]):
-            self.warn("the model holds non-finite values: checkpoint not written (the previous one is kept)")
-            return
-        self.writer.flush()
-        save_checkpoint(state, self.out_dir / "last.pt")
-        if weights:
-            save_safetensors(state["model"], self.out_dir / "last.safetensors", state["config"])
-        if best:
-            _copy_atomic(self.out_dir / "last.pt", self.out_dir / "best.pt")
-            if weights:
-                _copy_atomic(self.out_dir / "last.safetensors", self.out_dir / "best.safetensors")
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, Any] | None:
-        from .evaluate import evaluate_model
-
-        if self.val_ds is None:
-            return None
-        metrics, _ = evaluate_model(self.model, self.cfg, self.data.val_ann, self.data.val_images, self.device,
-                                    self.cfg.data.batch_size, self.cfg.data.workers, dataset=self.val_ds,
-                                    progress=self.progress, channels_last=self.cfg.train.channels_last,
-                                    amp=self.cfg.train.amp)
-        return metrics
-
-    # ------------------------------------------------------------------ run
-    def run(self) -> TrainResult:
-        cfg0 = self.cfg
-        train_problems, _ = self._check_data()
-        self._datasets(train_problems)
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        D.barrier()
-        ckpt = self._load_resume_state()
-        self._build(ckpt)
-        self.writer.config(self.cfg)
-        step_log = self.writer.truncate_log(self.step) if ckpt is not None else []
-        if ckpt is None and self.info.is_main:
-            (self.out_dir / "log.jsonl").unlink(missing_ok=True)
-
-        cfg = self.cfg
-        if cfg.model.head.num_classes != cfg0.model.head.num_classes:
-            self.log(f"classes: {cfg.model.head.num_classes} from {self.data.train_ann} "
-                     f"({', '.join(cfg.data.class_names[:10])}{', ...' if len(cfg.data.class_names) > 10 else ''})")
-        world = self.info.world_size
-        total_batch = cfg.data.batch_size * world
-        self.log(f"lr = base_lr {cfg.train.base_lr:g} x total batch {total_batch} ({cfg.data.batch_size} x {world} "
-                 f"process{'es' if world > 1 else ''}) / base batch {cfg.train.base_batch_size} = {self.lr:.6g}")
-        total_steps = self.iters_per_epoch * cfg.train.epochs
-        decay = ("cosine decay to 0" if cfg.train.lr_decay == "cosine" else
-                 f"lr x{cfg.train.gamma:g} at epochs {', '.join(map(str, cfg.train.milestones)) or '-'}")
-        self.log(f"{len(self.train_ds)} training images, {self.iters_per_epoch} steps per epoch, "
-                 f"{cfg.train.epochs} epochs = {total_steps} steps; warm-up {cfg.train.warmup_iters} steps, "
-                 f"{decay}; device {self.device}" + (f" x {world}" if world > 1 else ""))
-        late = [m for m in cfg.train.milestones if m >= cfg.train.epochs and cfg.train.lr_decay == "step"]
-        if late:
-            self.log(f"note: lr milestones {late} lie beyond the last epoch ({cfg.train.epochs}) and never apply")
-        if ckpt is not None:
-            self.log(f"resumed from {self.out_dir / 'last.pt'}: epoch {self.epoch + 1}, step {self.step}")
-
-        status, message = "completed", ""
-        max_bad = cfg.train.max_bad_steps
-        streak = 0
-        step_times: list[float] = []
-        last_metrics: dict[str, Any] = {}
-        for r in reversed(self.history):
-            if r.get("AP") is not None:
-                last_metrics = dict(r.get("metrics", {}))
-                break
-        stop = False
-        loader = None
-        while self.epoch < cfg.train.epochs and not stop:
-            epoch = self.epoch
-            batches = D.epoch_batches(len(self.train_ds), cfg.data.batch_size, cfg.train.seed, epoch,
-                                      self.info.rank, world)[self.iter_in_epoch:]
-            if loader is None:
-                # One loader for the whole run: its workers stay alive across epochs (the batch list is
-                # read in this process at each new pass, so it can change from epoch to epoch).
-                from ..fast import loader_settings
-
-                from ..data.collate import train_collate
-
-                sampler = D.BatchList(batches)
-                loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=sampler,
-                                                     collate_fn=train_collate(cfg.data),
-                                                     **loader_settings(self.device, cfg.data.workers))
-            sampler.batches = batches
-            epoch_start = time.time()
-            sums = {k: 0.0 for k in LOSS_KEYS}
-            counted = 0
-            skipped_epoch = 0
-            bar = None
-            if self.progress and self.info.is_main:
-                from tqdm import tqdm
-
-                bar = tqdm(total=self.iters_per_epoch, initial=self.iter_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                           unit="it", dynamic_ncols=True, leave=True)
-            self.model.train()
-            t_prev = time.time()
-            for batch in loader:
-                values, applied = self._train_one(batch)
-                self.step += 1
-                self.iter_in_epoch += 1
-                now = time.time()
-                step_times.append(now - t_prev)
-                t_prev = now
-                if values is None:
-                    self.log(f"step {self.step - 1}: no readable image in this batch; skipped")
-                    continue
-                record = {"step": self.step - 1, "epoch": epoch, "iter": self.iter_in_epoch - 1,
-                          "lr": values["lr"], **{k: values[k] for k in LOSS_KEYS},
-                          "num_pos": values["num_pos"], "grad_norm": values["grad_norm"], "skipped": not applied}
-                self.writer.step(record)
-                step_log.append(record)
-                if applied:
-                    streak = 0
-                    counted += 1
-                    for k in LOSS_KEYS:
-                        sums[k] += values[k]
-                else:
-                    streak += 1
-                    skipped_epoch += 1
-                    self.skipped_total += 1
-                    self.warn(_bad_step_message(self.step - 1, values, streak, self.skipped_total, max_bad))
-                    if streak >= max_bad:
-                        status = "diverged"
-                        message = (f"training stopped: {streak} non-finite losses in a row (last at step "
-                                   f"{self.step - 1}); the last good checkpoint is {self.out_dir / 'last.pt'}. "
-                                   "Lower the learning rate, enable --grad-clip, or check the data.")
-                        stop = True
-                        break
-                if bar is not None:
-                    recent = step_times[-20:]
-                    remaining = (total_steps - self.step) * (sum(recent) / len(recent))
-                    bar.set_postfix_str(f"loss {values['loss']:.4f} cls {values['loss_cls']:.4f} "
-                                        f"box {values['loss_bbox']:.4f} lr {values['lr']:.3g} "
-                                        f"eta {_fmt_time(remaining)}", refresh=False)
-                    bar.update(1)
-                elif self.info.is_main and not self.quiet and (self.step % 50 == 0):
-                    self.log(f"epoch {epoch + 1} step {self.iter_in_epoch}/{self.iters_per_epoch}: "
-                             f"loss {values['loss']:.4f} (cls {values['loss_cls']:.4f}, box {values['loss_bbox']:.4f}) "
-                             f"lr {values['lr']:.4g}")
-                finished_epoch = self.iter_in_epoch >= self.iters_per_epoch
-                if values.get("stop"):
-                    status, stop = "time_limit", True
-                    message = f"time limit of {self.time_limit:.0f} s reached at step {self.step}"
-                if self.max_steps is not None and self.step >= self.max_steps:
-                    status, stop = "max_steps", True
-                    message = f"stopped after max_steps={self.max_steps}"
-                if stop:
-                    break
-                if self.checkpoint_interval and self.step % self.checkpoint_interval == 0 and not finished_epoch:
-                    self.save(weights=False)
-            if bar is not None:
-                bar.close()
-            if status == "diverged":
-                break
-            epoch_done = self.iter_in_epoch >= self.iters_per_epoch
-            if epoch_done:
-                self.epoch += 1
-                self.iter_in_epoch = 0
-            evaluate_now = epoch_done and ((epoch + 1) % max(1, cfg.train.eval_interval) == 0
-                                           or epoch + 1 == cfg.train.epochs)
-            if stop:
-                evaluate_now = True  # a stopped run still reports where it got
-            metrics = self.evaluate() if evaluate_now else None
-            if not epoch_done and not evaluate_now:
-                continue
-            # Means over every step of the epoch, including those before a resume (from log.jsonl).
-            done = [r for r in step_log if r.get("epoch") == epoch]
-            good = [r for r in done if not r.get("skipped")]
-            if len(good) < counted:  # the log was not available (another rank): this call's steps
-                good = []
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "step": self.step, "lr": self.schedule(max(self.step - 1, 0)),
-                **{k: (sum(r[k] for r in good) / len(good) if good else (sums[k] / counted if counted else None))
-                   for k in LOSS_KEYS},
-                "skipped_steps": max(skipped_epoch, len(done) - len(good)),
-                "epoch_seconds": round(time.time() - epoch_start, 2), "complete": epoch_done,
-            }
-            is_best = False
-            if metrics is not None:
-                from .evaluate import to_numpy_metrics
-
-                row.update(to_numpy_metrics(metrics))
-                row["metrics"] = {k: v for k, v in metrics.items()}
-                last_metrics = dict(metrics)
-                if not self.best or metrics["AP"] > self.best.get("AP", -1.0):
-                    self.best = {**metrics, "epoch": epoch + 1}
-                    is_best = True
-            if self.history and self.history[-1]["epoch"] == row["epoch"]:
-                self.history[-1] = row  # a stopped partial epoch, then finished after a resume
-            else:
-                self.history.append(row)
-            if self.info.is_main:
-                from ..eval.coco import write_metrics_json
-
-                metric_text = (f" | AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} AP75 {metrics['AP75']:.3f}"
-                               if metrics else "")
-                loss_text = f"loss {row['loss']:.4f}" if row["loss"] is not None else "no applied steps"
-                self.log(f"epoch {epoch + 1}/{cfg.train.epochs}{'' if epoch_done else ' (partial)'}: {loss_text} "
-                         f"lr {row['lr']:.4g} ({row['epoch_seconds']:.0f} s){metric_text}"
-                         f" | elapsed {_fmt_time(self.elapsed())}")
-                self.writer.metrics_csv(self.history)
-                if metrics is not None or stop or self.epoch >= cfg.train.epochs:
-                    self.writer.plots(step_log, self.history)  # ~1 s of CPU: not after every epoch
-                if metrics is not None:
-                    write_metrics_json(metrics, self.out_dir / "metrics.json")
-            self.save(best=is_best)
-        self.writer.flush()
-
-        if status == "diverged":
-            self.warn(message)
-        elif self.info.is_main and not self.quiet and status == "completed":
-            self.log(f"done: {self.epoch} epochs, {self.step} steps in {_fmt_time(self.elapsed())}"
-                     + (f"; best AP {self.best['AP']:.3f} (epoch {self.best['epoch']})" if self.best else ""))
-        result = TrainResult(
-            out_dir=self.out_dir, status=status, message=message, epochs=self.epoch, steps=self.step,
-            wall_time=time.time() - self.start_time,
-            last_metrics=last_metrics if self.info.is_main else {},
-            best_metrics=dict(self.best) if self.info.is_main else {},
-            best_epoch=self.best.get("epoch") if self.best else None,
-            skipped_steps=self.skipped_total,
-            history=[{k: v for k, v in r.items() if k != "metrics"} for r in self.history],
-            config=self.cfg,
-            model=self.model,
-        )
-        if self.info.is_main:
-            from ..eval.coco import write_metrics_json
-
-            write_metrics_json({"status": status, "message": message, "epochs": result.epochs, "steps": result.steps,
-                                "wall_time": result.wall_time, "skipped_steps": result.skipped_steps,
-                                "best_epoch": result.best_epoch, "best": result.best_metrics,
-                                "last": result.last_metrics}, self.out_dir / "summary.json")
-        return result
-
-    def _train_one(self, batch) -> tuple[dict[str, Any] | None, bool]:
-        """One optimizer step; returns the step's values (averaged over ranks) and whether it was applied."""
-        if batch is None:
-            return None, False
-        result: StepResult = train_step(self.parts, batch, self.schedule(self.step), stop=self._over_time)
-        return asdict(result), result.applied
-
-    def _over_time(self) -> bool:
-        return (self.time_limit is not None and self.info.is_main
-                and time.time() - self.start_time > self.time_limit)

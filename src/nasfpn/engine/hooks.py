@@ -1,0 +1,99 @@
+"""What a training run prints as it goes: progress bars or periodic lines, warnings, messages.
+
+Only rank 0 prints; ``quiet`` silences everything but warnings (proxy trainings of the search).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from .step import StepResult
+
+_PRINT_EVERY = 50  # steps between two progress lines when there is no progress bar
+_ETA_WINDOW = 20  # recent steps the remaining time is estimated from
+
+
+def fmt_time(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def bad_step_message(step: int, result: StepResult, streak: int, total: int, limit: int) -> str:
+    terms = ", ".join(f"{k}={v:.6g}" for k, v in result.losses().items())
+    return (f"step {step}: non-finite loss or gradient ({terms}, grad_norm={result.grad_norm:.6g}); update skipped "
+            f"({streak} in a row, {total} in total, stop after {limit} in a row)")
+
+
+def epoch_message(row: dict[str, Any], epochs: int, metrics: dict[str, Any] | None, elapsed: float) -> str:
+    """The line printed after an epoch (or a stopped part of one), from its ``metrics.csv`` row."""
+    metric_text = (f" | AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} AP75 {metrics['AP75']:.3f}"
+                   if metrics else "")
+    loss_text = f"loss {row['loss']:.4f}" if row["loss"] is not None else "no applied steps"
+    return (f"epoch {row['epoch']}/{epochs}{'' if row['complete'] else ' (partial)'}: {loss_text} "
+            f"lr {row['lr']:.4g} ({row['epoch_seconds']:.0f} s){metric_text} | elapsed {fmt_time(elapsed)}")
+
+
+class Console:
+    """Rank 0's output: ``log`` (stdout, or through tqdm while a bar is shown), ``warn``
+    (stderr, also when quiet), one progress bar per epoch or a line every 50 steps."""
+
+    def __init__(self, is_main: bool, quiet: bool, progress: bool | None) -> None:
+        self.is_main = is_main
+        self.quiet = quiet
+        self.progress = (not quiet and sys.stderr.isatty()) if progress is None else (progress and not quiet)
+        self._bar: Any = None
+        self._step_times: list[float] = []
+        self._last = 0.0
+
+    def log(self, text: str) -> None:
+        if self.is_main and not self.quiet:
+            if self.progress:
+                from tqdm import tqdm
+
+                tqdm.write(text)
+            else:
+                print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        if self.is_main:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
+    def start_epoch(self, epoch: int, epochs: int, done: int, total: int) -> None:
+        """Before the first step of ``epoch`` (``done`` of its ``total`` steps already done)."""
+        if self.progress and self.is_main:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="it",
+                             dynamic_ncols=True, leave=True)
+        self._last = time.time()
+
+    def step(self, result: StepResult | None, epoch: int, step: int, iter_in_epoch: int, iters_per_epoch: int,
+             steps_left: int) -> None:
+        """After a step (``step`` steps done in all; ``result`` None: the batch had no readable image)."""
+        now = time.time()
+        self._step_times.append(now - self._last)
+        self._last = now
+        if result is None:
+            self.log(f"step {step - 1}: no readable image in this batch; skipped")
+            return
+        if self._bar is not None:
+            recent = self._step_times[-_ETA_WINDOW:]
+            remaining = steps_left * (sum(recent) / len(recent))
+            self._bar.set_postfix_str(f"loss {result.loss:.4f} cls {result.loss_cls:.4f} "
+                                      f"box {result.loss_bbox:.4f} lr {result.lr:.3g} "
+                                      f"eta {fmt_time(remaining)}", refresh=False)
+            self._bar.update(1)
+        elif step % _PRINT_EVERY == 0:
+            self.log(f"epoch {epoch + 1} step {iter_in_epoch}/{iters_per_epoch}: loss {result.loss:.4f} "
+                     f"(cls {result.loss_cls:.4f}, box {result.loss_bbox:.4f}) lr {result.lr:.4g}")
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
