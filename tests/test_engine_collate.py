@@ -65,3 +65,6 @@ def test_batches_without_readable_images_are_skipped_by_the_trainer(tmp_path, ca
     log = tmp_path / "run" / "log.jsonl"
     assert (read_log(tmp_path / "run") if log.exists() else []) == []  # no step record
     assert result.history[0]["loss"] is None
+    # Such a step counts like any other: max_steps stops after it.
+    result = train(tiny_config(epochs=1), data, tmp_path / "run2", progress=False, quiet=True, max_steps=1)
+    assert result.status == "max_steps" and result.steps == 1

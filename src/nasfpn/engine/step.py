@@ -131,7 +131,8 @@ def move_batch(batch: Batch, device: torch.device, channels_last: bool = False) 
 
 
 def reduce_named(values: dict[str, torch.Tensor], world_size: int = 1) -> dict[str, float]:
-    """Sum each named scalar over the ranks in one all-reduce, and read them in one host sync."""
+    """Sum each named scalar over the ranks in one all-reduce, and read them in one host sync.
+    Every rank must pass the same names in the same order."""
     names = list(values)
     vec = torch.stack([values[k].detach().float().reshape(()) for k in names])
     if world_size > 1:
@@ -190,10 +191,10 @@ def train_step(parts: StepParts, batch: Batch, lr: float, stop: Callable[[], boo
     bad = (~torch.isfinite(terms)).any()
     if not scaler.is_enabled():  # with fp16 an overflow is the scaler's business
         bad = bad | ~torch.isfinite(grad_norm)
-    device = terms.device
+    # Every rank sends the same names, "stop" included, so the all-reduce lines up.
     shared = {**{k: terms[i] for i, k in enumerate(LOSS_KEYS)}, "num_pos": losses["num_pos"],
               "grad_norm": grad_norm, "bad": bad,
-              "stop": torch.tensor(float(stop is not None and stop()), device=device)}
+              "stop": torch.tensor(float(stop is not None and stop()), device=terms.device)}
     vals = reduce_named(shared, settings.world_size)  # the one host sync of the step
     world = settings.world_size
     applied = vals["bad"] == 0
