@@ -3,7 +3,6 @@ step, the stop flag; and that the trainer, ``bench --mode train`` and the demo's
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

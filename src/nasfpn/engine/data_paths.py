@@ -19,7 +19,7 @@ class DataPaths:
     val_images: str | Path | None = None
 
     @classmethod
-    def from_root(cls, root: str | Path, require_train: bool = True) -> "DataPaths":
+    def from_root(cls, root: str | Path, require_train: bool = True) -> DataPaths:
         """COCO 2017 (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``) or our
         synthetic layout (``annotations/instances_{train,val}.json``, ``train/``, ``val/``).
 

@@ -64,7 +64,7 @@ class TrainStep(nn.Module):
             return losses[0]
         out = dict(losses[-1])
         for key in ("loss", "loss_cls", "loss_bbox", "loss_cls_levels", "loss_bbox_levels"):
-            out[key] = torch.stack([l[key] for l in losses]).mean(dim=0)
+            out[key] = torch.stack([exit_losses[key] for exit_losses in losses]).mean(dim=0)
         return out
 
 
@@ -78,7 +78,7 @@ class StepSettings:
     world_size: int = 1
 
     @classmethod
-    def from_config(cls, t: TrainConfig, world_size: int = 1) -> "StepSettings":
+    def from_config(cls, t: TrainConfig, world_size: int = 1) -> StepSettings:
         return cls(grad_clip=t.grad_clip, channels_last=t.channels_last, world_size=world_size)
 
 

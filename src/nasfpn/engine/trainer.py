@@ -140,7 +140,7 @@ class _EpochCounts:
     start: float = field(default_factory=time.time)
     applied: int = 0
     skipped: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in LOSS_KEYS})
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS, 0.0))
 
     def add(self, result: StepResult) -> None:
         if result.applied:
@@ -223,15 +223,18 @@ class _Run:
         if resumed:
             log(f"resumed from {self.out_dir / 'last.pt'}: epoch {self.epoch + 1}, step {self.step}")
 
-    def _loader(self) -> torch.utils.data.DataLoader:
-        """One loader for the whole run: its workers stay alive across epochs (the batch list is
-        read in this process at each new pass, so it can change from epoch to epoch)."""
+    def _loader(self) -> tuple[torch.utils.data.DataLoader, D.BatchList]:
+        """One loader for the whole run, and its batch list: the workers stay alive across epochs
+        (the batch list is read in this process at each new pass, so it can change from epoch to
+        epoch)."""
         from ..data.collate import train_collate
         from ..fast import loader_settings
 
-        return torch.utils.data.DataLoader(self.train_ds, batch_sampler=D.BatchList([]),
-                                           collate_fn=train_collate(self.cfg.data),
-                                           **loader_settings(self.device, self.cfg.data.workers))
+        batch_list = D.BatchList([])
+        loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=batch_list,
+                                             collate_fn=train_collate(self.cfg.data),
+                                             **loader_settings(self.device, self.cfg.data.workers))
+        return loader, batch_list
 
     def _check_data(self) -> tuple[list, list]:
         """Data checks on rank 0, shared with the other ranks; raises the report on errors."""
@@ -368,11 +371,11 @@ class _Run:
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         self._setup()
-        loader = self._loader()
+        loader, batch_list = self._loader()
         status, message = "completed", ""
         while self.epoch < self.cfg.train.epochs:
             epoch = self.epoch
-            stop = self._train_epoch(loader, epoch)
+            stop = self._train_epoch(loader, batch_list, epoch)
             if stop is None or stop[0] != "diverged":  # diverged: no evaluation, no checkpoint (keep the good one)
                 self._end_epoch(epoch, stopped=stop is not None)
             if stop is not None:
@@ -381,11 +384,11 @@ class _Run:
         self.files.flush()
         return self._finish(status, message)
 
-    def _train_epoch(self, loader: torch.utils.data.DataLoader, epoch: int) -> Stop | None:
+    def _train_epoch(self, loader: torch.utils.data.DataLoader, batch_list: D.BatchList, epoch: int) -> Stop | None:
         """The remaining steps of ``epoch``; returns why the run stops, if it does before the epoch's end."""
         cfg = self.cfg
-        loader.batch_sampler.batches = D.epoch_batches(len(self.train_ds), cfg.data.batch_size, cfg.train.seed,
-                                                       epoch, self.info.rank, self.info.world_size)[self.iter_in_epoch:]
+        batch_list.batches = D.epoch_batches(len(self.train_ds), cfg.data.batch_size, cfg.train.seed,
+                                             epoch, self.info.rank, self.info.world_size)[self.iter_in_epoch:]
         self.counts = _EpochCounts()
         self.console.start_epoch(epoch, cfg.train.epochs, self.iter_in_epoch, self.iters_per_epoch)
         self.model.train()
