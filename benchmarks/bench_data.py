@@ -23,8 +23,8 @@ import statistics
 
 import torch
 
-from nasfpn.bench import bench_data, markdown_table
-from nasfpn.presets import get_config
+from nasfpn.apps.bench import bench_data, markdown_table
+from nasfpn.core.presets import get_config
 
 
 def cv2_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasfpn.bench import (add_interleaved_args, calibrate_scores, cpu_supports_bf16, environment, infer_step,
+from nasfpn.apps.bench import (add_interleaved_args, calibrate_scores, cpu_supports_bf16, environment, infer_step,
                           interleaved_with_load, markdown_table, median_ms, percentile, synthetic_images)
-from nasfpn.fast import optimize_for_inference
+from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.models.head import RetinaHead
-from nasfpn.presets import get_config
+from nasfpn.core.presets import get_config
 
 
 class AffineSepBNHead(nn.Module):
@@ -90,7 +90,7 @@ def accuracy_report(model_name: str, variants: dict) -> list[dict]:
     from PIL import Image
 
     from nasfpn.data.transforms import preprocess_batch
-    from nasfpn.interop.weights import load_into_model
+    from nasfpn.core.weights import load_into_model
 
     ref = _reference_dir()
     if ref is None:

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from nasfpn.bench import cpu_supports_bf16, markdown_table
+from nasfpn.apps.bench import cpu_supports_bf16, markdown_table
 
 VARIANTS = {
     "fp32": [],

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nasfpn.bench import environment, interleaved, median_ms
-from nasfpn.fast import optimize_for_inference
+from nasfpn.apps.bench import environment, interleaved, median_ms
+from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models import build_model
-from nasfpn.presets import get_config
+from nasfpn.core.presets import get_config
 
 
 def conv_rate(size: int, channels: int, rounds: int) -> float:

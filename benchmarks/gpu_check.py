@@ -247,7 +247,7 @@ def worker_env() -> None:
 
     import torch
 
-    from nasfpn.bench import environment
+    from nasfpn.apps.bench import environment
 
     info: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count(),
                             "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
@@ -284,7 +284,7 @@ def worker_torchvision(batches: list[int], device: str = "cuda", size: int = SIZ
     sys.path.insert(0, str(BENCHMARKS))
     from bench_vs_torchvision import calibrate_torchvision, torchvision_model, torchvision_step
 
-    from nasfpn.bench import PeakMemory, environment, latency_stats, synthetic_images
+    from nasfpn.apps.bench import PeakMemory, environment, latency_stats, synthetic_images
 
     dev = torch.device(device)
     model = torchvision_model(size, dev)
@@ -326,12 +326,12 @@ def worker_ddp(result: str, device: str = "cuda", steps: int = 5) -> None:
     import torch.distributed as dist
     from torch import nn
 
-    from nasfpn.bench import percentile, synthetic_targets
+    from nasfpn.apps.bench import percentile, synthetic_targets
     from nasfpn.engine import distributed as D
     from nasfpn.engine.trainer import TrainStep
-    from nasfpn.fast import make_sgd
+    from nasfpn.engine.optim import make_sgd
     from nasfpn.models import build_model
-    from nasfpn.presets import get_config
+    from nasfpn.core.presets import get_config
 
     info = D.init_distributed(device, timeout_minutes=2)
     dev = info.device

@@ -4,7 +4,7 @@
     python benchmarks/onnx_vs_eager.py --results benchmarks/RESULTS.md
 
 For each model: eager PyTorch (network, then ``models/postprocess.py``; also through
-``nasfpn.fast.optimize_for_inference``: BN folded, channels-last), the ONNX ``end2end``
+``nasfpn.deploy.fast.optimize_for_inference``: BN folded, channels-last), the ONNX ``end2end``
 file (network + NMS in one onnxruntime call) and the ONNX ``raw`` file (network in onnxruntime,
 post-processing in PyTorch). Weights are random with the class bias shifted so that about
 ``--pairs`` (anchor, class) pairs pass the 0.05 score threshold, as a trained model's few
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nasfpn.api import Detector
-from nasfpn.bench import calibrate_scores
-from nasfpn.interop import export as ex
-from nasfpn.interop.runtime import ort_session
+from nasfpn.deploy.predictor import Detector
+from nasfpn.apps.bench import calibrate_scores
+from nasfpn.deploy import export as ex
+from nasfpn.deploy.onnx_runtime import ort_session
 from nasfpn.models import build_model
 from nasfpn.models.postprocess import postprocess
-from nasfpn.presets import PRESETS
+from nasfpn.core.presets import PRESETS
 
 SECTION = "## ONNX Runtime vs eager PyTorch (CPU)"
 MODELS = ("retinanet_r50_fpn_crop640_50e", "retinanet_r50_nasfpn_crop640_50e")
@@ -104,7 +104,7 @@ def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int,
             out = model(batch)
             return postprocess(out[0], out[1], anchors, metas, model.num_classes, test_cfg)
 
-    from nasfpn.fast import optimize_for_inference
+    from nasfpn.deploy.fast import optimize_for_inference
 
     fast = optimize_for_inference(model)  # BN folded into convs, channels-last
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nasfpn.models import build_model
-from nasfpn.presets import get_config
+from nasfpn.core.presets import get_config
 
 TINY = "nasfpn_tiny"
 
@@ -61,7 +61,7 @@ def tiny_model(overrides: list[str] | None = None):
 
 def save_tiny_weights(path: Path, overrides: list[str] | None = None) -> Path:
     """Our .safetensors (weights + config) of the deterministic tiny model."""
-    from nasfpn.api import export_weights
+    from nasfpn.deploy.predictor import export_weights
 
     cfg, model = tiny_model(overrides)
     export_weights(model, cfg, path)

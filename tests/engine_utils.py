@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nasfpn.config import BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig, TrainConfig
+from nasfpn.core.config import BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig, TrainConfig
 from nasfpn.engine.data_paths import DataPaths
 
 SIZE = 128

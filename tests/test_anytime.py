@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nasfpn.config import (AnchorConfig, BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig,
+from nasfpn.core.config import (AnchorConfig, BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig,
                            TrainConfig)
 from nasfpn.models import build_model
-from nasfpn.presets import get_config
+from nasfpn.core.presets import get_config
 
 
 # Small tensors on a shared 2-core machine: one thread avoids contention.
@@ -107,7 +107,7 @@ def test_deep_supervision_gives_usable_detections_at_the_first_exit(tmp_path):
                    check_images=False)
     assert result.status == "completed"
     model = build_model(result.config.model, pretrained_backbone=False)
-    from nasfpn.interop.weights import load_into_model, read_weights
+    from nasfpn.core.weights import load_into_model, read_weights
 
     state, _, kind = read_weights(tmp_path / "run" / "last.safetensors")
     load_into_model(model, state, kind or "state_dict", "last.safetensors")

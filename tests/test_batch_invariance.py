@@ -20,11 +20,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from deploy_helpers import tiny_model
-from nasfpn.api import Detector, export_weights
+from nasfpn.deploy.predictor import Detector, export_weights
 from nasfpn.data.batching import ShapeBatchSampler, group_by_shape, padded_input_shape
 from nasfpn.data.synthetic import SyntheticSpec, render_image
 from nasfpn.data.transforms import preprocess_batch
-from nasfpn.interop.export import ParityReport, Tolerances, match_detections
+from nasfpn.deploy.export import ParityReport, Tolerances, match_detections
 
 # (H, W) at image_size 256 / pad 128: square, portrait and landscape that pad to other shapes,
 # an upscaled small image, a downscaled large one, and extreme aspect ratios.
@@ -111,7 +111,7 @@ def test_fast_path_bf16_is_batch_invariant_too():
 
 def _mixed_coco(root, sizes=SIZES, seed: int = 3):
     """A COCO-format dataset of synthetic shapes in images of the sizes above."""
-    from nasfpn.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+    from nasfpn.core.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 
     (root / "images").mkdir(parents=True)
     images, anns = [], []
@@ -161,13 +161,13 @@ def _eval_worker(rank: int, world: int, port: int, ann, images, weights, out) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from nasfpn.engine.evaluate import run_eval
+    from nasfpn.apps.evaluate import run_eval
 
     run_eval(None, weights, ann, images, out, device="cpu", batch_size=8, progress=False, print_fn=lambda *a: None)
 
 
 def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tmp_path):
-    from nasfpn.engine.evaluate import run_eval
+    from nasfpn.apps.evaluate import run_eval
 
     ann, images, weights = eval_case
     metrics = {}
@@ -189,7 +189,7 @@ def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tm
 
 
 def test_eval_bf16_fast_path_does_not_depend_on_batch_size(eval_case, tmp_path):
-    from nasfpn.engine.evaluate import run_eval
+    from nasfpn.apps.evaluate import run_eval
 
     ann, images, weights = eval_case
     for bs in (1, 8):

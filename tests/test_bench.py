@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from nasfpn import bench
+from nasfpn.apps import bench
 from nasfpn.cli import main
 from nasfpn.models import build_model
-from nasfpn.presets import get_config
+from nasfpn.core.presets import get_config
 
 TINY = get_config("nasfpn_tiny")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nasfpn.cli import main
-from nasfpn.config import Config, apply_overrides, config_from_dict, config_to_dict
-from nasfpn.presets import PRESETS, get_config
+from nasfpn.core.config import Config, apply_overrides, config_from_dict, config_to_dict
+from nasfpn.core.presets import PRESETS, get_config
 
 
 def test_seed_presets_carry_mmdetection_values():

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from nasfpn.config import DataConfig
+from nasfpn.core.config import DataConfig
 from nasfpn.data.checks import check_dataset
 from nasfpn.data.coco import CocoDataset, coco2017_paths
 from nasfpn.data.io import ImageReadError
-from nasfpn.data.transforms import TrainTransform, collate_train
+from nasfpn.data.collate import collate_train
+from nasfpn.data.transforms import TrainTransform
 
 CATEGORIES = [{"id": 42, "name": "kite"}, {"id": 3, "name": "car"}, {"id": 7, "name": "truck"}]
 

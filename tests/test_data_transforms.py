@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from nasfpn.config import DataConfig
+from nasfpn.core.config import DataConfig
+from nasfpn.data.collate import collate_train
 from nasfpn.data.transforms import (
     EvalTransform,
     TrainTransform,
     collate_eval,
-    collate_train,
     make_generator,
     normalize_batch,
     preprocess_batch,

@@ -98,7 +98,7 @@ def test_torchrun_cli(tmp_path):
     import subprocess
     import sys
 
-    from nasfpn.config import config_to_yaml
+    from nasfpn.core.config import config_to_yaml
 
     data = same_layout_data(tmp_path / "data", num=8)
     cfg_file = tmp_path / "cfg.yaml"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from nasfpn.demo import demo_config, plan_schedule, run_demo
-from nasfpn.presets import PRESETS
+from nasfpn.apps.demo import demo_config, plan_schedule, run_demo
+from nasfpn.core.presets import PRESETS
 
 
 def test_plan_keeps_a_schedule_that_fits():
@@ -50,7 +50,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 def test_fastest_setup_prefers_bf16_only_when_clearly_faster(monkeypatch):
     import torch
 
-    import nasfpn.demo as demo
+    import nasfpn.apps.demo as demo
 
     cfg = demo_config()
     threads = torch.get_num_threads()

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from engine_utils import read_log, synthetic_data, tiny_config
-from nasfpn.config import DataConfig
+from nasfpn.core.config import DataConfig
 from nasfpn.data.coco import CocoDataset
 from nasfpn.data.collate import collate_train, train_collate
 from nasfpn.data.transforms import TrainTransform
@@ -35,12 +35,6 @@ def test_collate_drops_and_counts_unreadable_samples(caplog):
     with caplog.at_level(logging.WARNING, logger="nasfpn.data.collate"):
         collate([_sample(3)])
     assert caplog.text == ""  # full batches say nothing
-
-
-def test_old_import_path_is_the_same_function():
-    from nasfpn.data import transforms
-
-    assert transforms.collate_train is collate_train
 
 
 def test_dataset_gives_none_when_resampling_finds_nothing(tmp_path, caplog):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine_utils import read_log, synthetic_data, tiny_config
-from nasfpn.config import config_to_yaml
+from nasfpn.core.config import config_to_yaml
 
 
 def _command(cfg_file, data, out, *extra):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nasfpn.config import TrainConfig
+from nasfpn.core.config import TrainConfig
 from nasfpn.engine import distributed as D
 from nasfpn.engine.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from nasfpn.engine.optim import build_optimizer, group_of, param_groups

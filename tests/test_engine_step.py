@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_utils import SIZE, tiny_config
-from nasfpn import bench
+from nasfpn.apps import bench
 from nasfpn.engine import step as S
 from nasfpn.models import RetinaNet, build_model
 
@@ -61,7 +61,7 @@ def test_stop_travels_with_the_step():
 
 
 def test_trainer_bench_and_demo_run_the_same_step(monkeypatch, tmp_path):
-    from nasfpn import demo
+    from nasfpn.apps import demo
     from nasfpn.engine import trainer
 
     assert trainer.train_step is S.train_step and trainer.TrainStep is S.TrainStep

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from engine_utils import read_log, synthetic_data, tiny_config
-from nasfpn.config import config_to_yaml
+from nasfpn.core.config import config_to_yaml
 from nasfpn.engine.trainer import DataPaths, TrainStep, train
-from nasfpn.eval.coco import STAT_KEYS
+from nasfpn.engine.coco_metrics import STAT_KEYS
 from nasfpn.models import RetinaNet, build_model
 
 

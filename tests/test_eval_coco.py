@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nasfpn.eval.coco import (
+from nasfpn.engine.coco_metrics import (
     STAT_KEYS,
     evaluate_detections,
     format_table,

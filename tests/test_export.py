@@ -20,12 +20,12 @@ from deploy_helpers import fill_deterministic, save_tiny_weights, tiny_config, t
 from PIL import Image
 from torchvision.ops import batched_nms
 
-from nasfpn.api import Detector, load
+from nasfpn.deploy.predictor import Detector, load
 from nasfpn.cli import main
 from nasfpn.data.synthetic import SyntheticSpec, render_image
-from nasfpn.interop import export as ex
-from nasfpn.interop.runtime import OnnxDetector, ort_session
-from nasfpn.presets import PRESETS
+from nasfpn.deploy import export as ex
+from nasfpn.deploy.onnx_runtime import OnnxDetector, ort_session
+from nasfpn.core.presets import PRESETS
 
 
 def _square_images(count: int = 2, side: int = 256) -> list[np.ndarray]:
@@ -354,7 +354,7 @@ def test_predict_cli_with_onnx_writes_the_same_predictions(end2end_onnx, tiny_we
 def test_serve_an_onnx_model(end2end_onnx, tiny_weights):
     from fastapi.testclient import TestClient
 
-    from nasfpn.serve import create_app
+    from nasfpn.apps.serve import create_app
 
     image = _square_images(1)[0]
     buf = io.BytesIO()
@@ -384,7 +384,7 @@ def test_export_fp16_with_loose_tolerances(tiny_weights, tmp_path):
 def _reference_filled(short: str, reference_dir: Path):
     from mmdet_reference import filled_state_dict
 
-    from nasfpn.interop.weights import load_into_model
+    from nasfpn.core.weights import load_into_model
     from nasfpn.models import build_model
 
     cfg = PRESETS[{"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}[short]]

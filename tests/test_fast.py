@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from nasfpn.bench import calibrate_scores, find_sync_points, synthetic_targets
-from nasfpn.fast import (FoldedRetinaHead, InferenceModel, autocast, fold_batchnorm, loader_settings, make_sgd,
-                         optimize_for_inference)
+from nasfpn.apps.bench import calibrate_scores, find_sync_points, synthetic_targets
+from nasfpn.core.precision import autocast
+from nasfpn.data.collate import loader_settings
+from nasfpn.deploy.fast import FoldedRetinaHead, InferenceModel, fold_batchnorm, optimize_for_inference
+from nasfpn.engine.optim import make_sgd
 from nasfpn.models import build_model
 from nasfpn.models.postprocess import select_topk
-from nasfpn.presets import get_config
-from nasfpn.structures import ImageMeta
+from nasfpn.core.presets import get_config
+from nasfpn.core.structures import ImageMeta
 
 # Small models covering every BN placement: BasicBlock and Bottleneck ResNets, FPN ConvBN,
 # NAS-FPN laterals / extra downsamples / ReLU-conv-BN cell convs, the separated-BN head.

@@ -69,7 +69,7 @@ def test_plan_covers_the_brief(gpu_check):
 
 def test_planned_bench_commands_parse(gpu_check):
     from nasfpn.cli import build_parser
-    from nasfpn.presets import PRESETS
+    from nasfpn.core.presets import PRESETS
 
     parser = build_parser()
     for s in gpu_check.plan():
@@ -81,8 +81,8 @@ def test_planned_bench_commands_parse(gpu_check):
 
 
 def test_bench_results_have_the_keys_read(gpu_check, one_thread):
-    from nasfpn.bench import bench_infer, bench_train
-    from nasfpn.presets import get_config
+    from nasfpn.apps.bench import bench_infer, bench_train
+    from nasfpn.core.presets import get_config
 
     # The smallest NAS-FPN (the keys do not depend on the model's size), on one thread: two
     # threads on a loaded small machine wait on each other for seconds.

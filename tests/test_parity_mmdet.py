@@ -16,10 +16,10 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from nasfpn.data.transforms import preprocess_batch
-from nasfpn.interop.weights import load_into_model
+from nasfpn.core.weights import load_into_model
 from nasfpn.models import build_model
 from nasfpn.models.postprocess import class_aware_nms
-from nasfpn.presets import PRESETS
+from nasfpn.core.presets import PRESETS
 
 from mmdet_reference import filled_state_dict, state_dict_sha256
 
@@ -149,7 +149,7 @@ def test_detections_match_mmdet(parity_model, reference_dir, image):
 def test_mixed_folder_at_default_batch_matches_mmdet(parity_model, reference_dir):
     """The 640x480 reference image predicted in one call with neighbours of other padded shapes (a
     portrait image, a small one scaled up) still gets MMDetection's detections."""
-    from nasfpn.api import Detector
+    from nasfpn.deploy.predictor import Detector
 
     short, cfg, model = parity_model
     _, landscape = (np.array(Image.open(reference_dir / name).convert("RGB")) for name in IMAGES)

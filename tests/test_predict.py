@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import nasfpn
-from nasfpn.api import export_weights
+from nasfpn.deploy.predictor import export_weights
 from nasfpn.models import build_model
-from nasfpn.presets import PRESETS
+from nasfpn.core.presets import PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nasfpn.config import config_to_dict
+from nasfpn.core.config import config_to_dict
 from nasfpn.models.nasfpn import parse_genotype
-from nasfpn.presets import get_config
+from nasfpn.core.presets import get_config
 from nasfpn.search.runner import LOG_NAME, SNAPSHOT_NAME, SearchSpec, read_log, search, trial_results
 
 ROOT = Path(__file__).resolve().parents[1]

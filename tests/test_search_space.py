@@ -168,7 +168,7 @@ def test_random_genotypes_build_run_backward_and_stack(gp):
 
 
 def test_random_genotype_in_a_tiny_detector():
-    from nasfpn.config import BackboneConfig, HeadConfig, ModelConfig, NeckConfig
+    from nasfpn.core.config import BackboneConfig, HeadConfig, ModelConfig, NeckConfig
     from nasfpn.models import build_model
 
     genotype = SearchSpace().sample(np.random.default_rng(3)).lower()

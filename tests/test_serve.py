@@ -17,7 +17,7 @@ import pytest
 from deploy_helpers import save_tiny_weights
 from PIL import Image
 
-from nasfpn.api import load
+from nasfpn.deploy.predictor import load
 from nasfpn.data.synthetic import SyntheticSpec, render_image
 
 MAX_UPLOAD_MB = 1

@@ -30,11 +30,11 @@ import torch
 
 from nasfpn.engine.optim import build_optimizer, group_of
 from nasfpn.engine.schedule import LRSchedule
-from nasfpn.interop.mmdet import rename_key
-from nasfpn.interop.weights import load_into_model
+from nasfpn.core.mmdet import rename_key
+from nasfpn.core.weights import load_into_model
 from nasfpn.models import build_model
 from nasfpn.models.boxes import BACKGROUND, IGNORE
-from nasfpn.presets import PRESETS
+from nasfpn.core.presets import PRESETS
 
 from mmdet_reference import filled_state_dict, state_dict_sha256
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nasfpn.vis import class_colour, draw_detections
+from nasfpn.data.vis import class_colour, draw_detections
 
 
 def test_draws_boxes_in_class_colours_without_touching_input():

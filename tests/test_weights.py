@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import nasfpn
-from nasfpn.interop.mmdet import convert_state_dict, rename_key
-from nasfpn.interop.weights import WeightsError, read_weights, save_safetensors
+from nasfpn.core.mmdet import convert_state_dict, rename_key
+from nasfpn.core.weights import WeightsError, read_weights, save_safetensors
 from nasfpn.models import build_model
-from nasfpn.presets import PRESETS
+from nasfpn.core.presets import PRESETS
 
 
 def _tiny_cfg():
@@ -58,7 +58,7 @@ def test_safetensors_round_trip_carries_config(tmp_path):
     cfg = _tiny_cfg()
     model = build_model(cfg.model, pretrained_backbone=False)
     path = tmp_path / "m.safetensors"
-    nasfpn.api.export_weights(model, cfg, path)
+    nasfpn.deploy.predictor.export_weights(model, cfg, path)
     det = nasfpn.load(weights=path)  # no config given: the file carries it
     assert det.config == cfg
     assert det.class_names == ("a", "b", "c") and det.category_ids == (1, 3, 7)
@@ -81,7 +81,7 @@ def test_mmdet_checkpoint_is_detected_and_converted(tmp_path):
     from nasfpn.cli import main
 
     cfg_file = tmp_path / "tiny.yaml"
-    cfg_file.write_text(nasfpn.config.config_to_yaml(cfg))
+    cfg_file.write_text(nasfpn.core.config.config_to_yaml(cfg))
     assert main(["convert", str(path), str(out), "--model", str(cfg_file)]) == 0
     assert nasfpn.load(weights=out).config == cfg
 
@@ -97,7 +97,7 @@ def test_inconsistent_shared_conv_aliases_are_refused():
 def test_wrong_model_reports_missing_unexpected_and_misshaped(tmp_path):
     cfg = _tiny_cfg()
     path = tmp_path / "m.safetensors"
-    nasfpn.api.export_weights(build_model(cfg.model, pretrained_backbone=False), cfg, path)
+    nasfpn.deploy.predictor.export_weights(build_model(cfg.model, pretrained_backbone=False), cfg, path)
     other = replace(cfg, model=replace(cfg.model, neck=replace(cfg.model.neck, stacks=3),
                                        head=replace(cfg.model.head, num_classes=4)),
                     data=replace(cfg.data, class_names=(), category_ids=()))
@@ -148,7 +148,7 @@ def test_non_checkpoint_files_get_a_clear_error(tmp_path):
 def test_url_weights_are_downloaded_once_to_the_cache(tmp_path, monkeypatch):
     cfg = _tiny_cfg()
     src = tmp_path / "served.safetensors"
-    save_safetensors(build_model(cfg.model, pretrained_backbone=False).state_dict(), src, nasfpn.config.config_to_dict(cfg))
+    save_safetensors(build_model(cfg.model, pretrained_backbone=False).state_dict(), src, nasfpn.core.config.config_to_dict(cfg))
     calls = []
 
     def fake_download(url, dst, progress=True):

@@ -1,8 +1,8 @@
 """nasfpn: RetinaNet detectors with FPN and NAS-FPN feature pyramids in pure PyTorch."""
 
-from .api import Detector, load
-from .config import Config
-from .presets import PRESETS, get_config
+from nasfpn.core.config import Config
+from nasfpn.core.presets import PRESETS, get_config
+from nasfpn.deploy.predictor import Detector, load
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .presets import get_config
+    from nasfpn.core.presets import get_config
 
     return get_config(args.model, args.overrides, args.config_file)
 
@@ -35,8 +35,8 @@ def _add_config(sub) -> None:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .config import config_to_dict, config_to_yaml
-    from .presets import PRESETS
+    from nasfpn.core.config import config_to_dict, config_to_yaml
+    from nasfpn.core.presets import PRESETS
 
     if args.list or not args.model:
         for name in PRESETS:
@@ -57,8 +57,8 @@ def _add_info(sub) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .models import build_model
-    from .models.summary import model_summary
+    from nasfpn.models import build_model
+    from nasfpn.models.summary import model_summary
 
     cfg = _config(args)
     model = build_model(cfg.model, pretrained_backbone=False)
@@ -89,7 +89,7 @@ def _add_convert(sub) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .api import export_weights, load
+    from nasfpn.deploy.predictor import export_weights, load
 
     det = load(_config(args), weights=args.src)
     export_weights(det, det.config, args.dst)
@@ -130,7 +130,7 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import run_predict
+    from nasfpn.apps.predict import run_predict
 
     model = None if args.model == "-" else args.model
     failed = run_predict(model, args.sources, args.weights, args.out, device=args.device, score_thr=args.score_thr,
@@ -198,11 +198,11 @@ def _add_search(sub) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search.runner import SearchSpec, evaluator_spec, search
+    from nasfpn.search.runner import SearchSpec, evaluator_spec, search
 
     out = Path(args.out)
     if args.compare:
-        from .search.plots import compare_searches
+        from nasfpn.search.plots import compare_searches
 
         compare_searches(args.compare, out)
         print((out / "compare.md").read_text(), end="")
@@ -212,7 +212,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if args.trials is not None:
             spec = SearchSpec.from_dict({**spec.to_dict(), "trials": args.trials})
     else:
-        from .search.proxy import FakeEvaluator, ProxySettings, prepare_proxy_task
+        from nasfpn.search.proxy import FakeEvaluator, ProxySettings, prepare_proxy_task
 
         options = {"evolution": {"population_size": args.population, "sample_size": args.tournament},
                    "ppo": {"batch_size": args.ppo_batch, "epochs": args.ppo_epochs, "lr": args.ppo_lr,
@@ -278,8 +278,8 @@ def _add_export(sub) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     import time
 
-    from .api import load
-    from .interop.export import ExportError, export
+    from nasfpn.deploy.export import ExportError, export
+    from nasfpn.deploy.predictor import load
 
     if args.format == "torch-export" and args.contract != "end2end":
         print("note: --contract applies to ONNX only; torch-export holds the network (tensors in, head maps out)",
@@ -288,12 +288,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.model == "-":
         det = load(None, weights=args.weights, overrides=overrides)
     else:
-        from .presets import get_config
+        from nasfpn.core.presets import get_config
 
         det = load(get_config(args.model, overrides, args.config_file), weights=args.weights)
     images = None
     if args.sample:
-        from .data.io import list_images, read_image
+        from nasfpn.data.io import list_images, read_image
 
         images = [read_image(p) for p in list_images(args.sample)]
     if args.fixed_size:
@@ -341,8 +341,8 @@ def _add_serve(sub) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .predict import load_detector
-    from .serve import ServeSettings, run_server
+    from nasfpn.apps.predict import load_detector
+    from nasfpn.apps.serve import ServeSettings, run_server
 
     settings = ServeSettings(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
                              max_upload_mb=args.max_upload_mb)
@@ -370,7 +370,7 @@ def _add_check_data(sub) -> None:
 def _cmd_check_data(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .data.checks import check_dataset, format_report, has_errors
+    from nasfpn.data.checks import check_dataset, format_report, has_errors
 
     problems = check_dataset(args.ann_file, args.image_dir, check_images=not args.no_images, verify=args.verify,
                              workers=args.workers, progress=sys.stderr.isatty())
@@ -393,7 +393,7 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
 
 
 def _data_paths(args: argparse.Namespace):
-    from .engine.trainer import DataPaths
+    from nasfpn.engine.trainer import DataPaths
 
     if args.data:
         paths = DataPaths.from_root(args.data)
@@ -442,8 +442,8 @@ def _add_train(sub) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from .config import apply_overrides
-    from .presets import get_config
+    from nasfpn.core.config import apply_overrides
+    from nasfpn.core.presets import get_config
 
     model = args.model
     if model is None:
@@ -465,7 +465,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.trainer import train
+    from nasfpn.engine.trainer import train
 
     cfg = _train_config(args)
     result = train(cfg, _data_paths(args), args.out, resume=args.resume, device=args.device,
@@ -503,7 +503,7 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.evaluate import run_eval, score_results
+    from nasfpn.apps.evaluate import run_eval, score_results
 
     if args.results or args.ann:
         if not (args.results and args.ann):
@@ -513,7 +513,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.weights:
         raise ValueError("give --weights (or --ann and --results to score an existing results file)")
     if args.data:
-        from .engine.trainer import DataPaths
+        from nasfpn.engine.trainer import DataPaths
 
         paths = DataPaths.from_root(args.data, require_train=False)
         if paths.val_ann is None:
@@ -546,7 +546,7 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from nasfpn.apps.demo import run_demo
 
     result = run_demo(args.out, minutes=args.minutes, device=args.device, seed=args.seed, overrides=args.overrides,
                       progress=False if args.no_progress else None)
@@ -588,7 +588,7 @@ def _add_bench(sub) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_data, bench_infer, bench_train, format_result
+    from nasfpn.apps.bench import bench_data, bench_infer, bench_train, format_result
 
     if args.threads:
         torch.set_num_threads(args.threads)

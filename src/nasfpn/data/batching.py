@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..structures import ImageMeta
-from .transforms import Sample, collate_eval, rescale_size, round_up
+from nasfpn.core.structures import ImageMeta
+from nasfpn.data.transforms import Sample, collate_eval, rescale_size, round_up
 
 Shape = tuple[int, int]
 

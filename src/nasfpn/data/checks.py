@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import ImageReadError, image_size, read_image, read_json
+from nasfpn.data.io import ImageReadError, image_size, read_image, read_json
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checks import ERROR, Problem, is_image_size
-from .io import ImageReadError, read_image, read_json
-from .transforms import Sample, make_generator
+from nasfpn.data.checks import ERROR, Problem, is_image_size
+from nasfpn.data.io import ImageReadError, read_image, read_json
+from nasfpn.data.transforms import Sample, make_generator
 
 logger = logging.getLogger(__name__)
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -72,6 +71,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from nasfpn.core.fileio import write_json_atomic
 
 SHAPE_NAMES: tuple[str, ...] = (
     "ellipse", "rectangle", "triangle", "star", "ring", "cross", "diamond", "crescent",
@@ -445,14 +446,6 @@ def _render(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- writing a dataset
 
 
-def _write_json_atomic(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _render_and_save(args: tuple[SyntheticSpec, int, str, int, str]) -> list[dict[str, Any]]:
     spec, seed, split, index, path = args
     pixels, objects = render_image(spec, seed, split, index)
@@ -500,7 +493,7 @@ def _generate_split(spec: SyntheticSpec, seed: int, split: str, num: int, image_
             )
     categories = [{"id": cid, "name": name, "supercategory": "shape"}
                   for cid, name in zip(spec.category_ids, spec.class_names)]
-    _write_json_atomic({"images": images, "annotations": annotations, "categories": categories}, ann_path)
+    write_json_atomic({"images": images, "annotations": annotations, "categories": categories}, ann_path, indent=None)
 
 
 def generate_dataset(
@@ -554,7 +547,7 @@ def generate_dataset(
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     _generate_split(spec, seed, "train", num_train, result.train_images, result.train_annotations, workers)
     _generate_split(spec, seed, "val", num_val, result.val_images, result.val_annotations, workers)
-    _write_json_atomic(manifest, manifest_path)
+    write_json_atomic(manifest, manifest_path, indent=None)
     return result
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as nnf
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from ..structures import ImageMeta
+from nasfpn.core.structures import ImageMeta
 
 Sample = dict[str, Any]
 """One dataset item: ``image`` uint8 ``(3, H, W)``, ``boxes`` float32 ``(M, 4)``, ``labels`` int64
@@ -356,12 +356,3 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
             out[i, :, h:, :] = 0
             out[i, :, :, w:] = 0
     return out
-
-
-def __getattr__(name: str) -> Any:
-    # The training collate moved to data/collate.py; old imports from here keep working.
-    if name == "collate_train":
-        from .collate import collate_train
-
-        return collate_train
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

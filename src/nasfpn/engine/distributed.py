@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.transforms import make_generator
+from nasfpn.data.transforms import make_generator
 
 ORDER_STREAM = 0x6F726472
 """Third seed part of the data-order generator (sample generators use the image index there)."""

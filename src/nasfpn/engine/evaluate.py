@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config
-from . import distributed as D
+from nasfpn.core.config import Config
+from nasfpn.core.precision import autocast_dtype
+from nasfpn.engine import distributed as D
 
 
 def _progress_enabled(progress: bool | None) -> bool:
@@ -38,7 +38,7 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
     Returns one dict per image: ``image_id``, ``boxes`` (D, 4) xyxy original pixels, ``scores``,
     ``labels`` (numpy).
     """
-    from ..data.batching import ShapeBatchSampler, collate_eval_groups
+    from nasfpn.data.batching import ShapeBatchSampler, collate_eval_groups
 
     device = torch.device(device)
     was_training = model.training
@@ -56,7 +56,7 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
     show = _progress_enabled(progress) and rank == 0
     from tqdm import tqdm
 
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    amp_dtype = autocast_dtype(amp)
     for groups in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False, dynamic_ncols=True):
         for images, metas, infos in groups:
             if not infos:
@@ -64,7 +64,7 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(images)
             outputs = ([m.float() for m in outputs[0]], [m.float() for m in outputs[1]])
             dets = model.postprocess(outputs, metas)
@@ -81,8 +81,8 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
 
 def build_eval_dataset(ann_file: str | Path, image_dir: str | Path, cfg: Config,
                        category_ids: tuple[int, ...] | None = None):
-    from ..data.coco import CocoDataset
-    from ..data.transforms import EvalTransform
+    from nasfpn.data.coco import CocoDataset
+    from nasfpn.data.transforms import EvalTransform
 
     return CocoDataset(ann_file, image_dir, EvalTransform(cfg.data.image_size),
                        category_ids=list(category_ids) if category_ids else None, on_read_error="skip")
@@ -90,7 +90,7 @@ def build_eval_dataset(ann_file: str | Path, image_dir: str | Path, cfg: Config,
 
 def category_ids_for(cfg: Config, ann_file: str | Path | None = None) -> tuple[int, ...]:
     """Dataset category id of each model label: the config's, or COCO's for an 80-class model."""
-    from ..classes import COCO_CATEGORY_IDS
+    from nasfpn.core.classes import COCO_CATEGORY_IDS
 
     if cfg.data.category_ids:
         return tuple(cfg.data.category_ids)
@@ -98,7 +98,7 @@ def category_ids_for(cfg: Config, ann_file: str | Path | None = None) -> tuple[i
     if k == 80:
         return tuple(COCO_CATEGORY_IDS)
     if ann_file is not None:
-        from ..data.coco import load_coco_json
+        from nasfpn.data.coco import load_coco_json
 
         ids = sorted(int(c["id"]) for c in load_coco_json(ann_file)["categories"])
         if len(ids) == k:
@@ -117,7 +117,7 @@ def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_di
     ``metrics`` has the 12 COCO statistics (``AP``, ``AP50``, ...), ``per_class`` AP and
     ``eval_seconds``; ``results`` is the COCO results list (dataset category ids).
     """
-    from ..eval.coco import evaluate_detections, results_from_predictions
+    from nasfpn.engine.coco_metrics import evaluate_detections, results_from_predictions
 
     start = time.time()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -138,69 +138,8 @@ def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_di
     return metrics, results
 
 
-@dataclass
-class EvalOutcome:
-    metrics: dict[str, Any]
-    results_path: Path | None
-    metrics_path: Path | None
-
-
-def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, ann_file: str | Path,
-             image_dir: str | Path, out_dir: str | Path | None = None, device: str | None = None,
-             batch_size: int = 8, workers: int = 0, overrides: list[str] | None = None,
-             config_file: str | Path | None = None, progress: bool | None = None,
-             optimize: bool | dict[str, Any] = False, print_fn=print) -> EvalOutcome | None:
-    """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
-    ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
-    ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0.
-    ``optimize``: evaluate the fast path (``nasfpn.fast``), e.g. ``{"precision": "bf16"}``."""
-    from ..api import load
-    from ..eval.coco import format_table, write_metrics_json
-    from ..presets import get_config
-    from ..predict import write_json_atomic
-
-    info = D.init_distributed(device)
-    try:
-        if isinstance(model_or_config, (str, Path)) and str(model_or_config) != "-":
-            cfg = get_config(model_or_config, overrides, config_file)
-            det = load(cfg, weights=weights, device=info.device, optimize=optimize)
-        else:
-            det = load(model_or_config if isinstance(model_or_config, Config) else None, weights=weights,
-                       device=info.device, overrides=overrides, optimize=optimize)
-        cfg = det.config
-        metrics, results = evaluate_model(det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers,
-                                          progress=progress)
-        if not info.is_main:
-            return None
-        assert metrics is not None
-        results_path = metrics_path = None
-        if out_dir is not None:
-            out = Path(out_dir)
-            results_path = out / "results.json"
-            write_json_atomic(results, results_path)
-            metrics_path = write_metrics_json({"model": cfg.name, "weights": str(weights), "ann_file": str(ann_file),
-                                               "optimize": optimize, **metrics}, out / "metrics.json")
-        print_fn(format_table(metrics))
-        print_fn(f"{metrics['num_images']} images in {metrics['eval_seconds']:.1f} s")
-        return EvalOutcome(metrics, results_path, metrics_path)
-    finally:
-        D.cleanup(info)
-
-
-def score_results(ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None,
-                  print_fn=print) -> dict[str, Any]:
-    """Score an existing COCO results file against ground truth (no model involved)."""
-    from ..eval.coco import evaluate_detections, format_table, write_metrics_json
-
-    metrics = evaluate_detections(ann_file, results_file)
-    print_fn(format_table(metrics))
-    if json_out is not None:
-        write_metrics_json(metrics, json_out)
-    return metrics
-
-
 def to_numpy_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The 12 scalar statistics only (for CSV rows and plots)."""
-    from ..eval.coco import STAT_KEYS
+    from nasfpn.engine.coco_metrics import STAT_KEYS
 
     return {k: float(np.float64(metrics[k])) for k in STAT_KEYS if k in metrics}

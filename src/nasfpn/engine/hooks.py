@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from .step import StepResult
+from nasfpn.engine.step import StepResult
 
 _PRINT_EVERY = 50  # steps between two progress lines when there is no progress bar
 _ETA_WINDOW = 20  # recent steps the remaining time is estimated from

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from nasfpn.core.config import TrainConfig
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -75,8 +75,6 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
     """SGD (momentum, no dampening, no Nesterov) over ``param_groups``; ``lr`` is overwritten every step.
     On CUDA the update is the fused single-kernel one."""
-    from ..fast import make_sgd
-
     groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -89,3 +87,9 @@ def group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict | No
         if any(p is param for p in group["params"]):
             return {k: v for k, v in group.items() if k not in ("params", "param_names")}
     return None
+
+
+def make_sgd(params, lr: float, momentum: float, weight_decay: float, device: torch.device | str) -> torch.optim.SGD:
+    """SGD with the fused (single-kernel) update on CUDA, the default foreach update elsewhere."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, config_to_yaml
-from .checkpoint import atomic_write_text, model_is_finite, save_checkpoint
-from .step import LOSS_KEYS, StepResult
+from nasfpn.core.config import Config, config_to_yaml
+from nasfpn.core.fileio import copy_atomic, write_text_atomic
+from nasfpn.engine.checkpoint import model_is_finite, save_checkpoint
+from nasfpn.engine.step import LOSS_KEYS, StepResult
 
 _LOG_BLOCK = 50  # log lines kept in memory before they are appended to log.jsonl
 
@@ -40,7 +40,7 @@ class RunFiles:
 
     def config(self, cfg: Config) -> None:
         if self.enabled:
-            atomic_write_text(config_to_yaml(cfg), self.out_dir / "config.yaml")
+            write_text_atomic(config_to_yaml(cfg), self.out_dir / "config.yaml")
 
     # ------------------------------------------------------------------ log.jsonl
     def start_log(self, resume_step: int | None) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ class RunFiles:
                 if rec.get("step", resume_step) < resume_step:
                     kept.append(rec)
         if self.enabled:
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), path)
+            write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), path)
         return kept
 
     def step(self, record: dict[str, Any]) -> None:
@@ -82,7 +82,7 @@ class RunFiles:
     def metrics_csv(self, history: list[dict[str, Any]]) -> None:
         if not self.enabled or not history:
             return
-        from ..eval.coco import STAT_KEYS
+        from nasfpn.engine.coco_metrics import STAT_KEYS
 
         cols = ["epoch", "step", "lr", "loss", "loss_cls", "loss_bbox", "skipped_steps", "epoch_seconds", *STAT_KEYS]
         lines = [",".join(cols)]
@@ -92,7 +92,7 @@ class RunFiles:
                 v = row.get(c)
                 vals.append("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)))
             lines.append(",".join(vals))
-        atomic_write_text("\n".join(lines) + "\n", self.out_dir / "metrics.csv")
+        write_text_atomic("\n".join(lines) + "\n", self.out_dir / "metrics.csv")
 
     def metrics_json(self, metrics: dict[str, Any]) -> None:
         self._json(metrics, "metrics.json")
@@ -102,7 +102,7 @@ class RunFiles:
 
     def _json(self, obj: dict[str, Any], name: str) -> None:
         if self.enabled:
-            from ..eval.coco import write_metrics_json
+            from nasfpn.engine.coco_metrics import write_metrics_json
 
             write_metrics_json(obj, self.out_dir / name)
 
@@ -120,7 +120,7 @@ class RunFiles:
         ``best``). A model with non-finite values is not written (the previous files stay): False."""
         if not self.enabled:
             return True
-        from ..interop.weights import save_safetensors
+        from nasfpn.core.weights import save_safetensors
 
         if not model_is_finite(state["model"]):
             return False
@@ -129,9 +129,9 @@ class RunFiles:
         if weights:
             save_safetensors(state["model"], self.out_dir / "last.safetensors", state["config"])
         if best:
-            _copy_atomic(self.out_dir / "last.pt", self.out_dir / "best.pt")
+            copy_atomic(self.out_dir / "last.pt", self.out_dir / "best.pt")
             if weights:
-                _copy_atomic(self.out_dir / "last.safetensors", self.out_dir / "best.safetensors")
+                copy_atomic(self.out_dir / "last.safetensors", self.out_dir / "best.safetensors")
         return True
 
 
@@ -140,12 +140,6 @@ def step_record(result: StepResult, step: int, epoch: int, iter_in_epoch: int) -
     return {"step": step, "epoch": epoch, "iter": iter_in_epoch, "lr": result.lr,
             **{k: getattr(result, k) for k in LOSS_KEYS}, "num_pos": result.num_pos,
             "grad_norm": result.grad_norm, "skipped": not result.applied}
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 # --------------------------------------------------------------------------- curves

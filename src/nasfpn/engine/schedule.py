@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import TrainConfig
+from nasfpn.core.config import TrainConfig
 
 
 def scaled_lr(base_lr: float, base_batch_size: int, total_batch: int) -> float:

@@ -22,16 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from . import distributed as D
-from .schedule import set_lr
+from nasfpn.core.config import TrainConfig
+from nasfpn.core.precision import autocast_dtype
+from nasfpn.engine import distributed as D
+from nasfpn.engine.schedule import set_lr
 
 LOSS_KEYS = ("loss", "loss_cls", "loss_bbox")
 
 Batch = tuple[torch.Tensor, list[dict[str, Any]]]
 """``(images (N, 3, H, W) float32, targets)`` as ``data.collate.collate_train`` makes them."""
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 class TrainStep(nn.Module):
@@ -44,10 +43,8 @@ class TrainStep(nn.Module):
 
     def __init__(self, model: nn.Module, amp: str = "none", deep_supervision: bool = False) -> None:
         super().__init__()
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
         self.model = model
-        self.amp_dtype = AMP_DTYPES[amp]
+        self.amp_dtype = autocast_dtype(amp)  # ValueError for an unknown precision
         self.deep_supervision = deep_supervision and getattr(model, "num_stacks", 1) > 1
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -158,7 +155,7 @@ def build_step_parts(model: nn.Module, t: TrainConfig, lr: float, deep_supervisi
     """The parts of the trainer's step for ``model`` (on its device) under train config ``t``:
     ``TrainStep`` with ``t.amp``, SGD with the trainer's parameter groups, the scaler, the buffer
     backup and the step settings."""
-    from .optim import build_optimizer
+    from nasfpn.engine.optim import build_optimizer
 
     loss_module = TrainStep(model, t.amp, deep_supervision)
     device = next(model.parameters()).device

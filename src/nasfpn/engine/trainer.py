@@ -34,15 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, config_from_dict, config_to_dict
-from . import distributed as D
-from .checkpoint import clean_state_dict, load_checkpoint, rng_state, set_rng_state
-from .data_paths import DataPaths
-from .determinism import set_determinism
-from .hooks import Console, bad_step_message, epoch_message, fmt_time
-from .run_dir import RunFiles, step_record
-from .schedule import LRSchedule, scaled_lr
-from .step import LOSS_KEYS, StepResult, TrainStep, build_step_parts, train_step
+from nasfpn.core.config import Config, config_from_dict, config_to_dict
+from nasfpn.engine import distributed as D
+from nasfpn.engine.checkpoint import clean_state_dict, load_checkpoint, rng_state, set_rng_state
+from nasfpn.engine.data_paths import DataPaths
+from nasfpn.engine.determinism import set_determinism
+from nasfpn.engine.hooks import Console, bad_step_message, epoch_message, fmt_time
+from nasfpn.engine.run_dir import RunFiles, step_record
+from nasfpn.engine.schedule import LRSchedule, scaled_lr
+from nasfpn.engine.step import LOSS_KEYS, StepResult, TrainStep, build_step_parts, train_step
 
 __all__ = ["DataPaths", "TrainResult", "TrainStep", "train"]
 
@@ -227,8 +227,7 @@ class _Run:
         """One loader for the whole run, and its batch list: the workers stay alive across epochs
         (the batch list is read in this process at each new pass, so it can change from epoch to
         epoch)."""
-        from ..data.collate import train_collate
-        from ..fast import loader_settings
+        from nasfpn.data.collate import loader_settings, train_collate
 
         batch_list = D.BatchList([])
         loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=batch_list,
@@ -238,7 +237,7 @@ class _Run:
 
     def _check_data(self) -> tuple[list, list]:
         """Data checks on rank 0, shared with the other ranks; raises the report on errors."""
-        from ..data.checks import DataCheckError, validate_dataset
+        from nasfpn.data.checks import DataCheckError, validate_dataset
 
         result: Any = None
         if self.info.is_main:
@@ -264,8 +263,8 @@ class _Run:
         return result[1], result[2]
 
     def _datasets(self, train_problems: list) -> None:
-        from ..data.coco import CocoDataset
-        from ..data.transforms import TrainTransform
+        from nasfpn.data.coco import CocoDataset
+        from nasfpn.data.transforms import TrainTransform
 
         d = self.cfg.data
         self.train_ds = CocoDataset(
@@ -279,7 +278,7 @@ class _Run:
         self.cfg = _classes_from_dataset(self.cfg, self.train_ds)
         self.val_ds = None
         if self.data.val_ann is not None:
-            from .evaluate import build_eval_dataset
+            from nasfpn.engine.evaluate import build_eval_dataset
 
             if self.data.val_images is None:
                 raise ValueError("val_ann is given without val_images")
@@ -308,7 +307,7 @@ class _Run:
         return ckpt
 
     def _build(self, ckpt: dict[str, Any] | None) -> None:
-        from ..models import build_model
+        from nasfpn.models import build_model
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -457,7 +456,7 @@ class _Run:
         row = _epoch_row(epoch, self.step_log, self.counts, self.step, self.schedule(max(self.step - 1, 0)), complete)
         is_best = False
         if metrics is not None:
-            from .evaluate import to_numpy_metrics
+            from nasfpn.engine.evaluate import to_numpy_metrics
 
             row.update(to_numpy_metrics(metrics))
             row["metrics"] = dict(metrics)
@@ -508,7 +507,7 @@ class _Run:
             self.console.warn("the model holds non-finite values: checkpoint not written (the previous one is kept)")
 
     def evaluate(self) -> dict[str, Any] | None:
-        from .evaluate import evaluate_model
+        from nasfpn.engine.evaluate import evaluate_model
 
         if self.val_ds is None:
             return None

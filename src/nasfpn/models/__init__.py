@@ -1,6 +1,6 @@
 """Model parts: backbone, necks, head, anchors, boxes, losses, post-processing, detector."""
 
-from .detector import RetinaNet, build_model
-from .nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype
+from nasfpn.models.detector import RetinaNet, build_model
+from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype
 
 __all__ = ["RetinaNet", "build_model", "Genotype", "Cell", "NASFPN_GENOTYPE", "FPN_GENOTYPE", "parse_genotype"]

@@ -88,7 +88,7 @@ class ResNet(nn.Module):
 
     def load_imagenet(self, source: str) -> None:
         """Load ImageNet weights: "torchvision", an http(s) URL, or a local file (torchvision layout)."""
-        from ..interop.weights import load_state_dict_file, resolve_source
+        from nasfpn.core.weights import load_state_dict_file, resolve_source
 
         if source == "torchvision":
             if self.depth not in _TORCHVISION_WEIGHTS:

@@ -16,16 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig, TestConfig
-from ..structures import ImageMeta
-from .anchors import AnchorGenerator
-from .backbone import ResNet, build_backbone
-from .boxes import MaxIoUAssigner
-from .fpn import FPN
-from .head import RetinaHead
-from .losses import RetinaLoss
-from .nasfpn import NASFPN, parse_genotype
-from .postprocess import postprocess
+from nasfpn.core.config import ModelConfig, TestConfig
+from nasfpn.core.structures import ImageMeta
+from nasfpn.models.anchors import AnchorGenerator
+from nasfpn.models.backbone import ResNet, build_backbone
+from nasfpn.models.boxes import MaxIoUAssigner
+from nasfpn.models.fpn import FPN
+from nasfpn.models.head import RetinaHead
+from nasfpn.models.losses import RetinaLoss
+from nasfpn.models.nasfpn import NASFPN, parse_genotype
+from nasfpn.models.postprocess import postprocess
 
 Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 

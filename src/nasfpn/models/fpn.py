@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBN, xavier_uniform_
+from nasfpn.models.layers import ConvBN, xavier_uniform_
 
 
 class FPN(nn.Module):

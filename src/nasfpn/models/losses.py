@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from .boxes import IGNORE, MaxIoUAssigner, encode
+from nasfpn.models.boxes import IGNORE, MaxIoUAssigner, encode
 
 _EPS = float(torch.finfo(torch.float32).eps)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ConvBN, caffe2_xavier_
+from nasfpn.models.layers import ConvBN, caffe2_xavier_
 
 LEVELS = (3, 4, 5, 6, 7)
 OPS = ("sum", "gp", "gp_tf")

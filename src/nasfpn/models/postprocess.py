@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms
 
-from ..config import TestConfig
-from ..structures import ImageMeta
-from .boxes import decode
+from nasfpn.core.config import TestConfig
+from nasfpn.core.structures import ImageMeta
+from nasfpn.models.boxes import decode
 
 
 def _best_logit_per_anchor(cls: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .detector import RetinaNet
+from nasfpn.models.detector import RetinaNet
 
 
 def count_params(module: torch.nn.Module) -> int:

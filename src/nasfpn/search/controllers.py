@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .space import PaperGenotype, SearchSpace
+from nasfpn.search.space import PaperGenotype, SearchSpace
 
 
 class Controller(ABC):

@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-from ..models.nasfpn import LEVELS  # noqa: E402
-from .runner import trial_results  # noqa: E402
-from .space import NUM_INPUTS, PaperGenotype, pool_name  # noqa: E402
+from nasfpn.models.nasfpn import LEVELS  # noqa: E402
+from nasfpn.search.runner import trial_results  # noqa: E402
+from nasfpn.search.space import NUM_INPUTS, PaperGenotype, pool_name  # noqa: E402
 
 OP_COLOURS = {"sum": "#9ecae1", "gp": "#fdae6b", "gp_tf": "#a1d99b"}
 
@@ -190,7 +190,7 @@ def compare_searches(dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
     per search). Returns the rows."""
     import json
 
-    from .runner import LOG_NAME, SearchSpec, baseline_results, read_log, summarize
+    from nasfpn.search.runner import LOG_NAME, SearchSpec, baseline_results, read_log, summarize
 
     out_dir = Path(out_dir)
     runs, rows, baselines = {}, [], {}

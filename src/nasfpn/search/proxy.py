@@ -19,9 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from ..config import (AnchorConfig, BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig,
-                      TrainConfig)
-from ..models.nasfpn import LEVELS, NASFPN_GENOTYPE, Genotype
+from nasfpn.core.config import (
+    AnchorConfig,
+    BackboneConfig,
+    Config,
+    DataConfig,
+    HeadConfig,
+    ModelConfig,
+    NeckConfig,
+    TrainConfig,
+)
+from nasfpn.core.fileio import write_json_atomic, write_text_atomic
+from nasfpn.models.nasfpn import LEVELS, NASFPN_GENOTYPE, Genotype
 
 PAPER_HELD_OUT = 7392
 """Images the paper held out of COCO train2017 to reward architectures."""
@@ -37,7 +46,7 @@ def split_held_out(ann_file: str | Path, out_dir: str | Path, held_out: int | fl
     split. Writes ``{stem}_search_train.json`` and ``{stem}_search_heldout.json`` (same image
     folder as the input) under ``out_dir`` and returns their paths.
     """
-    from ..data.coco import load_coco_json
+    from nasfpn.data.coco import load_coco_json
 
     ann_file = Path(ann_file)
     data = load_coco_json(ann_file)
@@ -63,9 +72,7 @@ def split_held_out(ann_file: str | Path, out_dir: str | Path, held_out: int | fl
         path = out_dir / f"{ann_file.stem}_search_{name}.json"
         text = json.dumps(parts[name])
         if not (path.is_file() and path.read_text() == text):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomic(text, path)
         paths.append(path)
     return paths[0], paths[1]
 
@@ -154,7 +161,7 @@ class ProxyTask:
                    heldout_images: str | Path | None = None, settings: ProxySettings | None = None,
                    keep_weights: bool = False) -> "ProxyTask":
         """A task whose classes are those of the train annotation file (sorted by category id)."""
-        from ..data.coco import load_coco_json
+        from nasfpn.data.coco import load_coco_json
 
         cats = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in load_coco_json(train_ann)["categories"])
         return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
@@ -165,8 +172,8 @@ class ProxyTask:
         return proxy_config(genotype, settings, len(self.class_names), self.class_names, self.category_ids)
 
     def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
-        from ..models import build_model
-        from ..models.summary import count_flops, count_params
+        from nasfpn.models import build_model
+        from nasfpn.models.summary import count_flops, count_params
 
         cfg = self.config(genotype)
         model = build_model(cfg.model, pretrained_backbone=False)
@@ -186,7 +193,7 @@ class ProxyTask:
 
     def _run(self, cfg: Config, run_dir: Path, device: str) -> dict[str, float]:
         """One proxy training: held-out AP, AP50, AP75 and its training seconds."""
-        from ..engine.trainer import DataPaths, train
+        from nasfpn.engine.trainer import DataPaths, train
 
         done = run_dir / "proxy_result.json"
         if done.is_file():
@@ -203,9 +210,7 @@ class ProxyTask:
             raise RuntimeError(f"proxy training gave no held-out metrics ({result.status}: {result.message})")
         out = {k: float(metrics[k]) for k in ("AP", "AP50", "AP75") if k in metrics}
         out["train_s"] = round(result.wall_time, 2)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        os.replace(tmp, done)
+        write_json_atomic(out, done, indent=None)
         if not self.keep_weights:
             for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors"):
                 (run_dir / name).unlink(missing_ok=True)
@@ -215,7 +220,7 @@ class ProxyTask:
 def full_size_config(genotype: Genotype, preset: str = "retinanet_r50_nasfpn_crop640_50e") -> Config:
     """``preset`` with its NAS-FPN built on ``genotype``: the model to train once the search is
     done (``nasfpn train best_config.yaml``)."""
-    from ..presets import get_config
+    from nasfpn.core.presets import get_config
 
     cfg = get_config(preset)
     name = cfg.name.replace("nasfpn", "nasfpn_searched", 1) if "nasfpn" in cfg.name else f"{cfg.name}_searched"
@@ -304,7 +309,7 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
     settings = settings or ProxySettings()
     work_dir = Path(work_dir)
     if data is not None and str(data) == "synthetic":
-        from ..data.synthetic import generate_dataset
+        from nasfpn.data.synthetic import generate_dataset
 
         ds = generate_dataset(work_dir / "data", num_train=synthetic_images, num_val=0,
                               image_size=synthetic_size or settings.image_size, seed=0)
@@ -315,7 +320,7 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
         raise ValueError("name the data: data='synthetic', a dataset folder, or train_ann + train_images")
     if heldout_ann is None:
         if held_out == "auto":
-            from ..data.coco import load_coco_json
+            from nasfpn.data.coco import load_coco_json
 
             n = len(load_coco_json(train_ann)["images"])
             held_out = PAPER_HELD_OUT if n >= 4 * PAPER_HELD_OUT else 0.2

@@ -70,9 +70,10 @@ from typing import Any
 
 import torch
 
-from ..models.nasfpn import Genotype
-from .controllers import Controller
-from .space import PaperGenotype
+from nasfpn.core.fileio import atomic_path, write_json_atomic, write_text_atomic
+from nasfpn.models.nasfpn import Genotype
+from nasfpn.search.controllers import Controller
+from nasfpn.search.space import PaperGenotype
 
 LOG_NAME = "trials.jsonl"
 SNAPSHOT_NAME = "controller.pt"
@@ -361,9 +362,8 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 
 def _save_snapshot(path: Path, controller: Controller, events: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"events": events, "kind": controller.kind, "controller": controller.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"events": events, "kind": controller.kind, "controller": controller.state_dict()}, tmp)
 
 
 def controller_reward(record: dict[str, Any]) -> float:
@@ -569,17 +569,17 @@ class SearchSpec:
         return cls(**data)
 
     def space(self):
-        from .space import SearchSpace
+        from nasfpn.search.space import SearchSpace
 
         return SearchSpace.create(self.num_cells, self.gp)
 
     def build_controller(self) -> Controller:
-        from .controllers import build_controller
+        from nasfpn.search.controllers import build_controller
 
         return build_controller(self.controller, self.space(), self.seed, **self.controller_options)
 
     def build_evaluator(self) -> Callable[..., dict]:
-        from .proxy import FakeEvaluator, ProxySettings, ProxyTask
+        from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask
 
         options = dict(self.evaluator)
         kind = options.pop("kind")
@@ -595,7 +595,7 @@ def evaluator_spec(evaluator: Any) -> dict[str, Any]:
     """The ``SearchSpec.evaluator`` entry of a ``ProxyTask`` or ``FakeEvaluator``."""
     import dataclasses
 
-    from .proxy import FakeEvaluator, ProxyTask
+    from nasfpn.search.proxy import FakeEvaluator, ProxyTask
 
     if isinstance(evaluator, ProxyTask):
         return {"kind": "proxy", **json.loads(json.dumps(dataclasses.asdict(evaluator)))}
@@ -621,12 +621,10 @@ def search(spec: SearchSpec, out_dir: str | Path, workers: int = 1, backend: str
     elif not resume and (out_dir / LOG_NAME).is_file():
         raise ValueError(f"{out_dir} already holds a search; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = spec_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec.to_dict(), indent=1))
-    os.replace(tmp, spec_path)
+    write_json_atomic(spec.to_dict(), spec_path)
     baselines = None
     if spec.baselines:
-        from ..models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE
+        from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE
 
         baselines = {"nasfpn": NASFPN_GENOTYPE, "fpn": FPN_GENOTYPE}
     result = run_search(spec.build_controller(), spec.build_evaluator(), out_dir, spec.trials, workers, backend,
@@ -635,15 +633,9 @@ def search(spec: SearchSpec, out_dir: str | Path, workers: int = 1, backend: str
     return result
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def summarize(records: list[dict[str, Any]], spec: SearchSpec | None = None) -> dict[str, Any]:
     """Counts, best trial, baselines and timings of a search log."""
-    from .plots import unique_counts
+    from nasfpn.search.plots import unique_counts
 
     results = trial_results(records)
     ok = [r for r in results if r["status"] == "ok"]
@@ -672,14 +664,14 @@ def summarize(records: list[dict[str, Any]], spec: SearchSpec | None = None) -> 
 def write_outputs(out_dir: str | Path, spec: SearchSpec, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``best.json``, ``best.txt``, ``best_config.yaml``, ``summary.json`` and the plots
     (``reward.png``, ``unique.png``, ``best_cell.png``) of the search in ``out_dir``."""
-    from ..config import config_to_yaml
-    from . import plots
-    from .proxy import full_size_config
+    from nasfpn.core.config import config_to_yaml
+    from nasfpn.search import plots
+    from nasfpn.search.proxy import full_size_config
 
     out_dir = Path(out_dir)
     records = read_log(out_dir / LOG_NAME) if records is None else records
     summary = summarize(records, spec)
-    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(path=out_dir / "summary.json", text=json.dumps(summary, indent=1))
     baselines = {k: v for k, v in summary["baselines"].items() if v is not None}
     plots.plot_rewards(records, out_dir / "reward.png", f"{spec.controller}: reward over trials", baselines)
     plots.plot_unique({spec.controller: records}, out_dir / "unique.png")
@@ -688,18 +680,18 @@ def write_outputs(out_dir: str | Path, spec: SearchSpec, records: list[dict[str,
         return summary
     paper = PaperGenotype.from_string(best["genotype"])
     node = Genotype.from_string(best["node_genotype"])
-    _atomic_text(out_dir / "best.json", json.dumps({
+    write_text_atomic(path=out_dir / "best.json", text=json.dumps({
         "trial": best["trial"], "reward": best["reward"], "metrics": best.get("metrics", {}), "cost": best.get("cost", {}),
         "genotype": paper.to_string(), "genotype_json": paper.to_dict(),
         "node_genotype": node.to_string(), "node_genotype_json": json.loads(node.to_json()),
     }, indent=1))
     base_text = "".join(f"{name:>8}: {value:.4f}\n" for name, value in sorted(baselines.items()))
-    _atomic_text(out_dir / "best.txt",
+    write_text_atomic(path=out_dir / "best.txt", text=
                  f"best trial {best['trial']} of {summary['trials_finished']} ({spec.controller}), reward {best['reward']:.4f}\n"
                  f"paper form: {paper.to_string()}\nnode form:  {node.to_string()}\n"
                  + (f"baselines on the same proxy task:\n{base_text}" if base_text else ""))
     cfg = full_size_config(node, spec.full_preset)
-    _atomic_text(out_dir / "best_config.yaml", f"# {spec.full_preset} with the pyramid found by `nasfpn search` "
+    write_text_atomic(path=out_dir / "best_config.yaml", text=f"# {spec.full_preset} with the pyramid found by `nasfpn search` "
                  f"(trial {best['trial']}, proxy reward {best['reward']:.4f}).\n" + config_to_yaml(cfg))
     plots.plot_cell_graph(paper, out_dir / "best_cell.png", f"best of {spec.controller} (trial {best['trial']}, "
                           f"reward {best['reward']:.3f})\n{paper.to_string()}")

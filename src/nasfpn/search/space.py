@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..models.nasfpn import FPN_GENOTYPE, LEVELS, NASFPN_GENOTYPE, OPS, Cell, Genotype
+from nasfpn.models.nasfpn import FPN_GENOTYPE, LEVELS, NASFPN_GENOTYPE, OPS, Cell, Genotype
 
 NUM_INPUTS = len(LEVELS)
 NUM_OUTPUTS = len(LEVELS)

@@ -13,16 +13,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .classes import COCO_CATEGORY_IDS, COCO_CLASSES
-from .config import Config, config_from_dict, config_to_dict
-from .models import RetinaNet, build_model
-from .presets import get_config
+from nasfpn.core.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from nasfpn.core.config import Config, config_from_dict, config_to_dict
+from nasfpn.core.presets import get_config
+from nasfpn.models import RetinaNet, build_model
 
 
 class Detector:
     """A RetinaNet with its config, pre-processing and label names.
 
-    ``optimize`` (True or ``optimize_for_inference`` keyword arguments, see ``nasfpn.fast``) makes
+    ``optimize`` (True or ``optimize_for_inference`` keyword arguments, see ``nasfpn.deploy.fast``) makes
     ``predict`` run a BN-folded, channels-last copy built from the model's weights at that time;
     ``model`` stays the plain RetinaNet (for export and saving).
     """
@@ -46,7 +46,7 @@ class Detector:
     def _make_runner(self):
         if not self.optimize:
             return self.model
-        from .fast import optimize_for_inference
+        from nasfpn.deploy.fast import optimize_for_inference
 
         return optimize_for_inference(self.model, **(self.optimize if isinstance(self.optimize, dict) else {}))
 
@@ -63,7 +63,7 @@ class Detector:
 
     def input_shape(self, height: int, width: int) -> tuple[int, int]:
         """The padded ``(H, W)`` network input of an image of ``height x width``."""
-        from .data.batching import padded_input_shape
+        from nasfpn.data.batching import padded_input_shape
 
         d = self.config.data
         return padded_input_shape(height, width, d.image_size, d.pad_divisor)
@@ -78,8 +78,8 @@ class Detector:
         arrays. Images run together only when they pad to the same input shape, so each result
         depends on its own image alone, whatever its neighbours and ``batch_size``.
         """
-        from .data.batching import group_by_shape
-        from .data.transforms import preprocess_batch, to_uint8_chw
+        from nasfpn.data.batching import group_by_shape
+        from nasfpn.data.transforms import preprocess_batch, to_uint8_chw
 
         data = self.config.data
         test_cfg = self.config.model.test
@@ -114,7 +114,7 @@ def load(name_or_config: str | Path | Config | None = None, weights: str | Path 
     it), an MMDetection ``.pth`` checkpoint (converted on load), a training checkpoint, or an
     http(s) URL to any of these (downloaded once to the cache). ``optimize``: see ``Detector``.
     """
-    from .interop.weights import load_into_model, read_weights
+    from nasfpn.core.weights import load_into_model, read_weights
 
     state, file_config, kind = (None, None, None)
     if weights is not None:
@@ -126,7 +126,7 @@ def load(name_or_config: str | Path | Config | None = None, weights: str | Path 
     elif file_config is not None:
         config = config_from_dict(file_config)
         if overrides:
-            from .config import apply_overrides
+            from nasfpn.core.config import apply_overrides
 
             config = apply_overrides(config, overrides)
     else:
@@ -140,7 +140,7 @@ def load(name_or_config: str | Path | Config | None = None, weights: str | Path 
 
 def export_weights(detector_or_model: Detector | RetinaNet, config: Config, path: str | Path) -> None:
     """Save model weights in our format: safetensors with the resolved config as metadata."""
-    from .interop.weights import save_safetensors
+    from nasfpn.core.weights import save_safetensors
 
     model = detector_or_model.model if isinstance(detector_or_model, Detector) else detector_or_model
     save_safetensors(model.state_dict(), path, config_to_dict(config))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, apply_overrides
+from nasfpn.core.config import Config, apply_overrides
 
 # Dataset of the demo: images are generated at the model's input size.
 DEMO_TRAIN_IMAGES = 4000
@@ -44,15 +44,15 @@ class DemoResult:
 
 
 def demo_config(overrides: list[str] | None = None) -> Config:
-    from .presets import PRESETS
+    from nasfpn.core.presets import PRESETS
 
     return apply_overrides(PRESETS["nasfpn_tiny"], overrides or [])
 
 
 def _timing_dataset(cfg: Config, data):
     """The training set as ``_step_seconds`` reads it (loading and augmentation included)."""
-    from .data.coco import CocoDataset
-    from .data.transforms import TrainTransform
+    from nasfpn.data.coco import CocoDataset
+    from nasfpn.data.transforms import TrainTransform
 
     d = cfg.data
     return CocoDataset(data.train_ann, data.train_images, TrainTransform(d.image_size, tuple(d.scale_range),
@@ -63,9 +63,9 @@ def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) ->
     """Seconds per training step of ``cfg`` on this machine now: real batches of ``dataset``
     (``_timing_dataset``) through loading, the collate and the trainer's step
     (``engine.step.train_step``: forward, loss, backward, clipping, finiteness check, SGD step)."""
-    from .data.collate import train_collate
-    from .engine.step import build_step_parts, train_step
-    from .models import build_model
+    from nasfpn.data.collate import train_collate
+    from nasfpn.engine.step import build_step_parts, train_step
+    from nasfpn.models import build_model
 
     d = cfg.data
     collate = train_collate(d)
@@ -132,7 +132,7 @@ def scale_schedule(cfg: Config, epochs: int, steps_per_epoch: int) -> Config:
 def plan_schedule(cfg: Config, num_train: int, step_seconds: float, budget_seconds: float,
                   world_size: int = 1) -> tuple[Config, str]:
     """``cfg`` with as many of its epochs as fit in ``budget_seconds`` (milestones scaled alike)."""
-    from .engine.distributed import iters_per_epoch
+    from nasfpn.engine.distributed import iters_per_epoch
 
     steps = iters_per_epoch(num_train, cfg.data.batch_size, world_size)
     # Evaluation passes, checkpoints and logging on top of the measured step.
@@ -155,10 +155,10 @@ def _draw_examples(weights: Path, ann_file: Path, image_dir: Path, out_dir: Path
     import numpy as np
     from PIL import Image
 
-    from .api import load
-    from .data.coco import load_coco_json
-    from .data.io import read_image
-    from .vis import draw_detections
+    from nasfpn.data.coco import load_coco_json
+    from nasfpn.data.io import read_image
+    from nasfpn.data.vis import draw_detections
+    from nasfpn.deploy.predictor import load
 
     det = load(None, weights=weights, device=device)
     images_info = load_coco_json(ann_file)["images"][:count]
@@ -192,12 +192,12 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
              overrides: list[str] | None = None, progress: bool | None = None, num_train: int | None = None,
              num_val: int | None = None, print_fn=print) -> DemoResult:
     """Generate data, train ``nasfpn_tiny``, evaluate and draw, within ``minutes`` of wall time."""
-    from .api import load
-    from .data.synthetic import generate_dataset
-    from .engine.distributed import iters_per_epoch
-    from .engine.evaluate import evaluate_model
-    from .engine.trainer import DataPaths, train
-    from .eval.coco import format_table
+    from nasfpn.data.synthetic import generate_dataset
+    from nasfpn.deploy.predictor import load
+    from nasfpn.engine.coco_metrics import format_table
+    from nasfpn.engine.distributed import iters_per_epoch
+    from nasfpn.engine.evaluate import evaluate_model
+    from nasfpn.engine.trainer import DataPaths, train
 
     start = time.time()
     out = Path(out_dir)

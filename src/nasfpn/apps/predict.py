@@ -5,27 +5,13 @@ A file that cannot be read is reported by name and skipped; the others are still
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from nasfpn.core.fileio import write_json_atomic
 
 
 def load_detector(model: str | None, weights: str, device: str = "cpu", overrides: list[str] | None = None,
@@ -34,13 +20,13 @@ def load_detector(model: str | None, weights: str, device: str = "cpu", override
 
     ``optimize``: PyTorch fast paths (``Detector``'s argument); an ONNX file has its own."""
     if str(weights).endswith(".onnx"):
-        from .interop.runtime import OnnxDetector
+        from nasfpn.deploy.onnx_runtime import OnnxDetector
 
         if optimize:
             raise ValueError(f"{weights}: --fast / --precision apply to PyTorch weights, not to an exported ONNX file")
         return OnnxDetector(weights, model, overrides=overrides, config_file=config_file)
-    from .api import load
-    from .presets import get_config
+    from nasfpn.core.presets import get_config
+    from nasfpn.deploy.predictor import load
 
     cfg = get_config(model, overrides, config_file) if model else None
     return load(cfg, weights=weights, device=device, overrides=None if cfg else overrides, optimize=optimize)
@@ -51,7 +37,7 @@ def run_predict(model: str | None, sources: list[str], weights: str, out: str | 
                 overrides: list[str] | None = None, config_file: str | None = None,
                 optimize: bool | dict[str, Any] = False) -> list[str]:
     """Detect objects in every image of ``sources``; returns the files that could not be read."""
-    from .data.io import ImageReadError, list_images, read_image
+    from nasfpn.data.io import ImageReadError, list_images, read_image
 
     out = Path(out)
     paths = list_images(sources)
@@ -83,7 +69,7 @@ def run_predict(model: str | None, sources: list[str], weights: str, out: str | 
                     "category_name": det.class_names[int(label)],
                 })
             if vis:
-                from .vis import draw_detections
+                from nasfpn.data.vis import draw_detections
 
                 keep = res["scores"] >= vis_thr
                 picture = draw_detections(image, res["boxes"][keep], res["labels"][keep], res["scores"][keep], det.class_names)

@@ -45,9 +45,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import Config
-from .fast import optimize_for_inference
-from .models import RetinaNet, build_model
+from nasfpn.core.config import Config
+from nasfpn.deploy.fast import optimize_for_inference
+from nasfpn.models import RetinaNet, build_model
 
 MODES = ("infer", "train", "data")
 
@@ -333,7 +333,7 @@ def infer_step(runner: Any, images: list[np.ndarray], cfg: Config, size: int,
     """One end-to-end inference on ``images`` (uint8 HWC arrays) with ``runner`` (a ``RetinaNet`` or
     ``InferenceModel``), timed in parts: returns ``pre`` / ``net`` / ``post`` seconds and
     ``detections`` (the count over the batch)."""
-    from .data.transforms import preprocess_batch
+    from nasfpn.data.transforms import preprocess_batch
 
     data = cfg.data
 
@@ -366,7 +366,7 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
     size by default). Returns latency stats, the split ``pre_ms`` / ``net_ms`` / ``post_ms``
     (p50 each), detections per image and peak memory.
     """
-    from .data.transforms import preprocess_batch
+    from nasfpn.data.transforms import preprocess_batch
 
     dev = torch.device(device)
     size = size or cfg.data.image_size
@@ -375,7 +375,7 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
     calibration: float | str = "weights"
     if model is None:
         if weights is not None:
-            from .api import load
+            from nasfpn.deploy.predictor import load
 
             model = load(cfg, weights=weights, device=dev).model
         else:
@@ -438,7 +438,7 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
     checkpointing of the NAS-FPN stacks. ``skipped_steps`` counts steps the finiteness check
     skipped.
     """
-    from .engine.step import build_step_parts, train_step
+    from nasfpn.engine.step import build_step_parts, train_step
 
     dev = torch.device(device)
     size = size or cfg.data.image_size
@@ -533,7 +533,7 @@ def decode_torchvision(path: str | Path) -> torch.Tensor:
 
 def decode_pil(path: str | Path) -> torch.Tensor:
     """uint8 ``(3, H, W)`` via the library's reader (PIL; EXIF orientation, any mode to RGB)."""
-    from .data.io import read_image
+    from nasfpn.data.io import read_image
 
     return torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
 
@@ -552,7 +552,7 @@ def bench_data(cfg: Config, size: int | None = None, images: int = 32, height: i
     ``images_per_s_normalised`` adds the normalisation, which can also run on the GPU instead
     (``collate_train(normalize=False)`` + ``normalize_batch``).
     """
-    from .data.transforms import TrainTransform, make_generator, normalize_pad
+    from nasfpn.data.transforms import TrainTransform, make_generator, normalize_pad
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {decoder!r}")

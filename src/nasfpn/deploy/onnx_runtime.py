@@ -1,4 +1,4 @@
-"""Running an exported ONNX detector with onnxruntime, behind the ``predict`` of ``nasfpn.api.Detector``.
+"""Running an exported ONNX detector with onnxruntime, behind the ``predict`` of ``nasfpn.deploy.predictor.Detector``.
 
     det = OnnxDetector("model.onnx")             # the file carries its config
     results = det.predict([rgb_uint8_array])      # same dicts as Detector.predict
@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..config import Config, apply_overrides, config_from_dict
-from .export import LEVEL_NAMES, METADATA_KEY, input_padding, prepare_inputs
+from nasfpn.core.config import Config, apply_overrides, config_from_dict
+from nasfpn.deploy.export import LEVEL_NAMES, METADATA_KEY, input_padding, prepare_inputs
 
 # Test-time settings fixed inside an end2end graph (score_thr is an input, so it may change).
 _BAKED_TEST_FIELDS = ("nms_pre", "nms_iou", "max_per_img", "min_bbox_size", "wh_ratio_clip")
@@ -87,7 +87,7 @@ class OnnxDetector:
         if isinstance(model, Config):
             config = model
         elif model is not None:
-            from ..presets import get_config
+            from nasfpn.core.presets import get_config
 
             config = get_config(model, overrides, config_file)
         elif overrides or config_file:
@@ -110,7 +110,7 @@ class OnnxDetector:
                 for i, n in enumerate(num.tolist())]
 
     def _run_raw(self, batch: np.ndarray, metas, score_thr: float) -> list[dict[str, np.ndarray]]:
-        from ..models.postprocess import postprocess
+        from nasfpn.models.postprocess import postprocess
 
         outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, {"images": batch})))
         cls_maps = [torch.from_numpy(outputs[f"cls_logits_{n}"]) for n in LEVEL_NAMES]
@@ -125,7 +125,7 @@ class OnnxDetector:
         as ``Detector.input_shape`` (at least ``min_side``) for a dynamic-size file."""
         if self.input_hw is not None:
             return self.input_hw
-        from ..data.batching import padded_input_shape
+        from nasfpn.data.batching import padded_input_shape
 
         d = self.config.data
         return padded_input_shape(height, width, d.image_size, d.pad_divisor, self.min_side)
@@ -138,8 +138,8 @@ class OnnxDetector:
         pixels, ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays. As in
         ``Detector.predict``, images run together only when they pad to the same input shape.
         """
-        from ..data.batching import group_by_shape
-        from ..data.transforms import to_uint8_chw
+        from nasfpn.data.batching import group_by_shape
+        from nasfpn.data.transforms import to_uint8_chw
 
         thr = self.config.model.test.score_thr if score_thr is None else float(score_thr)
         chw = [to_uint8_chw(image, i) for i, image in enumerate(images)]

@@ -47,7 +47,7 @@ stay float32. The check then uses looser tolerances (``Tolerances.for_precision`
 
 Every ONNX file carries its config in ``metadata_props["nasfpn"]`` (JSON: contract, input size,
 batch, precision, mean/std, class names, category ids and the full model config), so
-``nasfpn.interop.runtime.OnnxDetector`` needs nothing else.
+``nasfpn.deploy.onnx_runtime.OnnxDetector`` needs nothing else.
 
 The check (``verify_export``) runs the file (onnxruntime, or the loaded program) and eager
 PyTorch on the same input and matches detections one by one: same label, boxes within
@@ -60,8 +60,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -73,14 +71,15 @@ import torch
 import torchvision
 from torch import nn
 
-from ..config import Config, TestConfig, config_to_dict
-from ..models.anchors import level_anchors
-from ..models.boxes import decode
-from ..models.detector import RetinaNet
+from nasfpn.core.config import Config, TestConfig, config_to_dict
+from nasfpn.core.fileio import atomic_path
+from nasfpn.models.anchors import level_anchors
+from nasfpn.models.boxes import decode
+from nasfpn.models.detector import RetinaNet
 
 FORMATS = ("onnx", "torch-export")
 CONTRACTS = ("end2end", "raw")
-PRECISIONS = ("fp32", "fp16")
+EXPORT_PRECISIONS = ("fp32", "fp16")
 METADATA_KEY = "nasfpn"
 METADATA_VERSION = 1
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")
@@ -350,14 +349,6 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temporary file next to ``path`` with the same suffix; it replaces ``path`` when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract: str = "end2end", batch: int = 1,
                 dynamic_batch: bool = False, dynamic_size: bool = True, opset: int = 18, precision: str = "fp32",
                 class_names: Sequence[str] = (), category_ids: Sequence[int] = ()) -> dict[str, Any]:
@@ -366,8 +357,8 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
 
     if contract not in CONTRACTS:
         raise ValueError(f"unknown contract {contract!r}; choose from {CONTRACTS}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {EXPORT_PRECISIONS}")
     if opset < 18:
         raise ValueError(f"opset {opset} is not supported: the exporter writes opset 18 or newer")
     if batch < 1:
@@ -393,8 +384,7 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
     if dims is not None:
         info_dims = {0: dims[0]} if dynamic_batch else None
         dynamic_shapes = (dims, info_dims, None) if contract == "end2end" else (dims,)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         with torch.no_grad(), _quiet_exporter(), warnings.catch_warnings():
             # The exporter notes that the dynamic axis of both inputs gets one name: intended.
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
@@ -412,10 +402,6 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
             _make_input_optional(proto, "score_thr", np.array(config.model.test.score_thr, dtype=np.float32))
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return meta
 
 
@@ -464,8 +450,8 @@ def export_torch_program(model: RetinaNet, config: Config, path: str | Path, *, 
                          dynamic_batch: bool = False, dynamic_size: bool = True,
                          precision: str = "fp32") -> dict[str, Any]:
     """Save backbone + neck + head as a ``torch.export`` program (``.pt2``)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {EXPORT_PRECISIONS}")
     path = Path(path)
     module = NetworkGraph(_prepared_copy(model, precision), precision == "fp16").eval()
     device = next(module.parameters()).device
@@ -475,13 +461,8 @@ def export_torch_program(model: RetinaNet, config: Config, path: str | Path, *, 
         program = torch.export.export(module, (images,), dynamic_shapes=(dims,) if dims else None, strict=False)
     meta = export_metadata(config, "network", "torch-export", None if dynamic_batch else batch, precision, (), (), None,
                            dynamic_size)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.export.save(program, str(tmp), extra_files={"nasfpn.json": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return meta
 
 
@@ -590,7 +571,7 @@ def sample_images(config: Config, count: int = 2) -> list[np.ndarray]:
     """Deterministic test pictures (shapes on clutter): a small landscape one (scaled up), a large
     portrait one (scaled down), then a square one, so that rescaling, padding and clipping to the
     unpadded image are exercised."""
-    from ..data.synthetic import SyntheticSpec, render_image
+    from nasfpn.data.synthetic import SyntheticSpec, render_image
 
     side = config.data.image_size
     sizes = [(side * 3 // 5, side * 4 // 5), (side * 3 // 2, side * 15 // 16), (side, side)]
@@ -618,7 +599,7 @@ def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, 
 
     Returns ``(batch float32 (N, 3, H, W), image_info float32 (N, 4), metas)``.
     """
-    from ..data.transforms import preprocess_batch
+    from nasfpn.data.transforms import preprocess_batch
 
     d = config.data
     batch, metas = preprocess_batch(list(images), d.image_size, d.pad_divisor, d.mean, d.std)
@@ -653,7 +634,7 @@ def verify_export(path: str | Path, model: RetinaNet, config: Config, images: Se
 
     Returns the report; ``report.ok`` tells whether they agree.
     """
-    from .runtime import ort_session
+    from nasfpn.deploy.onnx_runtime import ort_session
 
     path = Path(path)
     fmt = "torch-export" if path.suffix == ".pt2" else "onnx"
@@ -730,7 +711,7 @@ def _read_program_metadata(path: Path) -> dict[str, Any]:
 def export(detector, out: str | Path, fmt: str = "onnx", *, contract: str = "end2end", batch: int = 1,
            dynamic_batch: bool = False, dynamic_size: bool = True, opset: int = 18, precision: str = "fp32",
            verify: bool = True, images: Sequence[np.ndarray] | None = None) -> tuple[dict[str, Any], ParityReport | None]:
-    """Export a ``nasfpn.api.Detector`` and check the file against eager PyTorch.
+    """Export a ``nasfpn.deploy.predictor.Detector`` and check the file against eager PyTorch.
 
     Raises ``ExportError`` with the comparison if they disagree (the file is kept for inspection).
     """

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.batching import group_by_shape
+from nasfpn.data.batching import group_by_shape
 
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
@@ -87,7 +87,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> uint8 ``(H, W, 3)`` RGB, with the conversions of ``nasfpn.data.io.read_image``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from .data.io import to_rgb  # the RGB conversion of files read from disk
+    from nasfpn.data.io import to_rgb  # the RGB conversion of files read from disk
 
     if not data:
         raise ImageRejected(400, "the uploaded file is empty")
@@ -275,7 +275,7 @@ class Batcher:
 
 
 def create_app(detector, settings: ServeSettings | None = None, model_name: str | None = None):
-    """The FastAPI app serving ``detector`` (a ``nasfpn.api.Detector`` or an ``OnnxDetector``)."""
+    """The FastAPI app serving ``detector`` (a ``nasfpn.deploy.predictor.Detector`` or an ``OnnxDetector``)."""
     settings = settings or ServeSettings()
     batcher = Batcher(detector, settings)
     name = model_name or detector.config.name

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nasfpn.core.fileio import atomic_path
 
 FORMAT_NAME = "nasfpn"
 FORMAT_VERSION = "1"
@@ -38,14 +39,11 @@ def resolve_source(source: str | Path) -> Path:
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         target = cache_dir() / f"{digest}-{name}"
         if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
             try:
-                torch.hub.download_url_to_file(text, str(tmp), progress=True)
+                with atomic_path(target) as tmp:
+                    torch.hub.download_url_to_file(text, str(tmp), progress=True)
             except Exception as e:  # network errors come in many types
-                tmp.unlink(missing_ok=True)
                 raise WeightsError(f"cannot download {text}: {e}; download it by hand and pass the local file") from e
-            os.replace(tmp, target)
         return target
     path = Path(text).expanduser()
     if not path.is_file():
@@ -121,14 +119,8 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, config: d
         meta["config"] = json.dumps(config)
     meta.update(extra or {})
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -167,7 +159,7 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     state = obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} has no state_dict of tensors (top-level keys: {list(obj)[:8]})")
-    from .mmdet import is_mmdet_state_dict
+    from nasfpn.core.mmdet import is_mmdet_state_dict
 
     if is_mmdet_state_dict(state):
         return state, None, "mmdet"
@@ -182,7 +174,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], kind: str, source: str = "") -> None:
     """Load ``state`` (of ``kind`` as returned by ``read_weights``) strictly, with a clear report on mismatch."""
-    from .mmdet import convert_state_dict
+    from nasfpn.core.mmdet import convert_state_dict
 
     expected = model.state_dict()
     if kind == "mmdet":
@@ -192,7 +184,7 @@ def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], kind
     misshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                  for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or misshaped:
-        from .mmdet import _short
+        from nasfpn.core.mmdet import _short
 
         lines = [f"weights {source} do not fit the model:"]
         if missing:

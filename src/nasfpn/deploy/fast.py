@@ -24,30 +24,25 @@ eval-only ``InferenceModel``. What each option does:
 - ``compile``: ``torch.compile`` of backbone + neck + head only; anchors, decoding and NMS stay
   eager. On CPU, inductor's ``freezing`` constant-folds the weights into pre-packed oneDNN
   layouts. The first call per input shape compiles (tens of seconds).
-
-Training-side settings (AMP, fused optimiser, loader options) are at the end of this file.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .config import TestConfig
-from .models.backbone import ResNet
-from .models.detector import Outputs, RetinaNet
-from .models.head import RetinaHead
-from .models.layers import ConvBN
-from .models.nasfpn import ReLUConvBN
-from .structures import ImageMeta
-
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from nasfpn.core.config import TestConfig
+from nasfpn.core.precision import PRECISIONS
+from nasfpn.core.structures import ImageMeta
+from nasfpn.models.backbone import ResNet
+from nasfpn.models.detector import Outputs, RetinaNet
+from nasfpn.models.head import RetinaHead
+from nasfpn.models.layers import ConvBN
+from nasfpn.models.nasfpn import ReLUConvBN
 
 # --------------------------------------------------------------------------- BN folding
 
@@ -213,30 +208,3 @@ def optimize_for_inference(model: RetinaNet, fuse_bn: bool = True, channels_last
     if dtype != torch.float32:
         net = net.to(dtype)
     return InferenceModel(net, dtype, channels_last, compile).eval()
-
-
-# --------------------------------------------------------------------------- training settings
-
-
-def loader_settings(device: torch.device | str, workers: int) -> dict[str, Any]:
-    """DataLoader keyword arguments for a fast input pipeline: pinned host memory when the batch
-    goes to CUDA (``tensor.to(device, non_blocking=True)`` then overlaps the copy), workers kept
-    alive across epochs, two batches prefetched per worker."""
-    settings: dict[str, Any] = {"num_workers": workers, "pin_memory": torch.device(device).type == "cuda"}
-    if workers > 0:
-        settings.update(persistent_workers=True, prefetch_factor=2)
-    return settings
-
-
-def make_sgd(params, lr: float, momentum: float, weight_decay: float, device: torch.device | str) -> torch.optim.SGD:
-    """SGD with the fused (single-kernel) update on CUDA, the default foreach update elsewhere."""
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
-
-
-def autocast(device: torch.device | str, precision: str):
-    """``torch.autocast`` for ``"bf16"`` / ``"fp16"``; a no-op context for ``"fp32"``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=PRECISIONS[precision], enabled=precision != "fp32")

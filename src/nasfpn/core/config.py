@@ -1,6 +1,6 @@
 """Configuration dataclasses: model, data and training settings.
 
-A config is plain data. Named presets live in ``presets.py``; a user YAML file and
+A config is plain data. Named presets live in ``core/presets.py``; a user YAML file and
 ``key=value`` overrides refine them (``resolve_config``). ``config_to_dict`` and
 ``config_from_dict`` turn a config into JSON-able data and back, so a checkpoint can carry
 the exact config it was trained with.

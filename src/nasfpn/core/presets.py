@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (
+from nasfpn.core.config import (
     AnchorConfig,
     BackboneConfig,
     Config,
@@ -24,8 +24,8 @@ from .config import (
     TrainConfig,
     apply_overrides,
     config_from_dict,
-    merge_dict,
     config_to_dict,
+    merge_dict,
 )
 
 _R50_IMAGENET = BackboneConfig(depth=50, frozen_stages=1, norm_eval=False, pretrained="torchvision")

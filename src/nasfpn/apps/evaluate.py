@@ -1,0 +1,75 @@
+"""``nasfpn eval``: COCO box AP of weights on an annotated image folder (one or several processes
+under ``torchrun``), or the score of an existing COCO results file.
+
+The work is ``engine.evaluate.evaluate_model``; this module loads the weights, writes
+``results.json`` and ``metrics.json`` and prints the COCO table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nasfpn.core.config import Config
+from nasfpn.core.fileio import write_json_atomic
+from nasfpn.core.presets import get_config
+from nasfpn.deploy.predictor import load
+from nasfpn.engine import distributed as D
+from nasfpn.engine.coco_metrics import evaluate_detections, format_table, write_metrics_json
+from nasfpn.engine.evaluate import evaluate_model
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, Any]
+    results_path: Path | None
+    metrics_path: Path | None
+
+
+def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, ann_file: str | Path,
+             image_dir: str | Path, out_dir: str | Path | None = None, device: str | None = None,
+             batch_size: int = 8, workers: int = 0, overrides: list[str] | None = None,
+             config_file: str | Path | None = None, progress: bool | None = None,
+             optimize: bool | dict[str, Any] = False, print_fn=print) -> EvalOutcome | None:
+    """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
+    ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
+    ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0.
+    ``optimize``: evaluate the fast path (``nasfpn.deploy.fast``), e.g. ``{"precision": "bf16"}``."""
+
+    info = D.init_distributed(device)
+    try:
+        if isinstance(model_or_config, (str, Path)) and str(model_or_config) != "-":
+            cfg = get_config(model_or_config, overrides, config_file)
+            det = load(cfg, weights=weights, device=info.device, optimize=optimize)
+        else:
+            det = load(model_or_config if isinstance(model_or_config, Config) else None, weights=weights,
+                       device=info.device, overrides=overrides, optimize=optimize)
+        cfg = det.config
+        metrics, results = evaluate_model(det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers,
+                                          progress=progress)
+        if not info.is_main:
+            return None
+        assert metrics is not None
+        results_path = metrics_path = None
+        if out_dir is not None:
+            out = Path(out_dir)
+            results_path = out / "results.json"
+            write_json_atomic(results, results_path)
+            metrics_path = write_metrics_json({"model": cfg.name, "weights": str(weights), "ann_file": str(ann_file),
+                                               "optimize": optimize, **metrics}, out / "metrics.json")
+        print_fn(format_table(metrics))
+        print_fn(f"{metrics['num_images']} images in {metrics['eval_seconds']:.1f} s")
+        return EvalOutcome(metrics, results_path, metrics_path)
+    finally:
+        D.cleanup(info)
+
+
+def score_results(ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None,
+                  print_fn=print) -> dict[str, Any]:
+    """Score an existing COCO results file against ground truth (no model involved)."""
+    metrics = evaluate_detections(ann_file, results_file)
+    print_fn(format_table(metrics))
+    if json_out is not None:
+        write_metrics_json(metrics, json_out)
+    return metrics
