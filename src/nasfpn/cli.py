@@ -198,7 +198,8 @@ def _add_search(sub) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from nasfpn.search.runner import SearchSpec, evaluator_spec, search
+    from nasfpn.search.runner import search
+    from nasfpn.search.spec import SearchSpec, evaluator_spec
 
     out = Path(args.out)
     if args.compare:

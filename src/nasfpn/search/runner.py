@@ -69,6 +69,7 @@ from nasfpn.models.nasfpn import Genotype
 from nasfpn.search.controllers import Controller
 from nasfpn.search.executors import build_executor
 from nasfpn.search.space import PaperGenotype
+from nasfpn.search.spec import SPEC_NAME, SearchSpec
 
 LOG_NAME = "trials.jsonl"
 SNAPSHOT_NAME = "controller.pt"
@@ -286,81 +287,15 @@ def run_search(controller: Controller, evaluator: Callable[..., dict], out_dir: 
 
 
 # --------------------------------------------------------------------------- a whole search
-@dataclass(frozen=True)
-class SearchSpec:
-    """Everything that defines a search, saved as ``search.json`` so that ``--resume`` rebuilds
-    the same controller and evaluator."""
-
-    controller: str = "ppo"
-    trials: int = 40
-    seed: int = 0
-    num_cells: int = 7
-    gp: str = "mmdet"
-    """Global-pooling op(s) of the space: ``mmdet``, ``tf`` or ``both``."""
-    controller_options: dict = field(default_factory=dict)
-    evaluator: dict = field(default_factory=lambda: {"kind": "fake"})
-    """``{"kind": "proxy", ...ProxyTask fields}`` or ``{"kind": "fake", ...FakeEvaluator fields}``."""
-    baselines: bool = True
-    """Also evaluate the published NAS-FPN and the FPN genotypes (not shown to the controller)."""
-    reuse: bool = True
-    """A repeated network reuses the reward of its first finished trial instead of training again."""
-    full_preset: str = "retinanet_r50_nasfpn_crop640_50e"
-    """The full-size model ``best_config.yaml`` builds on the best genotype."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.__dict__))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SearchSpec":
-        return cls(**data)
-
-    def space(self):
-        from nasfpn.search.space import SearchSpace
-
-        return SearchSpace.create(self.num_cells, self.gp)
-
-    def build_controller(self) -> Controller:
-        from nasfpn.search.controllers import build_controller
-
-        return build_controller(self.controller, self.space(), self.seed, **self.controller_options)
-
-    def build_evaluator(self) -> Callable[..., dict]:
-        from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask
-
-        options = dict(self.evaluator)
-        kind = options.pop("kind")
-        if kind == "fake":
-            return FakeEvaluator(**options)
-        if kind == "proxy":
-            settings = ProxySettings(**options.pop("settings", {}))
-            return ProxyTask(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}, settings=settings)
-        raise ValueError(f"unknown evaluator kind {kind!r}; use 'proxy' or 'fake'")
-
-
-def evaluator_spec(evaluator: Any) -> dict[str, Any]:
-    """The ``SearchSpec.evaluator`` entry of a ``ProxyTask`` or ``FakeEvaluator``."""
-    import dataclasses
-
-    from nasfpn.search.proxy import FakeEvaluator, ProxyTask
-
-    if isinstance(evaluator, ProxyTask):
-        return {"kind": "proxy", **json.loads(json.dumps(dataclasses.asdict(evaluator)))}
-    if isinstance(evaluator, FakeEvaluator):
-        data = dataclasses.asdict(evaluator)
-        data.pop("creator_pid")
-        return {"kind": "fake", **data}
-    raise TypeError(f"cannot describe evaluator {type(evaluator).__name__}")
-
-
 def search(spec: SearchSpec, out_dir: str | Path, workers: int = 1, backend: str = "process",
            ray_address: str | None = None, resume: bool = False, devices: list[str] | None = None,
            threads: int | None = None, log: Callable[[str], None] | None = _progress) -> SearchResult:
     """Run the search ``spec`` describes in ``out_dir`` and write its outputs (``write_outputs``).
     With ``resume``, ``spec`` must match the saved ``search.json`` except for ``trials``."""
     out_dir = Path(out_dir)
-    spec_path = out_dir / "search.json"
+    spec_path = out_dir / SPEC_NAME
     if resume and spec_path.is_file():
-        saved = SearchSpec.from_dict(json.loads(spec_path.read_text())).to_dict()
+        saved = SearchSpec.from_file(spec_path).to_dict()
         differ = sorted(k for k, v in spec.to_dict().items() if k != "trials" and saved.get(k) != v)
         if differ:
             raise ValueError(f"resume: {', '.join(differ)} differ from {spec_path}; a search resumes with its own settings")
