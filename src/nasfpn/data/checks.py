@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from nasfpn.data.io import ImageReadError, image_size, read_image, read_json
 
 logger = logging.getLogger(__name__)
@@ -151,6 +153,7 @@ def _check_images(images: list[Any], out: list[Problem]) -> dict[int, dict[str, 
             detail = ", ".join(f"{k}={img[k]!r}" for k in wrong)
             out.append(Problem("bad_value", f"images[{i}] has invalid {detail}", file_name, image_id=image_id))
             continue
+        assert image_id is not None  # a non-integer id is in ``wrong``
         if image_id in seen:
             first = valid.get(image_id, {}).get("file_name")
             out.append(Problem("duplicate_image_id", f"image id {image_id} is used again (first by {first!r})",
@@ -277,8 +280,6 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, check_images: boo
             results: Iterable[Problem | None] = pool.map(lambda img: _check_image_file(image_dir, img, verify),
                                                           entries, chunksize=64)
             if progress:
-                from tqdm import tqdm
-
                 results = tqdm(results, total=len(entries), desc="check images", unit="img")
             out.extend(p for p in results if p is not None)
     return out

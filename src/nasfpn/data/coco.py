@@ -166,7 +166,8 @@ class CocoDataset(Dataset):
             image_id = ann.get("image_id")
             img = images.get(image_id) if isinstance(image_id, int) else None
             box = _finite_box(ann.get("bbox"))
-            if img is None or box is None or not isinstance(ann.get("category_id"), int):
+            if (not isinstance(image_id, int) or img is None or box is None
+                    or not isinstance(ann.get("category_id"), int)):
                 malformed += 1
                 continue
             if ann.get("ignore", False) or ann.get("iscrowd", 0):

@@ -79,13 +79,12 @@ def read_image(path: str | Path) -> np.ndarray:
             # load() raises on truncated data (PIL's LOAD_TRUNCATED_IMAGES is left False on
             # purpose: a half-grey image would train silently on wrong pixels).
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file (PIL cannot identify it)") from None
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         # PIL raises OSError for truncated data, SyntaxError/ValueError for broken headers, and
         # struct.error and others from malformed EXIF blocks: all mean "this file is unusable".
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
@@ -115,7 +114,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise ImageReadError(f"{path}: not an image file (PIL cannot identify it)") from None
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001  (same reasons as in read_image)
+    except Exception as e:  # same reasons as in read_image
         raise ImageReadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
     return (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
 

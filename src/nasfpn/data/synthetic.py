@@ -63,8 +63,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -256,7 +258,7 @@ def _sample_shape(rng: np.random.Generator, kind: str, spec: SyntheticSpec) -> n
     p = _uniform(rng, *param)
 
     # Evaluate on a window holding the rotated frame; the centre sits at a random sub-pixel offset.
-    half = int(math.ceil(0.5 * math.sqrt(w * w + h * h))) + 1
+    half = math.ceil(0.5 * math.sqrt(w * w + h * h)) + 1
     ys, xs = _pixel_grid(2 * half + 1, 2 * half + 1)
     cy = half + _q(float(rng.random()), 1 / 16)
     cx = half + _q(float(rng.random()), 1 / 16)
@@ -375,11 +377,11 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
             img += colour * alpha
         else:  # confetti: tiny squares of random colours
             n = int(rng.integers(10, 41))
-            px = rng.integers(0, w - 3, size=n)
-            py = rng.integers(0, h - 3, size=n)
+            left = rng.integers(0, w - 3, size=n)
+            top = rng.integers(0, h - 3, size=n)
             sizes = rng.integers(2, 4, size=n)
             colours = rng.integers(0, 256, size=(n, 3)).astype(np.float64)
-            for x, y, s, c in zip(px, py, sizes, colours):
+            for x, y, s, c in zip(left, top, sizes, colours):
                 img[y : y + s, x : x + s] = c
 
 
@@ -463,9 +465,6 @@ def _generate_split(spec: SyntheticSpec, seed: int, split: str, num: int, image_
         if old.stem.isdigit() and old.name not in names:
             old.unlink()
     if workers > 1 and num > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         # Each image has its own seed, so the output does not depend on the worker count.
         # fork where there is one: spawn would re-import a __main__ that may not be a file.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -475,7 +474,8 @@ def _generate_split(spec: SyntheticSpec, seed: int, split: str, num: int, image_
         per_image = [_render_and_save(job) for job in jobs]
 
     h, w = spec.image_size
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i, objects in enumerate(per_image):
         image_id = _SPLITS[split] * _SPLIT_ID_BASE + i + 1
         images.append({"id": image_id, "file_name": f"{i + 1:06d}.png", "width": w, "height": h})
@@ -563,7 +563,7 @@ def dataset_stats(annotations: str | Path | dict[str, Any]) -> dict[str, Any]:
     sides = np.array([math.sqrt(a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float64)
     areas = np.array([a["area"] for a in anns], dtype=np.float64)
     names = {c["id"]: c["name"] for c in data["categories"]}
-    per_class = {name: 0 for name in names.values()}
+    per_class = dict.fromkeys(names.values(), 0)
     for a in anns:
         per_class[names[a["category_id"]]] += 1
     visible = np.array([a.get("visible", 1.0) for a in anns], dtype=np.float64)

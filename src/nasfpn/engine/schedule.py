@@ -53,7 +53,7 @@ class LRSchedule:
             raise ValueError("a cosine schedule needs the run's total_iters")
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, lr: float, iters_per_epoch: int) -> "LRSchedule":
+    def from_config(cls, cfg: TrainConfig, lr: float, iters_per_epoch: int) -> LRSchedule:
         return cls(lr, iters_per_epoch, cfg.warmup_iters, cfg.warmup_ratio, tuple(cfg.milestones), cfg.gamma,
                    cfg.lr_decay, cfg.epochs * iters_per_epoch)
 

@@ -3,4 +3,4 @@
 from nasfpn.models.detector import RetinaNet, build_model
 from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype
 
-__all__ = ["RetinaNet", "build_model", "Genotype", "Cell", "NASFPN_GENOTYPE", "FPN_GENOTYPE", "parse_genotype"]
+__all__ = ["FPN_GENOTYPE", "NASFPN_GENOTYPE", "Cell", "Genotype", "RetinaNet", "build_model", "parse_genotype"]

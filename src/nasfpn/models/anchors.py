@@ -64,8 +64,8 @@ class AnchorGenerator:
         """
         flags = []
         for (h, w), s in zip(sizes, self.strides):
-            valid_h = min(int(math.ceil(pad_hw[0] / s)), h)
-            valid_w = min(int(math.ceil(pad_hw[1] / s)), w)
+            valid_h = min(math.ceil(pad_hw[0] / s), h)
+            valid_w = min(math.ceil(pad_hw[1] / s), w)
             vy = torch.arange(h, device=device) < valid_h
             vx = torch.arange(w, device=device) < valid_w
             cell = (vy[:, None] & vx[None, :]).reshape(-1)

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from nasfpn.core.weights import load_state_dict_file, resolve_source
+
 # depth -> (block, blocks per stage). Depth 10 is the paper's proxy-task backbone.
-_SPECS: dict[int, tuple[type[nn.Module], list[int]]] = {
+_SPECS: dict[int, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int]]] = {
     10: (tv_resnet.BasicBlock, [1, 1, 1, 1]),
     18: (tv_resnet.BasicBlock, [2, 2, 2, 2]),
     34: (tv_resnet.BasicBlock, [3, 4, 6, 3]),
@@ -45,13 +47,13 @@ class ResNet(nn.Module):
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in 0..4, got {frozen_stages}")
         block, layers = _SPECS[depth]
-        net = tv_resnet.ResNet(block, layers)  # type: ignore[arg-type]
+        net = tv_resnet.ResNet(block, layers)
         self.depth = depth
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = block.expansion  # type: ignore[attr-defined]
+        expansion = block.expansion
         self.feature_channels = [128 * expansion, 256 * expansion, 512 * expansion]
         self.feature_strides = [8, 16, 32]
         self._freeze()
@@ -67,7 +69,7 @@ class ResNet(nn.Module):
             for p in m.parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "ResNet":
+    def train(self, mode: bool = True) -> ResNet:
         super().train(mode)
         if mode:
             for m in self._frozen_modules():
@@ -88,8 +90,6 @@ class ResNet(nn.Module):
 
     def load_imagenet(self, source: str) -> None:
         """Load ImageNet weights: "torchvision", an http(s) URL, or a local file (torchvision layout)."""
-        from nasfpn.core.weights import load_state_dict_file, resolve_source
-
         if source == "torchvision":
             if self.depth not in _TORCHVISION_WEIGHTS:
                 raise ValueError(f"torchvision publishes no ImageNet weights for ResNet-{self.depth}")

@@ -78,7 +78,7 @@ class RetinaNet(nn.Module):
         return [self.head(p) for p in self.neck.forward_stacks(feats)]
 
     def anchors(self, outputs: Outputs) -> list[torch.Tensor]:
-        sizes = [tuple(m.shape[-2:]) for m in outputs[0]]
+        sizes = [(m.shape[-2], m.shape[-1]) for m in outputs[0]]
         return self.anchor_generator.grid_anchors(sizes, outputs[0][0].device)
 
     def loss(self, outputs: Outputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -94,7 +94,7 @@ class RetinaNet(nn.Module):
         anchors = self.anchors(outputs)
         valid = None
         if any(t.get("pad_shape") is not None for t in targets):
-            sizes = [tuple(m.shape[-2:]) for m in cls_maps]
+            sizes = [(m.shape[-2], m.shape[-1]) for m in cls_maps]
             unbounded = (1 << 30, 1 << 30)  # no pad_shape: the whole batch tensor is this image
             valid = [
                 self.anchor_generator.valid_flags(sizes, tuple(t.get("pad_shape") or unbounded), cls_maps[0].device)
@@ -125,7 +125,7 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
     h = cfg.head
     head = RetinaHead(n.channels, h.num_classes, anchor_generator.num_anchors, h.stacked_convs, h.feat_channels,
                       h.separate_bn, len(a.strides), h.prior_prob)
-    l = cfg.loss
-    loss = RetinaLoss(h.num_classes, MaxIoUAssigner(l.pos_iou_thr, l.neg_iou_thr, l.min_pos_iou, l.match_low_quality),
-                      l.focal_alpha, l.focal_gamma, l.cls_weight, l.box_weight)
+    lc = cfg.loss
+    loss = RetinaLoss(h.num_classes, MaxIoUAssigner(lc.pos_iou_thr, lc.neg_iou_thr, lc.min_pos_iou, lc.match_low_quality),
+                      lc.focal_alpha, lc.focal_gamma, lc.cls_weight, lc.box_weight)
     return RetinaNet(backbone, neck, head, anchor_generator, loss, cfg.test, h.deep_supervision, n.exit_stack)

@@ -37,4 +37,4 @@ class FPN(nn.Module):
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
         p6 = self.fpn_convs[3](feats[-1])
         p7 = self.fpn_convs[4](torch.relu(p6))
-        return outs + [p6, p7]
+        return [*outs, p6, p7]

@@ -9,6 +9,7 @@ a bias and no norm. Outputs per level: class logits ``(N, A*K, H, W)`` with chan
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,7 +43,9 @@ class RetinaHead(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
         # Focal-loss prior: every anchor starts as background with probability 1 - prior_prob.
-        nn.init.constant_(self.retina_cls.bias, -math.log((1 - prior_prob) / prior_prob))
+        cls_bias = self.retina_cls.bias
+        assert cls_bias is not None  # nn.Conv2d has a bias unless built with bias=False
+        nn.init.constant_(cls_bias, -math.log((1 - prior_prob) / prior_prob))
 
     def _tower(self, x: torch.Tensor, convs: nn.ModuleList, norms: nn.ModuleList | None) -> torch.Tensor:
         for i, conv in enumerate(convs):
@@ -57,8 +60,9 @@ class RetinaHead(nn.Module):
             raise ValueError(f"head built for {self.num_levels} levels got {len(feats)}")
         cls_out, reg_out = [], []
         for level, x in enumerate(feats):
-            cls_norms = self.cls_norms[level] if self.separate_bn else None
-            reg_norms = self.reg_norms[level] if self.separate_bn else None
+            # Each entry of cls_norms / reg_norms is the ModuleList of one level.
+            cls_norms = cast(nn.ModuleList, self.cls_norms[level]) if self.separate_bn else None
+            reg_norms = cast(nn.ModuleList, self.reg_norms[level]) if self.separate_bn else None
             cls_out.append(self.retina_cls(self._tower(x, self.cls_convs, cls_norms)))
             reg_out.append(self.retina_reg(self._tower(x, self.reg_convs, reg_norms)))
         return cls_out, reg_out

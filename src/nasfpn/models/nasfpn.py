@@ -26,9 +26,11 @@ Text form, used by configs and the command line (node indices; ``noconv`` drops 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +65,7 @@ class Genotype:
     def node_level(self, index: int) -> int:
         return LEVELS[index] if index < len(LEVELS) else self.cells[index - len(LEVELS)].level
 
-    def validate(self) -> "Genotype":
+    def validate(self) -> Genotype:
         """Raise ``ValueError`` with the reason if this genotype cannot be built."""
         if not self.cells:
             raise ValueError("genotype has no cells")
@@ -111,7 +113,7 @@ class Genotype:
         return "; ".join([str(c) for c in self.cells] + ["out " + ",".join(map(str, self.outputs))])
 
     @classmethod
-    def from_string(cls, text: str) -> "Genotype":
+    def from_string(cls, text: str) -> Genotype:
         cells: list[Cell] = []
         outputs: tuple[int, ...] | None = None
         for part in (p.strip() for p in text.split(";")):
@@ -128,7 +130,7 @@ class Genotype:
             cells.append(Cell(op, (int(a), int(b)), int(level), out_conv=noconv is None))
         if outputs is None:
             raise ValueError(f"genotype {text!r} has no 'out ...' part naming the P3..P7 nodes")
-        return cls(tuple(cells), outputs).validate()  # type: ignore[arg-type]
+        return cls(tuple(cells), outputs).validate()  # type: ignore[arg-type]  # validate() checks the count
 
     def to_json(self) -> str:
         return json.dumps(
@@ -139,10 +141,10 @@ class Genotype:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "Genotype":
+    def from_json(cls, text: str) -> Genotype:
         data = json.loads(text)
         cells = tuple(Cell(c["op"], tuple(c["inputs"]), int(c["level"]), bool(c.get("out_conv", True))) for c in data["cells"])
-        return cls(cells, tuple(data["outputs"])).validate()  # type: ignore[arg-type]
+        return cls(cells, tuple(data["outputs"])).validate()
 
 
 # The discovered architecture (paper Fig. 6), in MMDetection's cell order and naming.
@@ -284,8 +286,7 @@ class NASFPN(nn.Module):
         for stage in self.fpn_stages[: stacks or len(self.fpn_stages)]:
             if self.checkpoint_stacks and self.training and torch.is_grad_enabled():
                 p = checkpoint(
-                    stage, p, use_reentrant=False,
-                    context_fn=lambda s=stage: (contextlib.nullcontext(), _frozen_bn_statistics(s)),
+                    stage, p, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, stage),
                 )
             else:
                 p = stage(p)
@@ -293,17 +294,28 @@ class NASFPN(nn.Module):
         return outs
 
 
+def _checkpoint_contexts(stage: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``checkpoint``'s ``context_fn`` for ``stage``: nothing around the forward pass, BN statistics
+    frozen around the recomputation."""
+    return contextlib.nullcontext(), _frozen_bn_statistics(stage)
+
+
 @contextlib.contextmanager
-def _frozen_bn_statistics(module: nn.Module):
+def _frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
     """BN running statistics left untouched: the checkpoint recomputation of a stage must not
     fold the same batch into them a second time."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
+    # (module, momentum, its num_batches_tracked buffer, a copy of it); a BN without running
+    # statistics (track_running_stats=False) has none to protect.
+    saved = [
+        (m, m.momentum, m.num_batches_tracked, m.num_batches_tracked.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None
+    ]
+    for m, _, _, _ in saved:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, (momentum, tracked) in zip(bns, saved):
+        for m, momentum, tracked, value in saved:
             m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
+            tracked.copy_(value)
