@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 
 from nasfpn.core.config import config_to_dict
-from nasfpn.models.nasfpn import parse_genotype
 from nasfpn.core.presets import get_config
-from nasfpn.search.runner import LOG_NAME, SNAPSHOT_NAME, SearchSpec, read_log, search, trial_results
+from nasfpn.models.nasfpn import parse_genotype
+from nasfpn.search.log import LOG_NAME, SNAPSHOT_NAME, read_log, trial_results
+from nasfpn.search.proxy import FakeEvaluator
+from nasfpn.search.runner import run_search, search
+from nasfpn.search.space import NASFPN_PAPER
+from nasfpn.search.spec import SearchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +69,6 @@ def test_inline_search_logs_failures_and_writes_outputs(tmp_path):
 
 
 def test_repeated_architectures_reuse_their_reward(tmp_path):
-    from nasfpn.search.space import NASFPN_PAPER
-
     class Repeater:
         kind = "random"
 
@@ -85,9 +87,6 @@ def test_repeated_architectures_reuse_their_reward(tmp_path):
 
         def load_state_dict(self, s):
             self.n = s["n"]
-
-    from nasfpn.search.proxy import FakeEvaluator
-    from nasfpn.search.runner import run_search
 
     result = run_search(Repeater(), FakeEvaluator(), tmp_path, 3, backend="inline", log=None)
     assert [r["status"] for r in result.results] == ["ok", "cached", "cached"]
@@ -123,7 +122,8 @@ def test_resume_replays_the_log_and_reruns_the_trial_in_flight(tmp_path):
 
 _KILL_SCRIPT = """
 import sys
-from nasfpn.search.runner import SearchSpec, search
+from nasfpn.search.runner import search
+from nasfpn.search.spec import SearchSpec
 spec = SearchSpec(controller="ppo", trials=16, seed=2, controller_options={"batch_size": 4},
                   evaluator={"kind": "fake", "seconds": 0.25, "fail_rate": 0.1}, baselines=False)
 search(spec, sys.argv[1], backend="inline", resume=True, log=None)

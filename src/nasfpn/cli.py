@@ -203,7 +203,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.compare:
-        from nasfpn.search.plots import compare_searches
+        from nasfpn.search.outputs import compare_searches
 
         compare_searches(args.compare, out)
         print((out / "compare.md").read_text(), end="")

@@ -4,10 +4,14 @@
   lowering to the node-form ``Genotype`` that ``models.nasfpn`` builds;
 - ``controllers``: random search, regularised evolution, the RNN controller trained with PPO;
 - ``proxy``: the proxy task (short training of a small RetinaNet, reward = held-out AP);
-- ``runner``: asynchronous, resumable execution in worker processes or on Ray, and the outputs;
+- ``spec``: ``SearchSpec``, the settings of a search (``search.json``), and the evaluators it names;
+- ``executors``: where trials run: inline, in worker processes or on Ray;
+- ``log``: the append-only trial log, controller snapshots and resume, and what is read out of it;
+- ``runner``: the asynchronous, resumable event loop (``run_search``) and ``search``;
+- ``outputs``: best genotype, full-size config, summary, plots; the comparison of searches;
 - ``plots``: reward over trials, unique architectures over time, cell graphs.
 
-    from nasfpn.search import SearchSpec, search
+    from nasfpn.search import SearchSpec, evaluator_spec, search
     spec = SearchSpec(controller="evolution", trials=40, evaluator=evaluator_spec(task))
     result = search(spec, "runs/search", workers=2)
 """

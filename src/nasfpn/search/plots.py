@@ -17,21 +17,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
 from nasfpn.models.nasfpn import LEVELS  # noqa: E402
-from nasfpn.search.runner import trial_results  # noqa: E402
+from nasfpn.search.log import trial_results, unique_counts  # noqa: E402
 from nasfpn.search.space import NUM_INPUTS, PaperGenotype, pool_name  # noqa: E402
 
 OP_COLOURS = {"sum": "#9ecae1", "gp": "#fdae6b", "gp_tf": "#a1d99b"}
-
-
-def unique_counts(records: list[dict[str, Any]]) -> list[int]:
-    """After each proposed trial (in trial order), how many distinct networks were proposed so far
-    (by ``PaperGenotype.canonical``)."""
-    seen: set[str] = set()
-    counts = []
-    for r in sorted((r for r in records if "trial" in r and r["status"] == "running"), key=lambda r: r["trial"]):
-        seen.add(PaperGenotype.from_string(r["genotype"]).canonical().to_string())
-        counts.append(len(seen))
-    return counts
 
 
 def running_best(rewards: list[float | None]) -> list[float | None]:
@@ -183,46 +172,3 @@ def _save(fig, path: str | Path) -> Path:
     plt.close(fig)
     return path
 
-
-def compare_searches(dirs: list[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
-    """Side-by-side view of finished searches: ``compare_best.png`` (running best, with the
-    baselines any of them evaluated), ``compare_unique.png`` and ``compare.md`` (one table row
-    per search). Returns the rows."""
-    import json
-
-    from nasfpn.search.runner import LOG_NAME, SearchSpec, baseline_results, read_log, summarize
-
-    out_dir = Path(out_dir)
-    runs, rows, baselines = {}, [], {}
-    for d in map(Path, dirs):
-        spec = SearchSpec.from_dict(json.loads((d / "search.json").read_text()))
-        records = read_log(d / LOG_NAME)
-        name = spec.controller if spec.controller not in runs else f"{spec.controller} ({d.name})"
-        runs[name] = records
-        for base, r in baseline_results(records).items():
-            if r.get("reward") is not None:
-                baselines.setdefault(base, r["reward"])
-        s = summarize(records, spec)
-        rows.append({"search": name, "dir": str(d), "trials": s["trials_finished"], "trained": s["ok"],
-                     "cached": s["cached"], "failed": s["failed"], "unique": s["unique_architectures"],
-                     "best_reward": s["best"]["reward"] if s["best"] else None,
-                     "best_trial": s["best"]["trial"] if s["best"] else None,
-                     "best_genotype": s["best"]["genotype"] if s["best"] else None,
-                     "span_s": s["span_s"],
-                     "trial_wall_s": s["trial_wall_s"]["mean"] if s["trial_wall_s"] else None})
-    plot_best_so_far(runs, out_dir / "compare_best.png", baselines)
-    plot_unique(runs, out_dir / "compare_unique.png")
-    lines = ["| search | trials | trained | repeats | failed | unique | best reward (trial) | mean trial s | span min |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        best = f"{r['best_reward']:.4f} ({r['best_trial']})" if r["best_reward"] is not None else "-"
-        wall = f"{r['trial_wall_s']:.0f}" if r["trial_wall_s"] is not None else "-"
-        lines.append(f"| {r['search']} | {r['trials']} | {r['trained']} | {r['cached']} | {r['failed']} | {r['unique']} | "
-                     f"{best} | {wall} | {r['span_s'] / 60:.1f} |")
-    for name, value in sorted(baselines.items()):
-        lines.append(f"| baseline {name} | | | | | | {value:.4f} | | |")
-    lines += ["", "Best genotypes (paper form):", ""]
-    lines += [f"- {r['search']}: `{r['best_genotype']}`" for r in rows if r["best_genotype"]]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
-    return rows
