@@ -23,7 +23,8 @@ import statistics
 
 import torch
 
-from nasfpn.apps.bench import bench_data, markdown_table
+from harness import markdown_table
+from nasfpn.apps.bench import bench_data
 from nasfpn.core.presets import get_config
 
 

@@ -5,7 +5,7 @@
     python benchmarks/bench_fast_paths.py --model retinanet_r50_fpn_crop640_50e
 
 Variants (all from the same weights; class bias shifted so ~1000 pairs per image pass the score
-threshold, see nasfpn/bench.py), run round-robin, medians over rounds:
+threshold, see nasfpn/apps/bench.py), run round-robin, medians over rounds:
 
 - ``plain``: the model as built (eager, fp32, NCHW, BN after every conv);
 - ``fold``: BN folded (per-level head convs), NCHW;  ``CL``: channels-last only, BN kept;
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasfpn.apps.bench import (add_interleaved_args, calibrate_scores, cpu_supports_bf16, environment, infer_step,
-                          interleaved_with_load, markdown_table, median_ms, percentile, synthetic_images)
+from harness import add_interleaved_args, cpu_supports_bf16, interleaved_with_load, markdown_table, median_ms
+from nasfpn.apps.bench import calibrate_scores, environment, infer_step, percentile, synthetic_images
+from nasfpn.core.presets import get_config
 from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models import build_model
 from nasfpn.models.head import RetinaHead
-from nasfpn.core.presets import get_config
 
 
 class AffineSepBNHead(nn.Module):
@@ -89,8 +89,8 @@ def accuracy_report(model_name: str, variants: dict) -> list[dict]:
     """Fast paths vs plain on the MMDetection reference weights and images."""
     from PIL import Image
 
-    from nasfpn.data.transforms import preprocess_batch
     from nasfpn.core.weights import load_into_model
+    from nasfpn.data.transforms import preprocess_batch
 
     ref = _reference_dir()
     if ref is None:

@@ -3,12 +3,17 @@
     python benchmarks/bench_train.py                         # CPU, 2 threads, batch 2, 640x640
     python benchmarks/bench_train.py --device cuda --batch 8 # GPU recipe (crop 640, batch 8)
 
-One step = forward, loss (8 random boxes per image), backward, SGD update (fused on CUDA). Each
-variant runs in its own fresh process (``nasfpn bench --mode train --json``), so peak memory is
-not polluted by the other variants' allocations; the rounds alternate the variants, and the
-table shows medians over rounds. Memory (see nasfpn/bench.py): "step memory" is the rise of
-the bytes in use during one step (CPU: glibc malloc in use, sampled every 2 ms; CUDA: max
-allocated), "peak RSS" the whole process.
+One step = the trainer's step, ``engine.step.train_step`` (what ``nasfpn train`` runs): forward
+under autocast, loss (8 random boxes per image), backward, gradient norm (clipped when the
+config's ``train.grad_clip`` > 0), finiteness check with BN buffer backup, SGD update (the
+trainer's parameter groups; fused on CUDA). Each variant runs in its own fresh process
+(``nasfpn bench --mode train --json``), so peak memory is not polluted by the other variants'
+allocations; the rounds alternate the variants, and the table shows medians over rounds. Memory
+(see nasfpn/apps/bench.py): "step memory" is the rise of the bytes in use during one step (CPU:
+glibc malloc in use, sampled every 2 ms; CUDA: max allocated), "peak RSS" the whole process.
+
+The training-step tables in RESULTS.md were measured before bench timed the trainer's step, on
+a lighter one: forward, loss, backward and SGD update only.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import statistics
 import subprocess
 import sys
 
-from nasfpn.apps.bench import cpu_supports_bf16, markdown_table
+from harness import cpu_supports_bf16, markdown_table
 
 VARIANTS = {
     "fp32": [],

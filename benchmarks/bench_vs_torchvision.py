@@ -26,11 +26,11 @@ import statistics
 
 import torch
 
-from nasfpn.apps.bench import (add_interleaved_args, calibrate_scores, cpu_supports_bf16, environment, infer_step,
-                          interleaved_with_load, markdown_table, median_ms, percentile, synthetic_images)
+from harness import add_interleaved_args, cpu_supports_bf16, interleaved_with_load, markdown_table, median_ms
+from nasfpn.apps.bench import calibrate_scores, environment, infer_step, percentile, synthetic_images
+from nasfpn.core.presets import get_config
 from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models import build_model
-from nasfpn.core.presets import get_config
 
 
 def torchvision_model(size: int, device: torch.device):

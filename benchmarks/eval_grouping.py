@@ -26,12 +26,13 @@ import torch
 from PIL import Image
 
 import nasfpn.data.batching as batching
-from nasfpn.apps.bench import calibrate_scores, environment, interleaved_with_load
+from harness import interleaved_with_load
+from nasfpn.apps.bench import calibrate_scores, environment
+from nasfpn.core.presets import PRESETS
 from nasfpn.data.synthetic import SyntheticSpec, render_image
 from nasfpn.data.transforms import collate_eval
 from nasfpn.engine.evaluate import build_eval_dataset, predict_dataset
 from nasfpn.models import build_model
-from nasfpn.core.presets import PRESETS
 
 # (height, width, weight): a COCO val2017-like size mix (landscape 4:3 about half of the images).
 COCO_LIKE = [(480, 640, 40), (640, 480, 12), (427, 640, 14), (640, 427, 6), (375, 500, 6), (500, 375, 3),

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nasfpn.apps.bench import environment, interleaved, median_ms
+from harness import interleaved, median_ms
+from nasfpn.apps.bench import environment
+from nasfpn.core.presets import get_config
 from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models import build_model
-from nasfpn.core.presets import get_config
 
 
 def conv_rate(size: int, channels: int, rounds: int) -> float:

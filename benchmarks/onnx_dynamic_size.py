@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from nasfpn.deploy.predictor import Detector
-from nasfpn.apps.bench import calibrate_scores, environment, interleaved_with_load, median_ms, percentile
+from harness import interleaved_with_load, median_ms
+from nasfpn.apps.bench import calibrate_scores, environment, percentile
+from nasfpn.core.presets import PRESETS
 from nasfpn.deploy import export as ex
 from nasfpn.deploy.onnx_runtime import ort_session
+from nasfpn.deploy.predictor import Detector
 from nasfpn.models import build_model
-from nasfpn.core.presets import PRESETS
 
 MODELS = ("retinanet_r50_fpn_crop640_50e", "retinanet_r50_nasfpn_crop640_50e")
 

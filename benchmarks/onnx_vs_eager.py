@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nasfpn.deploy.predictor import Detector
 from nasfpn.apps.bench import calibrate_scores
+from nasfpn.core.presets import PRESETS
 from nasfpn.deploy import export as ex
 from nasfpn.deploy.onnx_runtime import ort_session
+from nasfpn.deploy.predictor import Detector
 from nasfpn.models import build_model
 from nasfpn.models.postprocess import postprocess
-from nasfpn.core.presets import PRESETS
 
 SECTION = "## ONNX Runtime vs eager PyTorch (CPU)"
 MODELS = ("retinanet_r50_fpn_crop640_50e", "retinanet_r50_nasfpn_crop640_50e")

@@ -1,20 +1,34 @@
 """The benchmark module and ``nasfpn bench``: statistics, memory meter, score calibration, the three
-modes on small inputs, and the command line."""
+modes on small inputs, and the command line; the scripts' harness in ``benchmarks/``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from nasfpn.apps import bench
 from nasfpn.cli import main
-from nasfpn.models import build_model
 from nasfpn.core.presets import get_config
+from nasfpn.models import build_model
 
 TINY = get_config("nasfpn_tiny")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """``benchmarks/harness.py``, the module the scripts import as ``harness``."""
+    spec = importlib.util.spec_from_file_location("harness", BENCHMARKS / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_percentile_and_latency_stats():
@@ -108,9 +122,35 @@ def test_bench_data_restores_threads():
     assert torch.get_num_threads() == threads
 
 
-def test_markdown_table():
-    table = bench.markdown_table([{"a": 1.23456, "b": "x"}, {"a": 12.0}], [("a", "A"), ("b", "B")])
+def test_markdown_table(harness):
+    table = harness.markdown_table([{"a": 1.23456, "b": "x"}, {"a": 12.0}], [("a", "A"), ("b", "B")])
     assert table.splitlines() == ["| A | B |", "|---|---|", "| 1.2 | x |", "| 12.0 |  |"]
+
+
+def test_interleaved_rounds_and_sub_timings(harness):
+    calls = []
+
+    def plain():
+        calls.append("plain")
+        return 123  # not a dict: ignored
+
+    def split():
+        calls.append("split")
+        return {"net": 0.25}
+
+    times = harness.interleaved({"plain": plain, "split": split}, rounds=3, warmup=1)
+    assert calls == ["plain", "split"] * 4  # one warm-up round, then round-robin
+    assert set(times["plain"]) == {"total"} and len(times["plain"]["total"]) == 3
+    assert times["split"]["net"] == [0.25] * 3
+    assert harness.median_ms({"x": {"total": [0.001, 0.003, 0.002]}}, "x") == pytest.approx(2.0)
+
+
+def test_benchmark_script_runs_from_any_folder(tmp_path):
+    # python benchmarks/<script>.py puts benchmarks/ on sys.path, whatever the current folder.
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--variants" in proc.stdout
 
 
 def test_cli_bench_json(capsys):

@@ -1,13 +1,16 @@
-"""Speed and memory measurements: inference, one training step, the training input pipeline.
+"""Speed and memory measurements of ``nasfpn bench``: inference, one training step, the training
+input pipeline.
 
-``nasfpn bench`` is a thin wrapper around ``bench_infer``, ``bench_train`` and ``bench_data``;
-the scripts in ``benchmarks/`` call them too. Every function returns a plain dict (JSON-able).
+``bench_infer``, ``bench_train`` and ``bench_data`` return a plain dict (JSON-able) and
+``format_result`` prints it. The scripts in ``benchmarks/`` reuse these measurements
+(``infer_step``, ``calibrate_scores``, ``percentile``, ``environment``, ...); their side-by-side
+harness lives in ``benchmarks/harness.py``.
 
 Timing: wall clock around each iteration, after ``warmup`` untimed ones; CUDA is synchronised at
 every boundary that is timed (so the inference split adds two syncs per iteration). Latency is
 reported as p50 / p90 over ``iters`` iterations, throughput as ``batch / p50``.
 
-Peak memory (``memory_source`` in the result says which):
+Peak memory (``PeakMemory``; ``memory_source`` in the result says which):
 
 - CUDA: ``torch.cuda.max_memory_allocated`` over the measured iterations (tensors only, not the
   caching allocator's reserve);
@@ -38,9 +41,10 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +56,7 @@ from nasfpn.models import RetinaNet, build_model
 MODES = ("infer", "train", "data")
 
 
-# --------------------------------------------------------------------------- measuring
+# --------------------------------------------------------------------------- statistics
 
 
 def _sync(device: torch.device) -> None:
@@ -78,28 +82,45 @@ def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
             "mean_ms": statistics.fmean(seconds) * 1e3, "images_per_s": batch / p50}
 
 
+# --------------------------------------------------------------------------- memory
+
+
 class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2, returned by value: every field is needed for the layout.
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _mallinfo2() -> Callable[[], int] | None:
-    """Bytes in use by glibc malloc (all arenas + mmapped blocks), or None without glibc >= 2.33."""
+def _load_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's ``mallinfo2`` (glibc >= 2.33), or None elsewhere."""
+    if platform.system() != "Linux":
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return None
     fn.restype = _MallInfo2
-
-    def in_use() -> int:
-        info = fn()
-        return info.uordblks + info.hblkhd
-
-    return in_use
+    return fn
 
 
-_MALLOC_IN_USE = _mallinfo2() if platform.system() == "Linux" else None
+_MALLINFO2 = _load_mallinfo2()
+
+
+def _malloc_bytes() -> int:
+    """Bytes in use by malloc: allocated arena chunks + mmapped blocks (0 without mallinfo2)."""
+    if _MALLINFO2 is None:
+        return 0
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size of this process from /proc, or None without it."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _max_rss_mb() -> float:
@@ -108,14 +129,6 @@ def _max_rss_mb() -> float:
 
     scale = 1 if platform.system() == "Darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class PeakMemory:
@@ -128,63 +141,60 @@ class PeakMemory:
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002) -> None:
         self.device = torch.device(device)
         self.interval_s = interval_s
+        self.source = ""
         self.peak_mb: float | None = None
         self.delta_mb: float | None = None
-        self.source = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start = 0
-        self._peak = 0
-        self._alloc_start = 0
-        self._alloc_peak = 0
         self.alloc_peak_mb: float | None = None
         self.alloc_delta_mb: float | None = None
+        self._cuda_start = 0
+        self._start = self._peak = (0, 0)  # CPU: (RSS, malloc in use) bytes
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _sample_once(self) -> None:
-        self._peak = max(self._peak, _rss_bytes() or 0)
-        if _MALLOC_IN_USE is not None:
-            self._alloc_peak = max(self._alloc_peak, _MALLOC_IN_USE())
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._sample_once()
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+            self._cuda_start = torch.cuda.memory_allocated(self.device)
             self.source = "cuda max_memory_allocated"
+        elif (rss := _rss_bytes()) is None:
+            self.source = "ru_maxrss (process lifetime peak)"
         else:
-            rss = _rss_bytes()
-            if rss is None:
-                self.source = "ru_maxrss (process lifetime peak)"
-            else:
-                self._start = self._peak = rss
-                if _MALLOC_IN_USE is not None:
-                    self._alloc_start = self._alloc_peak = _MALLOC_IN_USE()
-                self.source = "peak RSS (/proc/self/statm) and malloc in use (mallinfo2), sampled every 2 ms"
-                self._thread = threading.Thread(target=self._sample, daemon=True)
-                self._thread.start()
+            self.source = (f"peak RSS (/proc/self/statm) and malloc in use (mallinfo2), "
+                           f"sampled every {self.interval_s * 1e3:g} ms")
+            self._start = self._peak = (rss, _malloc_bytes())
+            self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+            self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        rss, malloc = self._peak
+        self._peak = (max(rss, _rss_bytes() or 0), max(malloc, _malloc_bytes()))
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
     def __exit__(self, *exc: Any) -> None:
-        mb = 1024 * 1024
+        mb = 2**20
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-            self.peak_mb, self.delta_mb = peak / mb, (peak - self._start) / mb
-        elif self._thread is not None:
+            self.peak_mb, self.delta_mb = peak / mb, (peak - self._cuda_start) / mb
+        elif self._thread is None:
+            self.peak_mb = _max_rss_mb()
+        else:
             self._stop.set()
             self._thread.join()
-            self._sample_once()
-            self.peak_mb, self.delta_mb = self._peak / mb, (self._peak - self._start) / mb
-            if _MALLOC_IN_USE is not None:
-                self.alloc_peak_mb = self._alloc_peak / mb
-                self.alloc_delta_mb = (self._alloc_peak - self._alloc_start) / mb
-        else:
-            self.peak_mb = _max_rss_mb()
+            self._sample()  # the block's last moment, after the thread's last sample
+            (rss0, malloc0), (rss, malloc) = self._start, self._peak
+            self.peak_mb, self.delta_mb = rss / mb, (rss - rss0) / mb
+            if _MALLINFO2 is not None:
+                self.alloc_peak_mb, self.alloc_delta_mb = malloc / mb, (malloc - malloc0) / mb
+
+
+# --------------------------------------------------------------------------- environment
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -219,62 +229,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX), per /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int,
-                warmup: int = 1) -> dict[str, dict[str, list[float]]]:
-    """Time every function once per round, round-robin, so that changes in machine load hit all
-    of them alike. A function may return a dict of its own sub-timings (seconds); any other
-    return value is ignored.
-
-    Returns ``{name: {"total": [seconds per round], <sub-timing>: [...]}}``.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[str, dict[str, list[float]]] = {name: {"total": []} for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            a = time.perf_counter()
-            parts = fn()
-            out[name]["total"].append(time.perf_counter() - a)
-            for key, value in (parts.items() if isinstance(parts, dict) else ()):
-                out[name].setdefault(key, []).append(value)
-    return out
-
-
-def add_interleaved_args(parser) -> None:
-    """Command-line options shared by the side-by-side inference benchmarks in ``benchmarks/``."""
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, default=640)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--pairs-per-image", type=int, default=1000)
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
-
-
-def interleaved_with_load(fns: dict[str, Callable[[], Any]], rounds: int,
-                          warmup: int = 1) -> tuple[dict[str, dict[str, list[float]]], tuple[float, float]]:
-    """``interleaved`` and the 1-minute load average before and after it."""
-    before = os.getloadavg()[0]
-    times = interleaved(fns, rounds, warmup)
-    return times, (before, os.getloadavg()[0])
-
-
-def median_ms(times: dict[str, dict[str, list[float]]], name: str, key: str = "total") -> float:
-    """Median of one sub-timing of ``interleaved``'s result, in milliseconds."""
-    return statistics.median(times[name][key]) * 1e3
 
 
 # --------------------------------------------------------------------------- inputs
@@ -399,7 +353,10 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
     pre, net, post, total = [], [], [], []
     for _ in range(iters):
         t = run()
-        pre.append(t["pre"]), net.append(t["net"]), post.append(t["post"]), total.append(t["pre"] + t["net"] + t["post"])
+        pre.append(t["pre"])
+        net.append(t["net"])
+        post.append(t["post"])
+        total.append(t["pre"] + t["net"] + t["post"])
         num_dets = t["detections"]
     result: dict[str, Any] = {
         "mode": "infer", "model": cfg.name, "device": str(dev), "batch": batch, "size": size,
@@ -581,7 +538,9 @@ def bench_data(cfg: Config, size: int | None = None, images: int = 32, height: i
                 normalize_pad([out["image"]], d.mean, d.std, pad_size=(size, size))
                 e = time.perf_counter()
                 if p > 0:
-                    parts["decode"].append(b - a), parts["augment"].append(c - b), parts["normalise"].append(e - c)
+                    parts["decode"].append(b - a)
+                    parts["augment"].append(c - b)
+                    parts["normalise"].append(e - c)
         file_kb = sum(x.stat().st_size for x in paths) / len(paths) / 1024
     finally:
         torch.set_num_threads(threads)
@@ -638,67 +597,3 @@ def format_result(r: dict[str, Any]) -> str:
         if r.get("alloc_peak_mb") is not None:
             lines.append(f"peak malloc in use {r['alloc_peak_mb']:.0f} MB (+{r['alloc_delta_mb']:.0f} MB during the step)")
     return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """``rows`` as a markdown table; ``columns`` are ``(key, header)``; floats get 1-3 decimals
-    (small ones scientific)."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            if v != 0 and abs(v) < 0.01:
-                return f"{v:.1e}"
-            return f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}"
-        return "" if v is None else str(v)
-
-    out = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- host-device syncs
-
-
-# ATen ops that make a CUDA device wait for the host or copy a value back to it.
-_SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero",
-             "aten::equal", "aten::unique_dim", "aten::_unique2", "aten::unique_consecutive", "aten::item"}
-
-
-def _has_mask(indices: Any) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
-
-
-def find_sync_points(fn: Callable[[], Any]) -> list[str]:
-    """Run ``fn`` and list the ATen calls in it that synchronise a CUDA device with the host.
-
-    Works on any device (it inspects the ops, it does not need CUDA): ``.item()`` / ``bool(t)`` /
-    ``float(t)``, ``nonzero``, boolean-mask indexing and ``masked_select``, ``unique``,
-    ``repeat_interleave`` without ``output_size``. Copies to the CPU are not seen on a CPU run;
-    on CUDA, ``torch.cuda.set_sync_debug_mode('error')`` is the ground truth.
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    found: list[str] = []
-
-    class _Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = func._schema.name
-            if name in _SYNC_OPS:
-                found.append(name)
-            elif name == "aten::index" and _has_mask(args[1]):
-                found.append(f"{name} (boolean mask)")
-            elif name in ("aten::index_put", "aten::index_put_") and _has_mask(args[1]):
-                # x[mask] = <one value on the host> becomes masked_fill: no sync. Anything else
-                # turns the mask into indices first.
-                indices = [t for t in args[1] if t is not None]
-                value = args[2]
-                if not (len(indices) == 1 and value.numel() == 1 and value.device.type == "cpu"):
-                    found.append(f"{name} (boolean mask)")
-            elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and len(args) < 4:
-                found.append(name)
-            return func(*args, **kwargs)
-
-    with _Recorder():
-        fn()
-    return found
