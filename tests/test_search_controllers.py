@@ -8,7 +8,7 @@ import torch
 
 from nasfpn.search.controllers import (PPOController, RandomSearch, RegularizedEvolution, build_controller,
                                        uniform_entropy)
-from nasfpn.search.space import NASFPN_PAPER, PaperGenotype, SearchSpace
+from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperGenotype, SearchSpace
 
 SPACE = SearchSpace()
 KINDS = ["random", "evolution", "ppo"]
@@ -105,8 +105,6 @@ def test_ppo_accepts_foreign_genotypes_and_out_of_order_results():
 def test_random_search_ignores_rewards_but_checks_genotypes():
     rs = RandomSearch(SPACE, 0)
     with pytest.raises(ValueError, match="8 cells"):
-        from nasfpn.search.space import FPN_PAPER
-
         rs.observe(FPN_PAPER, 1.0)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from nasfpn.cli import main
 from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, parse_genotype
 from nasfpn.search.proxy import (PAPER_HELD_OUT, FakeEvaluator, ProxySettings, ProxyTask, full_size_config,
                                  genotype_similarity, prepare_proxy_task, proxy_config, split_held_out)
@@ -70,8 +71,6 @@ def test_fake_evaluator_prefers_the_published_architecture(tmp_path):
 
 
 def test_cli_search_and_resume(tmp_path, capsys):
-    from nasfpn.cli import main
-
     out = tmp_path / "s"
     assert main(["search", "--fake-evaluator", "--controller", "evolution", "--trials", "6", "--workers", "0",
                  "--population", "3", "--tournament", "2", "--out", str(out)]) == 0

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from nasfpn.core.config import BackboneConfig, HeadConfig, ModelConfig, NeckConfig
+from nasfpn.models import build_model
 from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Genotype
 from nasfpn.search.space import (FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace,
                                  parse_paper_genotype)
@@ -168,9 +170,6 @@ def test_random_genotypes_build_run_backward_and_stack(gp):
 
 
 def test_random_genotype_in_a_tiny_detector():
-    from nasfpn.core.config import BackboneConfig, HeadConfig, ModelConfig, NeckConfig
-    from nasfpn.models import build_model
-
     genotype = SearchSpace().sample(np.random.default_rng(3)).lower()
     cfg = ModelConfig(backbone=BackboneConfig(depth=10, frozen_stages=0, pretrained=None),
                       neck=NeckConfig(kind="nasfpn", channels=8, stacks=2, genotype=genotype.to_string()),

@@ -30,7 +30,13 @@ from nasfpn.core.config import (
     TrainConfig,
 )
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
+from nasfpn.core.presets import get_config
+from nasfpn.data.coco import load_coco_json
+from nasfpn.data.synthetic import generate_dataset
+from nasfpn.engine.trainer import DataPaths, train
+from nasfpn.models import build_model
 from nasfpn.models.nasfpn import LEVELS, NASFPN_GENOTYPE, Genotype
+from nasfpn.models.summary import count_flops, count_params
 
 PAPER_HELD_OUT = 7392
 """Images the paper held out of COCO train2017 to reward architectures."""
@@ -46,8 +52,6 @@ def split_held_out(ann_file: str | Path, out_dir: str | Path, held_out: int | fl
     split. Writes ``{stem}_search_train.json`` and ``{stem}_search_heldout.json`` (same image
     folder as the input) under ``out_dir`` and returns their paths.
     """
-    from nasfpn.data.coco import load_coco_json
-
     ann_file = Path(ann_file)
     data = load_coco_json(ann_file)
     ids = sorted(int(img["id"]) for img in data["images"])
@@ -161,8 +165,6 @@ class ProxyTask:
                    heldout_images: str | Path | None = None, settings: ProxySettings | None = None,
                    keep_weights: bool = False) -> "ProxyTask":
         """A task whose classes are those of the train annotation file (sorted by category id)."""
-        from nasfpn.data.coco import load_coco_json
-
         cats = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in load_coco_json(train_ann)["categories"])
         return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
                    settings or ProxySettings(), tuple(n for _, n in cats), tuple(i for i, _ in cats), keep_weights)
@@ -172,9 +174,6 @@ class ProxyTask:
         return proxy_config(genotype, settings, len(self.class_names), self.class_names, self.category_ids)
 
     def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
-        from nasfpn.models import build_model
-        from nasfpn.models.summary import count_flops, count_params
-
         cfg = self.config(genotype)
         model = build_model(cfg.model, pretrained_backbone=False)
         cost = {"params": count_params(model), "flops": count_flops(model, cfg.data.image_size)}
@@ -193,8 +192,6 @@ class ProxyTask:
 
     def _run(self, cfg: Config, run_dir: Path, device: str) -> dict[str, float]:
         """One proxy training: held-out AP, AP50, AP75 and its training seconds."""
-        from nasfpn.engine.trainer import DataPaths, train
-
         done = run_dir / "proxy_result.json"
         if done.is_file():
             return json.loads(done.read_text())
@@ -220,8 +217,6 @@ class ProxyTask:
 def full_size_config(genotype: Genotype, preset: str = "retinanet_r50_nasfpn_crop640_50e") -> Config:
     """``preset`` with its NAS-FPN built on ``genotype``: the model to train once the search is
     done (``nasfpn train best_config.yaml``)."""
-    from nasfpn.core.presets import get_config
-
     cfg = get_config(preset)
     name = cfg.name.replace("nasfpn", "nasfpn_searched", 1) if "nasfpn" in cfg.name else f"{cfg.name}_searched"
     return replace(cfg, name=name, model=replace(cfg.model, neck=replace(cfg.model.neck, kind="nasfpn",
@@ -309,8 +304,6 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
     settings = settings or ProxySettings()
     work_dir = Path(work_dir)
     if data is not None and str(data) == "synthetic":
-        from nasfpn.data.synthetic import generate_dataset
-
         ds = generate_dataset(work_dir / "data", num_train=synthetic_images, num_val=0,
                               image_size=synthetic_size or settings.image_size, seed=0)
         train_ann, train_images = ds.train_annotations, ds.train_images
@@ -320,8 +313,6 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
         raise ValueError("name the data: data='synthetic', a dataset folder, or train_ann + train_images")
     if heldout_ann is None:
         if held_out == "auto":
-            from nasfpn.data.coco import load_coco_json
-
             n = len(load_coco_json(train_ann)["images"])
             held_out = PAPER_HELD_OUT if n >= 4 * PAPER_HELD_OUT else 0.2
         elif isinstance(held_out, str):
