@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from nasfpn.cli import main
@@ -72,3 +74,62 @@ def test_info_reports_the_reference_parameter_counts(capsys):
         assert info["params_total"] == total and info["params_neck"] == neck
         assert info["params_backbone"] == 23_508_032 and info["params_head"] == 6_481_652
         assert info["anchors"] == 9 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2 + 1)
+
+
+def test_resolve_config_is_one_rule_for_names_files_and_carried_configs(tmp_path):
+    from dataclasses import replace
+
+    from nasfpn.core.presets import resolve_config
+
+    user = tmp_path / "user.yaml"
+    user.write_text("train:\n  base_lr: 0.01\n")
+    named = resolve_config("nasfpn_tiny", ["train.epochs=3"], user)
+    assert named == get_config("nasfpn_tiny", ["train.epochs=3"], user)
+    assert (named.train.epochs, named.train.base_lr) == (3, 0.01)
+    carried = config_to_dict(replace(PRESETS["nasfpn_tiny"], name="from_weights"))
+    for model in (None, "-"):
+        cfg = resolve_config(model, ["train.epochs=3"], user, file_config=carried)
+        assert (cfg.name, cfg.train.epochs, cfg.train.base_lr) == ("from_weights", 3, 0.01)
+    # A named config wins over the carried one; a Config is kept as it is unless refined.
+    assert resolve_config("nasfpn_tiny", file_config=carried).name == "nasfpn_tiny"
+    given = PRESETS["retinanet_r50_fpn_crop640_50e"]
+    assert resolve_config(given, file_config=carried) is given
+    assert resolve_config(given, ["train.epochs=2"]).train.epochs == 2
+    for model in (None, "-"):
+        with pytest.raises(ValueError, match=r"name a preset .* or pass weights that carry their config"):
+            resolve_config(model)
+
+
+def test_config_files_are_read_by_one_reader_with_one_kind_of_error(tmp_path):
+    from nasfpn.core.presets import resolve_config
+
+    bad = {"missing.yaml": None, "broken.yaml": "train: [1, 2\n", "list.yaml": "- 1\n- 2\n",
+           "typo.yaml": "train:\n  epoch: 3\n"}
+    expected = {"missing.yaml": "does not exist", "broken.yaml": "not valid YAML", "list.yaml": "mapping at top level",
+                "typo.yaml": "unknown key"}
+    for name, text in bad.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        # The same message whether the file is the model or refines a preset.
+        for model, config_file in ((str(path), None), ("nasfpn_tiny", path)):
+            with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: .*{expected[name]}"):
+                resolve_config(model, config_file=config_file)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert resolve_config("nasfpn_tiny", config_file=empty) == PRESETS["nasfpn_tiny"]
+    assert resolve_config(str(empty)) == Config()
+
+
+def test_default_labels_are_one_rule_for_predict_and_eval():
+    from dataclasses import replace
+
+    from nasfpn.core.classes import COCO_CATEGORY_IDS, COCO_CLASSES, label_category_ids, label_names
+    from nasfpn.deploy.predictor import load
+
+    assert label_category_ids(3, (2, 4, 9)) == (2, 4, 9) and label_names(3, ("a", "b", "c")) == ("a", "b", "c")
+    assert label_category_ids(80) == COCO_CATEGORY_IDS and label_names(80) == COCO_CLASSES
+    assert label_category_ids(3) == (1, 2, 3) and label_names(3) == ("class_0", "class_1", "class_2")
+    tiny = PRESETS["nasfpn_tiny"]
+    det = load(replace(tiny, model=replace(tiny.model, head=replace(tiny.model.head, num_classes=3))))
+    assert det.category_ids == (1, 2, 3) and det.class_names == ("class_0", "class_1", "class_2")

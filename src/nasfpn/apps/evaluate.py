@@ -13,7 +13,6 @@ from typing import Any
 
 from nasfpn.core.config import Config
 from nasfpn.core.fileio import write_json_atomic
-from nasfpn.core.presets import get_config
 from nasfpn.deploy.predictor import load
 from nasfpn.engine import distributed as D
 from nasfpn.engine.coco_metrics import evaluate_detections, format_table, write_metrics_json
@@ -39,12 +38,8 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
 
     info = D.init_distributed(device)
     try:
-        if isinstance(model_or_config, (str, Path)) and str(model_or_config) != "-":
-            cfg = get_config(model_or_config, overrides, config_file)
-            det = load(cfg, weights=weights, device=info.device, optimize=optimize)
-        else:
-            det = load(model_or_config if isinstance(model_or_config, Config) else None, weights=weights,
-                       device=info.device, overrides=overrides, optimize=optimize)
+        det = load(model_or_config, weights=weights, device=info.device, overrides=overrides, optimize=optimize,
+                   config_file=config_file)
         cfg = det.config
         metrics, results = evaluate_model(det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers,
                                           progress=progress)

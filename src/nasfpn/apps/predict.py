@@ -25,11 +25,9 @@ def load_detector(model: str | None, weights: str, device: str = "cpu", override
         if optimize:
             raise ValueError(f"{weights}: --fast / --precision apply to PyTorch weights, not to an exported ONNX file")
         return OnnxDetector(weights, model, overrides=overrides, config_file=config_file)
-    from nasfpn.core.presets import get_config
     from nasfpn.deploy.predictor import load
 
-    cfg = get_config(model, overrides, config_file) if model else None
-    return load(cfg, weights=weights, device=device, overrides=None if cfg else overrides, optimize=optimize)
+    return load(model, weights=weights, device=device, overrides=overrides, optimize=optimize, config_file=config_file)
 
 
 def run_predict(model: str | None, sources: list[str], weights: str, out: str | Path, device: str = "cpu",

@@ -1,4 +1,9 @@
-"""COCO's 80 detection classes and their (non-contiguous) dataset category ids."""
+"""COCO's 80 detection classes and their (non-contiguous) dataset category ids, and the one rule
+that names the labels of a model whose config does not."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -21,3 +26,18 @@ COCO_CATEGORY_IDS: tuple[int, ...] = (
 )
 
 assert len(COCO_CLASSES) == len(COCO_CATEGORY_IDS) == 80
+
+
+def label_names(num_classes: int, names: Sequence[str] = ()) -> tuple[str, ...]:
+    """Name of each label: ``names`` if given, else COCO's for an 80-class model, else ``class_0..``."""
+    if names:
+        return tuple(names)
+    return COCO_CLASSES if num_classes == 80 else tuple(f"class_{i}" for i in range(num_classes))
+
+
+def label_category_ids(num_classes: int, category_ids: Sequence[int] = ()) -> tuple[int, ...]:
+    """Dataset category id of each label: ``category_ids`` if given, else COCO's for an 80-class
+    model, else ``1..num_classes``. Prediction and evaluation both follow this rule."""
+    if category_ids:
+        return tuple(int(c) for c in category_ids)
+    return COCO_CATEGORY_IDS if num_classes == 80 else tuple(range(1, num_classes + 1))

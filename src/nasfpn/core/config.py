@@ -1,7 +1,8 @@
 """Configuration dataclasses: model, data and training settings.
 
 A config is plain data. Named presets live in ``core/presets.py``; a user YAML file and
-``key=value`` overrides refine them (``resolve_config``). ``config_to_dict`` and
+``key=value`` overrides refine them (``apply_overrides``; every entry point resolves its config
+with ``presets.resolve_config``). ``read_yaml`` is the one reader of config files. ``config_to_dict`` and
 ``config_from_dict`` turn a config into JSON-able data and back, so a checkpoint can carry
 the exact config it was trained with.
 """
@@ -274,24 +275,42 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file; an empty file is ``{}``.
+
+    Every problem is a ``ValueError`` naming the file and what is wrong with it."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path}: does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ValueError(f"config file {path}: cannot be read ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path}: not valid YAML: {e}") from e
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path}: must hold a mapping at top level, not a {type(loaded).__name__}")
+    return loaded
+
+
+def config_from_file(path: str | Path, base: Config | None = None) -> Config:
+    """``base`` (default: ``Config()``) refined by a YAML/JSON config file; errors name the file."""
+    data = merge_dict(config_to_dict(base if base is not None else Config()), read_yaml(path))
+    try:
+        return config_from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"config file {path}: {e}") from e
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
     """Refine ``cfg`` by a YAML/JSON file, then by ``key=value`` overrides."""
-    data = config_to_dict(cfg)
     if file is not None:
-        import yaml
-
-        path = Path(file)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ValueError(f"cannot read config file {path}: {e}") from e
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
-        data = merge_dict(data, loaded)
+        cfg = config_from_file(file, cfg)
+    data = config_to_dict(cfg)
     for text in overrides or []:
         data = merge_dict(data, parse_override(text))
     return config_from_dict(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from nasfpn.core.config import (
     AnchorConfig,
@@ -24,8 +25,7 @@ from nasfpn.core.config import (
     TrainConfig,
     apply_overrides,
     config_from_dict,
-    config_to_dict,
-    merge_dict,
+    config_from_file,
 )
 
 _R50_IMAGENET = BackboneConfig(depth=50, frozen_stages=1, norm_eval=False, pretrained="torchvision")
@@ -113,20 +113,33 @@ PRESETS: dict[str, Config] = {
 
 
 def get_config(name_or_path: str | Path, overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
-    """Resolve a preset name (or a YAML/JSON config file), then apply a file and overrides."""
+    """A preset name or a YAML/JSON config file, refined by ``file`` and ``overrides``."""
     text = str(name_or_path)
     if text in PRESETS:
         cfg = PRESETS[text]
     elif text.endswith((".yaml", ".yml", ".json")):
-        import yaml
-
-        path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
-        cfg = config_from_dict(merge_dict(config_to_dict(Config()), data))
+        cfg = config_from_file(text)
     else:
         raise ValueError(f"unknown model {text!r}; presets: {', '.join(PRESETS)}; or give a .yaml/.json config file")
     return apply_overrides(cfg, overrides, file)
+
+
+def resolve_config(model: str | Path | Config | None, overrides: list[str] | None = None,
+                   config_file: str | Path | None = None, file_config: dict[str, Any] | None = None) -> Config:
+    """The config of every entry point (CLI, ``load``, predict, eval, ONNX runtime), by one rule.
+
+    ``model`` is a ``Config``, a preset name or a YAML/JSON config file; ``None`` or ``"-"``
+    takes ``file_config``, the config carried by a weights file (our .safetensors, an exported
+    .onnx). Either is then refined by ``config_file`` and ``key=value`` ``overrides``.
+    """
+    if isinstance(model, Config):
+        cfg = model
+    elif model is not None and str(model) != "-":
+        cfg = get_config(model)
+    elif file_config is not None:
+        cfg = config_from_dict(file_config)
+    else:
+        raise ValueError("no config: name a preset (see `nasfpn config --list`) or a .yaml/.json config file, "
+                         "or pass weights that carry their config (our .safetensors or an exported .onnx)")
+    # A given Config is returned as it is when nothing refines it.
+    return apply_overrides(cfg, overrides, config_file) if overrides or config_file else cfg

@@ -2,21 +2,47 @@
 
     det = nasfpn.load("retinanet_r50_nasfpn_crop640_50e", weights="model.safetensors")
     results = det.predict([rgb_uint8_array])   # one dict per image
+
+``Predictor`` is what the applications need of a detector, whichever runtime runs it:
+``Detector`` (PyTorch) and ``nasfpn.deploy.onnx_runtime.OnnxDetector`` (onnxruntime) both are one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from nasfpn.core.classes import COCO_CATEGORY_IDS, COCO_CLASSES
-from nasfpn.core.config import Config, config_from_dict, config_to_dict
-from nasfpn.core.presets import get_config
+from nasfpn.core.classes import label_category_ids, label_names
+from nasfpn.core.config import Config, config_to_dict
+from nasfpn.core.presets import resolve_config
 from nasfpn.models import RetinaNet, build_model
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """A detector behind any runtime: its config and labels, its input padding and ``predict``."""
+
+    config: Config
+    class_names: tuple[str, ...]
+    """Label i is ``class_names[i]``."""
+    category_ids: tuple[int, ...]
+    """Label i is the dataset's category ``category_ids[i]``."""
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The padded ``(H, W)`` input of an image of ``height x width``: images run together only
+        when these agree."""
+        ...
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
+                batch_size: int = 8) -> list[dict[str, Any]]:
+        """One dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original pixels,
+        ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays."""
+        ...
 
 
 class Detector:
@@ -35,10 +61,9 @@ class Detector:
         self.model.to(self.device).eval()
         self.optimize = optimize
         self._runner = self._make_runner()
-        data = config.data
         k = config.model.head.num_classes
-        self.class_names = tuple(data.class_names) or (COCO_CLASSES if k == 80 else tuple(f"class_{i}" for i in range(k)))
-        self.category_ids = tuple(data.category_ids) or (COCO_CATEGORY_IDS if k == 80 else tuple(range(1, k + 1)))
+        self.class_names = label_names(k, config.data.class_names)
+        self.category_ids = label_category_ids(k, config.data.category_ids)
         if len(self.class_names) != k or len(self.category_ids) != k:
             raise ValueError(f"config names {len(self.class_names)} classes / {len(self.category_ids)} category ids "
                              f"for a head with {k} classes")
@@ -55,7 +80,7 @@ class Detector:
         """The network ``predict`` runs: ``model``, or its optimised copy when ``optimize`` is set."""
         return self._runner
 
-    def to(self, device: str | torch.device) -> "Detector":
+    def to(self, device: str | torch.device) -> Detector:
         self.device = torch.device(device)
         self.model.to(self.device)
         self._runner = self._make_runner()
@@ -107,30 +132,20 @@ class Detector:
 
 def load(name_or_config: str | Path | Config | None = None, weights: str | Path | None = None,
          device: str | torch.device = "cpu", overrides: list[str] | None = None,
-         optimize: bool | dict[str, Any] = False) -> Detector:
+         optimize: bool | dict[str, Any] = False, config_file: str | Path | None = None) -> Detector:
     """Build a detector from a preset name, config file or ``Config``, then load ``weights``.
 
     ``weights`` may be our ``.safetensors`` (then the config may be omitted: the file carries
     it), an MMDetection ``.pth`` checkpoint (converted on load), a training checkpoint, or an
-    http(s) URL to any of these (downloaded once to the cache). ``optimize``: see ``Detector``.
+    http(s) URL to any of these (downloaded once to the cache). ``config_file`` and
+    ``overrides`` refine the config (``resolve_config``). ``optimize``: see ``Detector``.
     """
     from nasfpn.core.weights import load_into_model, read_weights
 
     state, file_config, kind = (None, None, None)
     if weights is not None:
         state, file_config, kind = read_weights(weights)
-    if isinstance(name_or_config, Config):
-        config = name_or_config
-    elif name_or_config is not None:
-        config = get_config(name_or_config, overrides)
-    elif file_config is not None:
-        config = config_from_dict(file_config)
-        if overrides:
-            from nasfpn.core.config import apply_overrides
-
-            config = apply_overrides(config, overrides)
-    else:
-        raise ValueError("name a preset / config, or pass weights that carry their config (our .safetensors)")
+    config = resolve_config(name_or_config, overrides, config_file, file_config)
     # Trained weights replace everything: no need to fetch ImageNet backbone weights first.
     model = build_model(config.model, pretrained_backbone=state is None)
     if state is not None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nasfpn.core.classes import label_category_ids
 from nasfpn.core.config import Config
 from nasfpn.core.precision import autocast_dtype
 from nasfpn.engine import distributed as D
@@ -88,25 +89,6 @@ def build_eval_dataset(ann_file: str | Path, image_dir: str | Path, cfg: Config,
                        category_ids=list(category_ids) if category_ids else None, on_read_error="skip")
 
 
-def category_ids_for(cfg: Config, ann_file: str | Path | None = None) -> tuple[int, ...]:
-    """Dataset category id of each model label: the config's, or COCO's for an 80-class model."""
-    from nasfpn.core.classes import COCO_CATEGORY_IDS
-
-    if cfg.data.category_ids:
-        return tuple(cfg.data.category_ids)
-    k = cfg.model.head.num_classes
-    if k == 80:
-        return tuple(COCO_CATEGORY_IDS)
-    if ann_file is not None:
-        from nasfpn.data.coco import load_coco_json
-
-        ids = sorted(int(c["id"]) for c in load_coco_json(ann_file)["categories"])
-        if len(ids) == k:
-            return tuple(ids)
-    raise ValueError(f"the config has no data.category_ids for its {k} classes; set them "
-                     "(weights saved by `nasfpn train` carry them)")
-
-
 def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_dir: str | Path,
                    device: torch.device | str = "cpu", batch_size: int = 8, workers: int = 0,
                    dataset=None, progress: bool | None = None, channels_last: bool = False,
@@ -122,7 +104,8 @@ def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_di
     start = time.time()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    cat_ids = category_ids_for(cfg, ann_file)
+    # The rule predictions follow too: the config's ids, else COCO's for 80 classes, else 1..k.
+    cat_ids = label_category_ids(cfg.model.head.num_classes, cfg.data.category_ids)
     if dataset is None:
         dataset = build_eval_dataset(ann_file, image_dir, cfg, cat_ids)
     preds = predict_dataset(model, dataset, cfg, device, batch_size, workers, rank, world, progress,
