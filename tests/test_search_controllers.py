@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from nasfpn.search.controllers import (PPOController, RandomSearch, RegularizedEvolution, build_controller,
-                                       uniform_entropy)
+from nasfpn.search.controllers import (
+    PPOController,
+    RandomSearch,
+    RegularizedEvolution,
+    build_controller,
+    uniform_entropy,
+)
 from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperGenotype, SearchSpace
 
 SPACE = SearchSpace()

@@ -7,8 +7,17 @@ import pytest
 
 from nasfpn.cli import main
 from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, parse_genotype
-from nasfpn.search.proxy import (PAPER_HELD_OUT, FakeEvaluator, ProxySettings, ProxyTask, full_size_config,
-                                 genotype_similarity, prepare_proxy_task, proxy_config, split_held_out)
+from nasfpn.search.proxy import (
+    PAPER_HELD_OUT,
+    FakeEvaluator,
+    ProxySettings,
+    ProxyTask,
+    full_size_config,
+    genotype_similarity,
+    prepare_proxy_task,
+    proxy_config,
+    split_held_out,
+)
 
 
 def _coco(path: Path, n: int) -> Path:

@@ -9,8 +9,7 @@ import torch
 from nasfpn.core.config import BackboneConfig, HeadConfig, ModelConfig, NeckConfig
 from nasfpn.models import build_model
 from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Genotype
-from nasfpn.search.space import (FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace,
-                                 parse_paper_genotype)
+from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace, parse_paper_genotype
 
 # Small tensors on a shared 2-core machine: one thread avoids contention.
 pytestmark = pytest.mark.usefixtures("one_thread")

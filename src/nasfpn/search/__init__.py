@@ -23,7 +23,7 @@ from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotyp
 from nasfpn.search.spec import SearchSpec, evaluator_spec
 
 __all__ = [
-    "Controller", "FPN_PAPER", "FakeEvaluator", "NASFPN_PAPER", "PPOController", "PaperCell", "PaperGenotype",
+    "FPN_PAPER", "NASFPN_PAPER", "Controller", "FakeEvaluator", "PPOController", "PaperCell", "PaperGenotype",
     "ProxySettings", "ProxyTask", "RandomSearch", "RegularizedEvolution", "SearchResult", "SearchSpace",
     "SearchSpec", "build_controller", "evaluator_spec", "parse_paper_genotype", "prepare_proxy_task",
     "run_search", "search", "split_held_out",

@@ -51,7 +51,7 @@ class Controller(ABC):
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return rng.bit_generator.state
+    return dict(rng.bit_generator.state)
 
 
 def _set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
@@ -159,10 +159,11 @@ class PolicyNetwork(nn.Module):
         self.start = nn.Parameter(torch.zeros(1, hidden))
         self.lstm = nn.LSTMCell(hidden, hidden)
         self.embeddings = nn.ModuleList(nn.Embedding(n, hidden) for n in self.choices)
-        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in self.choices)
-        for head in self.heads:
+        heads = [nn.Linear(hidden, n) for n in self.choices]
+        for head in heads:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleList(heads)
 
     def _steps(self, batch: int):
         h = torch.zeros(batch, self.hidden)

@@ -26,6 +26,7 @@ float ``"reward"`` and optional ``"metrics"`` and ``"cost"`` dicts (``proxy.Prox
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import multiprocessing.connection
@@ -34,7 +35,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,14 +46,15 @@ from nasfpn.models.nasfpn import Genotype
 
 
 class Executor(Protocol):
-    """Runs trials, ``capacity`` at a time; results come back from ``wait`` as they finish."""
+    """Runs trials, ``capacity`` at a time; results come back from ``wait`` as they finish, with
+    the key they were submitted with (any hashable value; the executor does not look at it)."""
 
     capacity: int
 
-    def submit(self, key: Hashable, genotype_text: str, trial_dir: str) -> None:
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
         """Start the trial ``key`` on the node-form genotype ``genotype_text`` in ``trial_dir``."""
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Hashable, dict[str, Any]]]:
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
         """The ``(key, result)`` of trials that finished (at least one unless none is in flight)."""
 
     def close(self) -> None:
@@ -75,7 +77,7 @@ def evaluate_trial(evaluator: Callable[..., dict], genotype_text: str, trial_dir
             raise FloatingPointError(f"non-finite reward {reward}")
         result: dict[str, Any] = {"status": "ok", "reward": reward, "metrics": dict(out.get("metrics") or {}),
                                   "cost": dict(out.get("cost") or {})}
-    except Exception as e:  # noqa: BLE001 - any trial failure is data, not a reason to stop the search
+    except Exception as e:  # any trial failure is data, not a reason to stop the search
         if "out of memory" in str(e).lower() and torch.cuda.is_available():
             torch.cuda.empty_cache()
         tb = traceback.format_exc().strip().splitlines()
@@ -92,13 +94,13 @@ class InlineExecutor:
 
     def __init__(self, evaluator: Callable[..., dict], device: str = "cpu") -> None:
         self.evaluator, self.device = evaluator, device
-        self.queue: list[tuple[Hashable, str, str]] = []
+        self.queue: list[tuple[Any, str, str]] = []
         self.capacity = 1
 
-    def submit(self, key: Hashable, genotype_text: str, trial_dir: str) -> None:
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
         self.queue.append((key, genotype_text, trial_dir))
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Hashable, dict[str, Any]]]:
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
         if not self.queue:
             return []
         key, text, trial_dir = self.queue.pop(0)
@@ -142,7 +144,7 @@ class _Worker:
     device: str
     process: Any = None
     conn: Any = None
-    task: tuple[Hashable, str, str] | None = None
+    task: tuple[Any, str, str] | None = None
 
 
 class ProcessExecutor:
@@ -154,8 +156,9 @@ class ProcessExecutor:
         if "forkserver" in mp.get_all_start_methods():
             # Workers fork from a clean server process that has imported torch and nasfpn once,
             # so starting or replacing a worker costs no import time.
-            self.ctx = mp.get_context("forkserver")
-            self.ctx.set_forkserver_preload([__name__])
+            forkserver = mp.get_context("forkserver")
+            forkserver.set_forkserver_preload([__name__])
+            self.ctx: mp.context.ForkServerContext | mp.context.SpawnContext = forkserver
         else:
             self.ctx = mp.get_context("spawn")
         self.workers = [_Worker(d) for d in devices]
@@ -169,14 +172,14 @@ class ProcessExecutor:
         child.close()
         w.conn = parent
 
-    def submit(self, key: Hashable, genotype_text: str, trial_dir: str) -> None:
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
         w = next(w for w in self.workers if w.task is None)
         if w.process is None or not w.process.is_alive():
             self._start(w)
         w.task = (key, genotype_text, trial_dir)
         w.conn.send(w.task)
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Hashable, dict[str, Any]]]:
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
         busy = [w for w in self.workers if w.task is not None]
         if not busy:
             return []
@@ -196,7 +199,7 @@ class ProcessExecutor:
                           "cost": {}}
                 w.conn.close()
                 w.process = None
-            if result is not None:
+            if result is not None and w.task is not None:
                 done.append((w.task[0], result))
                 w.task = None
         return done
@@ -204,10 +207,8 @@ class ProcessExecutor:
     def close(self) -> None:
         for w in self.workers:
             if w.process is not None and w.process.is_alive():
-                try:
+                with contextlib.suppress(OSError):  # a worker that is going away already
                     w.conn.send(None)
-                except OSError:
-                    pass
         for w in self.workers:
             if w.process is not None:
                 w.process.join(timeout=2 if w.task is None else 0)
@@ -247,13 +248,13 @@ class RayExecutor:
         self.device = "cuda" if gpus_per_trial > 0 else "cpu"
         self.evaluator_ref = ray.put(evaluator)
         self.remote = ray.remote(_ray_trial).options(num_cpus=self.threads, num_gpus=gpus_per_trial, max_retries=0)
-        self.refs: dict[Any, Hashable] = {}  # Ray object ref -> trial key
+        self.refs: dict[Any, Any] = {}  # Ray object ref -> trial key
 
-    def submit(self, key: Hashable, genotype_text: str, trial_dir: str) -> None:
+    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
         ref = self.remote.remote(self.evaluator_ref, genotype_text, trial_dir, self.device, self.threads)
         self.refs[ref] = key
 
-    def wait(self, timeout: float | None = None) -> list[tuple[Hashable, dict[str, Any]]]:
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
         if not self.refs:
             return []
         ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
@@ -262,17 +263,15 @@ class RayExecutor:
             key = self.refs.pop(ref)
             try:
                 result = self.ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a lost worker / node is a failed trial
+            except Exception as e:  # a lost worker / node is a failed trial
                 result = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "cost": {}}
             done.append((key, result))
         return done
 
     def close(self) -> None:
         for ref in self.refs:
-            try:
+            with contextlib.suppress(Exception):  # a task that finished or was lost meanwhile
                 self.ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001
-                pass
         self.refs.clear()
         if self.started_ray:
             self.ray.shutdown()

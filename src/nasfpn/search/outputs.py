@@ -71,7 +71,9 @@ def compare_searches(dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
     from nasfpn.search import plots  # matplotlib is imported only when plots are drawn
 
     out_dir = Path(out_dir)
-    runs, rows, baselines = {}, [], {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+    baselines: dict[str, float] = {}
     for d in map(Path, dirs):
         spec = SearchSpec.from_file(d / SPEC_NAME)
         records = read_log(d / LOG_NAME)

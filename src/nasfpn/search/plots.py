@@ -12,13 +12,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import FancyArrowPatch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch
 
-from nasfpn.models.nasfpn import LEVELS  # noqa: E402
-from nasfpn.search.log import trial_results, unique_counts  # noqa: E402
-from nasfpn.search.space import NUM_INPUTS, PaperGenotype, pool_name  # noqa: E402
+from nasfpn.models.nasfpn import LEVELS
+from nasfpn.search.log import trial_results, unique_counts
+from nasfpn.search.space import NUM_INPUTS, PaperGenotype, pool_name
 
 OP_COLOURS = {"sum": "#9ecae1", "gp": "#fdae6b", "gp_tf": "#a1d99b"}
 
@@ -48,9 +48,10 @@ def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "
     cached = [(r["trial"], r["reward"]) for r in results if r["status"] == "cached"]
     failed = [r["trial"] for r in results if r["status"] == "failed"]
     if ok:
-        ax.scatter(*zip(*ok), s=14, color="#3182bd", label="trial")
+        ax.scatter([t for t, _ in ok], [r for _, r in ok], s=14, color="#3182bd", label="trial")
     if cached:
-        ax.scatter(*zip(*cached), s=14, facecolors="none", edgecolors="#3182bd", label="repeat (cached)")
+        ax.scatter([t for t, _ in cached], [r for _, r in cached], s=14, facecolors="none", edgecolors="#3182bd",
+                   label="repeat (cached)")
     if failed:
         ax.scatter(failed, [0.0] * len(failed), marker="x", color="#de2d26", label="failed")
     best = running_best([r["reward"] for r in results])

@@ -163,7 +163,7 @@ class ProxyTask:
     @classmethod
     def from_files(cls, train_ann: str | Path, images: str | Path, heldout_ann: str | Path,
                    heldout_images: str | Path | None = None, settings: ProxySettings | None = None,
-                   keep_weights: bool = False) -> "ProxyTask":
+                   keep_weights: bool = False) -> ProxyTask:
         """A task whose classes are those of the train annotation file (sorted by category id)."""
         cats = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in load_coco_json(train_ann)["categories"])
         return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
@@ -176,7 +176,7 @@ class ProxyTask:
     def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
         cfg = self.config(genotype)
         model = build_model(cfg.model, pretrained_backbone=False)
-        cost = {"params": count_params(model), "flops": count_flops(model, cfg.data.image_size)}
+        cost: dict[str, float] = {"params": count_params(model), "flops": count_flops(model, cfg.data.image_size)}
         del model
         trial_dir = Path(trial_dir)
         n = self.settings.seeds
@@ -184,7 +184,7 @@ class ProxyTask:
         # kept in it, so that a search stopped mid-trial trains only the runs it had not finished.
         runs = [self._run(self.config(genotype, k), trial_dir if n == 1 else trial_dir / f"seed{k}", device)
                 for k in range(n)]
-        metrics = {k: sum(r[k] for r in runs) / n for k in ("AP", "AP50", "AP75") if all(k in r for r in runs)}
+        metrics: dict[str, Any] = {k: sum(r[k] for r in runs) / n for k in ("AP", "AP50", "AP75") if all(k in r for r in runs)}
         if n > 1:
             metrics["AP_per_seed"] = [r["AP"] for r in runs]
         cost["train_s"] = round(sum(r["train_s"] for r in runs), 2)
@@ -205,7 +205,7 @@ class ProxyTask:
         metrics = dict(result.last_metrics)
         if "AP" not in metrics:
             raise RuntimeError(f"proxy training gave no held-out metrics ({result.status}: {result.message})")
-        out = {k: float(metrics[k]) for k in ("AP", "AP50", "AP75") if k in metrics}
+        out: dict[str, float] = {k: float(metrics[k]) for k in ("AP", "AP50", "AP75") if k in metrics}
         out["train_s"] = round(result.wall_time, 2)
         write_json_atomic(out, done, indent=None)
         if not self.keep_weights:

@@ -158,8 +158,8 @@ def _finish(state: _SearchState, key: Key, result: dict[str, Any]) -> None:
     state.log.append(rec, state.controller)
     if rec["status"] == "ok":
         state.cache.setdefault(g.canonical().to_string(), rec)
-        best = best_result(state.log.records)["reward"]
-        state.say(f"trial {name:4d} ok      reward {rec['reward']:.4f} (best {best:.4f})  "
+        best = best_result(state.log.records) or rec  # never None: this trial just finished ok
+        state.say(f"trial {name:4d} ok      reward {rec['reward']:.4f} (best {best['reward']:.4f})  "
                   f"{rec['cost'].get('wall_s', 0):.0f}s  {g}")
     else:
         state.say(f"trial {name:4d} failed  {rec.get('error', '')}")

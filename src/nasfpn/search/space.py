@@ -106,7 +106,7 @@ class PaperGenotype:
         return LEVELS[index] if index < NUM_INPUTS else self.cells[index - NUM_INPUTS].level
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> "PaperGenotype":
+    def validate(self) -> PaperGenotype:
         """Raise ``ValueError`` with the reason if this is not a valid pyramid network."""
         if len(self.cells) < NUM_OUTPUTS:
             raise ValueError(f"a pyramid needs at least {NUM_OUTPUTS} cells (the last five output P3..P7), "
@@ -176,7 +176,7 @@ class PaperGenotype:
         return Genotype(tuple(cells), outputs).validate()  # type: ignore[arg-type]
 
     @classmethod
-    def from_genotype(cls, genotype: Genotype) -> "PaperGenotype":
+    def from_genotype(cls, genotype: Genotype) -> PaperGenotype:
         """The paper-form genotype that lowers to ``genotype``; ``ValueError`` if there is none."""
         genotype.validate()
         paper_of_node = {i: i for i in range(NUM_INPUTS)}
@@ -210,7 +210,7 @@ class PaperGenotype:
                              f"genotype {paper.to_string()!r} lowers to {lowered.to_string()!r}")
         return paper
 
-    def canonical(self) -> "PaperGenotype":
+    def canonical(self) -> PaperGenotype:
         """The same network with the inputs of symmetric cells in a fixed order (``sum`` always;
         ``gp_tf`` when the two inputs are at different levels). Equal canonical forms build the
         same function."""
@@ -229,9 +229,9 @@ class PaperGenotype:
         return self.to_string()
 
     @classmethod
-    def from_string(cls, text: str) -> "PaperGenotype":
+    def from_string(cls, text: str) -> PaperGenotype:
         """Parse ``"gp(P6,P4)->P4; sum(c0,P4)->P4; ..."`` (the form ``to_string`` writes)."""
-        cells = []
+        cells: list[PaperCell] = []
         for part in (p.strip() for p in text.split(";")):
             if not part:
                 continue
@@ -251,7 +251,7 @@ class PaperGenotype:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PaperGenotype":
+    def from_dict(cls, data: dict) -> PaperGenotype:
         if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
             raise ValueError("paper genotype JSON needs a 'cells' list")
         cells = []
@@ -265,7 +265,7 @@ class PaperGenotype:
         return cls(tuple(cells)).validate()
 
     @classmethod
-    def from_json(cls, text: str) -> "PaperGenotype":
+    def from_json(cls, text: str) -> PaperGenotype:
         return cls.from_dict(json.loads(text))
 
 
@@ -339,7 +339,7 @@ class SearchSpace:
         object.__setattr__(self, "_decisions", tuple(decisions))
 
     @classmethod
-    def create(cls, num_cells: int = 7, gp: str = "mmdet") -> "SearchSpace":
+    def create(cls, num_cells: int = 7, gp: str = "mmdet") -> SearchSpace:
         """The paper's space with ``num_cells`` cells; ``gp``: ``mmdet``, ``tf`` or ``both``."""
         if gp not in GP_VARIANTS:
             raise ValueError(f"gp variant must be one of {list(GP_VARIANTS)}, got {gp!r}")
@@ -349,7 +349,7 @@ class SearchSpace:
         return {"num_cells": self.num_cells, "ops": list(self.ops)}
 
     @classmethod
-    def from_description(cls, data: dict) -> "SearchSpace":
+    def from_description(cls, data: dict) -> SearchSpace:
         return cls(int(data["num_cells"]), tuple(data["ops"]))
 
     def decisions(self) -> tuple[Decision, ...]:
@@ -429,8 +429,8 @@ class SearchSpace:
             new = options[int(rng.integers(len(options)))]
             cells[k] = PaperCell(cell.op, (new, b) if what == "input1" else (a, new), cell.level)
         elif what == "op":
-            options = [op for op in self.ops if op != cell.op]
-            cells[k] = PaperCell(options[int(rng.integers(len(options)))], cell.inputs, cell.level)
+            ops = [op for op in self.ops if op != cell.op]
+            cells[k] = PaperCell(ops[int(rng.integers(len(ops)))], cell.inputs, cell.level)
         elif k < n_mid:
             options = [lv for lv in INTERMEDIATE_LEVELS if lv != cell.level]
             cells[k] = PaperCell(cell.op, cell.inputs, options[int(rng.integers(len(options)))])

@@ -73,7 +73,8 @@ def build_evaluator(description: dict[str, Any]) -> Callable[..., dict]:
     if kind == "proxy":
         settings = ProxySettings(**options.pop("settings", {}))
         # JSON has no tuples: the class names and category ids come back as lists.
-        return ProxyTask(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}, settings=settings)
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return ProxyTask(**fields, settings=settings)
     raise ValueError(f"unknown evaluator kind {kind!r}; use 'proxy' or 'fake'")
 
 
