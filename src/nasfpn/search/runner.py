@@ -68,8 +68,8 @@ def _silent(text: str) -> None:
 # --------------------------------------------------------------------------- the loop's state
 @dataclass
 class _SearchState:
-    """Everything the event loop knows between two events; ``_resume_state`` rebuilds it from
-    the log, so nothing here outlives a kill that the log does not hold."""
+    """Everything the event loop knows between two events. All of it follows from the log
+    (``_resume_state``), so a killed search loses only the trials in flight, which run again."""
 
     controller: Controller
     log: TrialLog
