@@ -12,15 +12,33 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from nasfpn.core.config import Config, apply_overrides
+from nasfpn.core.presets import PRESETS
+from nasfpn.data.coco import CocoDataset, load_coco_json
+from nasfpn.data.collate import train_collate
+from nasfpn.data.io import read_image
+from nasfpn.data.synthetic import generate_dataset
+from nasfpn.data.transforms import TrainTransform
+from nasfpn.data.vis import draw_detections
+from nasfpn.deploy.predictor import load
+from nasfpn.engine import step as engine_step
+from nasfpn.engine.coco_metrics import format_table
+from nasfpn.engine.data_paths import DataPaths
+from nasfpn.engine.distributed import iters_per_epoch
+from nasfpn.engine.evaluate import evaluate_model
+from nasfpn.engine.trainer import train
+from nasfpn.models import build_model
 
 # Dataset of the demo: images are generated at the model's input size.
 DEMO_TRAIN_IMAGES = 4000
@@ -44,18 +62,14 @@ class DemoResult:
 
 
 def demo_config(overrides: list[str] | None = None) -> Config:
-    from nasfpn.core.presets import PRESETS
-
     return apply_overrides(PRESETS["nasfpn_tiny"], overrides or [])
 
 
 def _timing_dataset(cfg: Config, data):
     """The training set as ``_step_seconds`` reads it (loading and augmentation included)."""
-    from nasfpn.data.coco import CocoDataset
-    from nasfpn.data.transforms import TrainTransform
-
     d = cfg.data
-    return CocoDataset(data.train_ann, data.train_images, TrainTransform(d.image_size, tuple(d.scale_range),
+    scale_lo, scale_hi = d.scale_range
+    return CocoDataset(data.train_ann, data.train_images, TrainTransform(d.image_size, (scale_lo, scale_hi),
                                                                         d.flip_prob), filter_empty=True)
 
 
@@ -63,10 +77,6 @@ def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) ->
     """Seconds per training step of ``cfg`` on this machine now: real batches of ``dataset``
     (``_timing_dataset``) through loading, the collate and the trainer's step
     (``engine.step.train_step``: forward, loss, backward, clipping, finiteness check, SGD step)."""
-    from nasfpn.data.collate import train_collate
-    from nasfpn.engine.step import build_step_parts, train_step
-    from nasfpn.models import build_model
-
     d = cfg.data
     collate = train_collate(d)
     torch.manual_seed(0)
@@ -76,13 +86,14 @@ def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) ->
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     lr = 1e-4
-    parts = build_step_parts(model, cfg.train, lr, m.head.deep_supervision)
+    parts = engine_step.build_step_parts(model, cfg.train, lr, m.head.deep_supervision)
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
         batch = collate([dataset[(j % len(dataset), 0)] for j in range(i * d.batch_size, (i + 1) * d.batch_size)])
         if batch is not None:  # no readable image: the trainer skips such a batch too
-            train_step(parts, batch, lr)
+            # Through the module, so that whatever wraps engine.step.train_step sees this call too.
+            engine_step.train_step(parts, batch, lr)
         times.append(time.perf_counter() - t0)
     rest = sorted(times[1:]) if len(times) > 1 else times
     return rest[len(rest) // 2]
@@ -132,8 +143,6 @@ def scale_schedule(cfg: Config, epochs: int, steps_per_epoch: int) -> Config:
 def plan_schedule(cfg: Config, num_train: int, step_seconds: float, budget_seconds: float,
                   world_size: int = 1) -> tuple[Config, str]:
     """``cfg`` with as many of its epochs as fit in ``budget_seconds`` (milestones scaled alike)."""
-    from nasfpn.engine.distributed import iters_per_epoch
-
     steps = iters_per_epoch(num_train, cfg.data.batch_size, world_size)
     # Evaluation passes, checkpoints and logging on top of the measured step.
     epoch_seconds = steps * step_seconds * 1.15
@@ -152,14 +161,6 @@ def _decay_text(cfg: Config) -> str:
 def _draw_examples(weights: Path, ann_file: Path, image_dir: Path, out_dir: Path, device: torch.device,
                    count: int = 12, score_thr: float = 0.3) -> list[Path]:
     """Detections on the first ``count`` validation images: one PNG each and a grid ``detections.png``."""
-    import numpy as np
-    from PIL import Image
-
-    from nasfpn.data.coco import load_coco_json
-    from nasfpn.data.io import read_image
-    from nasfpn.data.vis import draw_detections
-    from nasfpn.deploy.predictor import load
-
     det = load(None, weights=weights, device=device)
     images_info = load_coco_json(ann_file)["images"][:count]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,7 @@ def _draw_examples(weights: Path, ann_file: Path, image_dir: Path, out_dir: Path
         zoom = max(1, 384 // max(image.shape[:2]))
         if zoom > 1:
             image = np.asarray(Image.fromarray(image).resize((image.shape[1] * zoom, image.shape[0] * zoom),
-                                                             Image.BILINEAR))
+                                                             Image.Resampling.BILINEAR))
         drawn = draw_detections(image, res["boxes"] * zoom, res["labels"], res["scores"], det.class_names)
         path = out_dir / f"{Path(info['file_name']).stem}.png"
         drawn.save(path)
@@ -192,13 +193,6 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
              overrides: list[str] | None = None, progress: bool | None = None, num_train: int | None = None,
              num_val: int | None = None, print_fn=print) -> DemoResult:
     """Generate data, train ``nasfpn_tiny``, evaluate and draw, within ``minutes`` of wall time."""
-    from nasfpn.data.synthetic import generate_dataset
-    from nasfpn.deploy.predictor import load
-    from nasfpn.engine.coco_metrics import format_table
-    from nasfpn.engine.distributed import iters_per_epoch
-    from nasfpn.engine.evaluate import evaluate_model
-    from nasfpn.engine.trainer import DataPaths, train
-
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,8 +222,6 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
 
     run_dir = out / "run"
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)  # the demo's own folder: a new demo is a new run
     print_fn(f"[3/4] training {cfg.name} on {dev} -> {run_dir}")
     try:
@@ -259,8 +251,10 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     if metrics and cfg.train.amp != "none":
         # Evaluations during training ran under autocast; report what the saved weights give in fp32.
         det = load(None, weights=weights, device=dev)
-        metrics, _ = evaluate_model(det.model, det.config, ds.val_annotations, ds.val_images, dev,
-                                    batch_size=cfg.data.batch_size, progress=progress)
+        fp32_metrics, _ = evaluate_model(det.model, det.config, ds.val_annotations, ds.val_images, dev,
+                                         batch_size=cfg.data.batch_size, progress=progress)
+        assert fp32_metrics is not None  # the demo is one process, rank 0
+        metrics = fp32_metrics
         demo.metrics = dict(metrics)
     print_fn("[4/4] evaluation on the validation images (best checkpoint, fp32):")
     if metrics:

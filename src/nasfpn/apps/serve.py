@@ -30,6 +30,7 @@ only from higher-scored boxes, so this equals running at each threshold separate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import time
@@ -37,11 +38,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nasfpn.data.batching import group_by_shape
+from nasfpn.data.io import to_rgb  # the RGB conversion of files read from disk
+
+if TYPE_CHECKING:
+    from nasfpn.deploy.predictor import Predictor
 
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
@@ -85,10 +91,6 @@ class ImageRejected(Exception):
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> uint8 ``(H, W, 3)`` RGB, with the conversions of ``nasfpn.data.io.read_image``."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from nasfpn.data.io import to_rgb  # the RGB conversion of files read from disk
-
     if not data:
         raise ImageRejected(400, "the uploaded file is empty")
     try:
@@ -183,7 +185,7 @@ class _Job:
 class Batcher:
     """Collects queued requests into batches and runs the detector on them in one worker thread."""
 
-    def __init__(self, detector, settings: ServeSettings) -> None:
+    def __init__(self, detector: Predictor, settings: ServeSettings) -> None:
         self.detector = detector
         self.settings = settings
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -199,10 +201,8 @@ class Batcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def input_key(self, image: np.ndarray) -> tuple[int, int]:
@@ -262,7 +262,9 @@ class Batcher:
                 results[i] = {k: v[keep] for k, v in det.items()}
                 jobs[i].batch_size = len(members)
                 jobs[i].inference_s = seconds
-        return results  # type: ignore[return-value]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(jobs)  # group_by_shape puts every job in exactly one group
+        return done
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -274,8 +276,8 @@ class Batcher:
         }
 
 
-def create_app(detector, settings: ServeSettings | None = None, model_name: str | None = None):
-    """The FastAPI app serving ``detector`` (a ``nasfpn.deploy.predictor.Detector`` or an ``OnnxDetector``)."""
+def create_app(detector: Predictor, settings: ServeSettings | None = None, model_name: str | None = None):
+    """The FastAPI app serving ``detector`` (a ``Predictor``: ``Detector`` or ``OnnxDetector``)."""
     settings = settings or ServeSettings()
     batcher = Batcher(detector, settings)
     name = model_name or detector.config.name
@@ -298,9 +300,10 @@ def create_app(detector, settings: ServeSettings | None = None, model_name: str 
                 "max_upload_mb": settings.max_upload_mb, **batcher.stats()}
 
     @app.post("/predict")
-    async def predict(file: UploadFile = File(..., description="an image file"),
-                      score_thr: float | None = Form(None, ge=0.0, le=1.0),
-                      score_thr_query: float | None = Query(None, alias="score_thr", ge=0.0, le=1.0)) -> dict[str, Any]:
+    async def predict(file: Annotated[UploadFile, File(description="an image file")],
+                      score_thr: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
+                      score_thr_query: Annotated[float | None, Query(alias="score_thr", ge=0.0, le=1.0)] = None,
+                      ) -> dict[str, Any]:
         t0 = time.perf_counter()
         data = await file.read()
         try:
@@ -338,7 +341,7 @@ def create_app(detector, settings: ServeSettings | None = None, model_name: str 
     return app
 
 
-def run_server(detector, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
+def run_server(detector: Predictor, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
                model_name: str | None = None, log_level: str = "info") -> None:
     """Serve ``detector`` over HTTP until interrupted."""
     import uvicorn

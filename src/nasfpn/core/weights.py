@@ -11,13 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickletools
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nasfpn.core.fileio import atomic_path
+from nasfpn.core.mmdet import _short, convert_state_dict, is_mmdet_state_dict
+
+try:
+    from numpy._core import multiarray  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray  # type: ignore[no-redef]  # the same module before numpy 2
 
 FORMAT_NAME = "nasfpn"
 FORMAT_VERSION = "1"
@@ -52,17 +62,7 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def _numpy_safe_globals() -> list[Any]:
-    import numpy as np
-
-    allowed: list[Any] = [np.ndarray, np.dtype]
-    try:
-        allowed.append(np._core.multiarray._reconstruct)  # numpy >= 2
-    except AttributeError:  # pragma: no cover - numpy 1.x
-        allowed.append(np.core.multiarray._reconstruct)
-    try:
-        allowed.append(np._core.multiarray.scalar)
-    except AttributeError:  # pragma: no cover
-        allowed.append(np.core.multiarray.scalar)
+    allowed: list[Any] = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
     allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool", "uint8")]
     return allowed
 
@@ -74,8 +74,6 @@ def _unsafe_globals(path: Path) -> list[str]:
     except Exception:
         pass
     # A legacy (non-zip) pickle: list the globals it imports without executing anything.
-    import pickletools
-
     found, strings = [], []
     try:
         with open(path, "rb") as f:
@@ -110,8 +108,6 @@ def torch_load_safe(path: Path) -> Any:
 def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any] | None = None,
                      extra: dict[str, str] | None = None) -> None:
     """Write weights (+ the resolved config as JSON metadata) atomically: temp file, then rename."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
@@ -141,12 +137,10 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """
     path = resolve_source(source)
     if _is_safetensors(path):
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (a safe_open handle is not iterable)
         except Exception as e:
             raise WeightsError(f"{path} is not a valid safetensors file: {e}") from e
         config = json.loads(meta["config"]) if "config" in meta else None
@@ -159,8 +153,6 @@ def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     state = obj.get("state_dict", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} has no state_dict of tensors (top-level keys: {list(obj)[:8]})")
-    from nasfpn.core.mmdet import is_mmdet_state_dict
-
     if is_mmdet_state_dict(state):
         return state, None, "mmdet"
     return state, None, "state_dict"
@@ -174,8 +166,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], kind: str, source: str = "") -> None:
     """Load ``state`` (of ``kind`` as returned by ``read_weights``) strictly, with a clear report on mismatch."""
-    from nasfpn.core.mmdet import convert_state_dict
-
     expected = model.state_dict()
     if kind == "mmdet":
         state = convert_state_dict(state, list(expected))
@@ -184,8 +174,6 @@ def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], kind
     misshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                  for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or misshaped:
-        from nasfpn.core.mmdet import _short
-
         lines = [f"weights {source} do not fit the model:"]
         if missing:
             lines.append(f"  missing ({len(missing)}): {_short(missing)}")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from nasfpn.core.fileio import atomic_path
+from nasfpn.core.weights import torch_load_safe
 
 CHECKPOINT_FORMAT = "nasfpn-train"
 CHECKPOINT_VERSION = 1
@@ -93,8 +94,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint (tensors and plain values only); ``ValueError`` if it is not one."""
-    from nasfpn.core.weights import torch_load_safe
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")

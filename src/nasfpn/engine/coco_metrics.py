@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
 
 from nasfpn.core.fileio import write_json_atomic
 
@@ -133,8 +134,6 @@ def evaluate_detections(
     plus ``"per_class"``: ``{category name: AP@[.5:.95] or None}`` in category-id order.
     Raises ``ValueError`` for results on unknown images or categories.
     """
-    from faster_coco_eval import COCO, COCOeval_faster
-
     gt_data = _load_gt(gt)
     raw = _load_json(results, "results") if isinstance(results, (str, Path)) else results
     if not isinstance(raw, (list, tuple)):

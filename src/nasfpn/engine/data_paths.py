@@ -18,6 +18,15 @@ class DataPaths:
     val_ann: str | Path | None = None
     val_images: str | Path | None = None
 
+    def validation(self) -> tuple[str | Path, str | Path] | None:
+        """``(val_ann, val_images)``, or None without validation data; ``ValueError`` for a
+        ``val_ann`` given without ``val_images``."""
+        if self.val_ann is None:
+            return None
+        if self.val_images is None:
+            raise ValueError("val_ann is given without val_images")
+        return self.val_ann, self.val_images
+
     @classmethod
     def from_root(cls, root: str | Path, require_train: bool = True) -> DataPaths:
         """COCO 2017 (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``) or our

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     initialized_here: bool = False
     """This call created the process group (and ``cleanup`` should destroy it)."""
 
@@ -212,7 +212,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1):
             return super().forward(input)
-        dims = [0] + list(range(2, input.dim()))
+        dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = torch.tensor([input.numel() // input.shape[1]], dtype=input.dtype, device=input.device)
         sums = _AllReduceSum.apply(torch.cat([input.sum(dims), count]), self.process_group)
@@ -224,12 +224,15 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
+            tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+            # BatchNorm registers these buffers whenever it tracks running statistics.
+            assert tracked is not None and running_mean is not None and running_var is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 unbiased = var * (n / (n - 1).clamp(min=1))
-                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased.detach().to(self.running_var.dtype), alpha=factor)
+                running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+                running_var.mul_(1 - factor).add_(unbiased.detach().to(running_var.dtype), alpha=factor)
         return out
 
 

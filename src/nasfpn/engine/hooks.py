@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
+
 from nasfpn.engine.step import StepResult
 
 _PRINT_EVERY = 50  # steps between two progress lines when there is no progress bar
@@ -53,8 +55,6 @@ class Console:
     def log(self, text: str) -> None:
         if self.is_main and not self.quiet:
             if self.progress:
-                from tqdm import tqdm
-
                 tqdm.write(text)
             else:
                 print(text, flush=True)
@@ -66,8 +66,6 @@ class Console:
     def start_epoch(self, epoch: int, epochs: int, done: int, total: int) -> None:
         """Before the first step of ``epoch`` (``done`` of its ``total`` steps already done)."""
         if self.progress and self.is_main:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="it",
                              dynamic_ncols=True, leave=True)
         self._last = time.time()

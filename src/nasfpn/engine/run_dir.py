@@ -24,7 +24,9 @@ from typing import Any
 
 from nasfpn.core.config import Config, config_to_yaml
 from nasfpn.core.fileio import copy_atomic, write_text_atomic
+from nasfpn.core.weights import save_safetensors
 from nasfpn.engine.checkpoint import model_is_finite, save_checkpoint
+from nasfpn.engine.coco_metrics import STAT_KEYS, write_metrics_json
 from nasfpn.engine.step import LOSS_KEYS, StepResult
 
 _LOG_BLOCK = 50  # log lines kept in memory before they are appended to log.jsonl
@@ -82,8 +84,6 @@ class RunFiles:
     def metrics_csv(self, history: list[dict[str, Any]]) -> None:
         if not self.enabled or not history:
             return
-        from nasfpn.engine.coco_metrics import STAT_KEYS
-
         cols = ["epoch", "step", "lr", "loss", "loss_cls", "loss_bbox", "skipped_steps", "epoch_seconds", *STAT_KEYS]
         lines = [",".join(cols)]
         for row in history:
@@ -102,8 +102,6 @@ class RunFiles:
 
     def _json(self, obj: dict[str, Any], name: str) -> None:
         if self.enabled:
-            from nasfpn.engine.coco_metrics import write_metrics_json
-
             write_metrics_json(obj, self.out_dir / name)
 
     def plots(self, step_log: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
@@ -120,8 +118,6 @@ class RunFiles:
         ``best``). A model with non-finite values is not written (the previous files stay): False."""
         if not self.enabled:
             return True
-        from nasfpn.core.weights import save_safetensors
-
         if not model_is_finite(state["model"]):
             return False
         self.flush()  # the log on disk reaches at least the checkpoint's step

@@ -25,7 +25,9 @@ from torch import nn
 from nasfpn.core.config import TrainConfig
 from nasfpn.core.precision import autocast_dtype
 from nasfpn.engine import distributed as D
+from nasfpn.engine.optim import build_optimizer
 from nasfpn.engine.schedule import set_lr
+from nasfpn.models import RetinaNet
 
 LOSS_KEYS = ("loss", "loss_cls", "loss_bbox")
 
@@ -41,7 +43,7 @@ class TrainStep(nn.Module):
     the loss terms are the means over the stacks' exits.
     """
 
-    def __init__(self, model: nn.Module, amp: str = "none", deep_supervision: bool = False) -> None:
+    def __init__(self, model: RetinaNet, amp: str = "none", deep_supervision: bool = False) -> None:
         super().__init__()
         self.model = model
         self.amp_dtype = autocast_dtype(amp)  # ValueError for an unknown precision
@@ -150,13 +152,11 @@ class StepParts:
     settings: StepSettings
 
 
-def build_step_parts(model: nn.Module, t: TrainConfig, lr: float, deep_supervision: bool = False,
+def build_step_parts(model: RetinaNet, t: TrainConfig, lr: float, deep_supervision: bool = False,
                      world_size: int = 1) -> StepParts:
     """The parts of the trainer's step for ``model`` (on its device) under train config ``t``:
     ``TrainStep`` with ``t.amp``, SGD with the trainer's parameter groups, the scaler, the buffer
     backup and the step settings."""
-    from nasfpn.engine.optim import build_optimizer
-
     loss_module = TrainStep(model, t.amp, deep_supervision)
     device = next(model.parameters()).device
     return StepParts(loss_module=loss_module, optimizer=build_optimizer(model, t, lr),

@@ -26,6 +26,7 @@ kernel settings of ``train.deterministic`` in ``engine.determinism``.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,14 +36,20 @@ import torch
 from torch import nn
 
 from nasfpn.core.config import Config, config_from_dict, config_to_dict
+from nasfpn.data.checks import DataCheckError, validate_dataset
+from nasfpn.data.coco import CocoDataset
+from nasfpn.data.collate import loader_settings, train_collate
+from nasfpn.data.transforms import TrainTransform
 from nasfpn.engine import distributed as D
 from nasfpn.engine.checkpoint import clean_state_dict, load_checkpoint, rng_state, set_rng_state
 from nasfpn.engine.data_paths import DataPaths
 from nasfpn.engine.determinism import set_determinism
+from nasfpn.engine.evaluate import build_eval_dataset, evaluate_model, to_numpy_metrics
 from nasfpn.engine.hooks import Console, bad_step_message, epoch_message, fmt_time
 from nasfpn.engine.run_dir import RunFiles, step_record
 from nasfpn.engine.schedule import LRSchedule, scaled_lr
 from nasfpn.engine.step import LOSS_KEYS, StepResult, TrainStep, build_step_parts, train_step
+from nasfpn.models import RetinaNet, build_model
 
 __all__ = ["DataPaths", "TrainResult", "TrainStep", "train"]
 
@@ -185,6 +192,8 @@ class _Run:
         self.start_time = start_time
         self.console = Console(info.is_main, quiet, progress)
         self.files = RunFiles(out_dir, info.is_main)
+        # Checked here, on every rank: (val_ann, val_images) or None.
+        self.val_data = data.validation()
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -227,8 +236,6 @@ class _Run:
         """One loader for the whole run, and its batch list: the workers stay alive across epochs
         (the batch list is read in this process at each new pass, so it can change from epoch to
         epoch)."""
-        from nasfpn.data.collate import loader_settings, train_collate
-
         batch_list = D.BatchList([])
         loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=batch_list,
                                              collate_fn=train_collate(self.cfg.data),
@@ -237,16 +244,15 @@ class _Run:
 
     def _check_data(self) -> tuple[list, list]:
         """Data checks on rank 0, shared with the other ranks; raises the report on errors."""
-        from nasfpn.data.checks import DataCheckError, validate_dataset
-
         result: Any = None
         if self.info.is_main:
             try:
                 train_problems = validate_dataset(self.data.train_ann, self.data.train_images, self.skip_invalid,
                                                   check_images=self.check_images, progress=self.console.progress)
                 val_problems = []
-                if self.data.val_ann is not None:
-                    val_problems = validate_dataset(self.data.val_ann, self.data.val_images, True,
+                if self.val_data is not None:
+                    val_ann, val_images = self.val_data
+                    val_problems = validate_dataset(val_ann, val_images, True,
                                                     check_images=self.check_images, progress=self.console.progress)
                 result = ("ok", train_problems, val_problems)
             except DataCheckError as e:
@@ -263,13 +269,11 @@ class _Run:
         return result[1], result[2]
 
     def _datasets(self, train_problems: list) -> None:
-        from nasfpn.data.coco import CocoDataset
-        from nasfpn.data.transforms import TrainTransform
-
         d = self.cfg.data
+        scale_lo, scale_hi = d.scale_range
         self.train_ds = CocoDataset(
             self.data.train_ann, self.data.train_images,
-            TrainTransform(d.image_size, tuple(d.scale_range), d.flip_prob),
+            TrainTransform(d.image_size, (scale_lo, scale_hi), d.flip_prob),
             category_ids=list(d.category_ids) or None, filter_empty=True, exclude=train_problems,
             seed=self.cfg.train.seed, on_read_error="resample",
         )
@@ -277,13 +281,9 @@ class _Run:
             raise ValueError(f"{self.data.train_ann}: no training image with a usable box")
         self.cfg = _classes_from_dataset(self.cfg, self.train_ds)
         self.val_ds = None
-        if self.data.val_ann is not None:
-            from nasfpn.engine.evaluate import build_eval_dataset
-
-            if self.data.val_images is None:
-                raise ValueError("val_ann is given without val_images")
-            self.val_ds = build_eval_dataset(self.data.val_ann, self.data.val_images, self.cfg,
-                                             self.cfg.data.category_ids)
+        if self.val_data is not None:
+            val_ann, val_images = self.val_data
+            self.val_ds = build_eval_dataset(val_ann, val_images, self.cfg, self.cfg.data.category_ids)
 
     def _load_resume_state(self) -> dict[str, Any] | None:
         path = self.out_dir / "last.pt"
@@ -307,8 +307,6 @@ class _Run:
         return ckpt
 
     def _build(self, ckpt: dict[str, Any] | None) -> None:
-        from nasfpn.models import build_model
-
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(cfg.model, pretrained_backbone=ckpt is None)
@@ -320,7 +318,9 @@ class _Run:
         if cfg.train.sync_bn:
             if self.info.distributed:
                 group = torch.distributed.new_group() if self.device.type != "cuda" else None
-                model = D.convert_sync_batchnorm(model, self.device, group)
+                synced = D.convert_sync_batchnorm(model, self.device, group)
+                assert isinstance(synced, RetinaNet)  # only the BatchNorm modules in it are replaced
+                model = synced
             else:
                 self.console.log("sync_bn: single process, BatchNorm left as is")
         self.model = model
@@ -334,10 +334,8 @@ class _Run:
         if self.info.distributed:
             # Buffers (BN running statistics) stay per rank during training, as in mmengine's DDP
             # wrapper; with sync_bn they are identical anyway.
-            import inspect
-
             ddp = nn.parallel.DistributedDataParallel
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            no_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                        else {"broadcast_buffers": False})
             self.parts.loss_module = ddp(self.parts.loss_module,
                                          device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -456,8 +454,6 @@ class _Run:
         row = _epoch_row(epoch, self.step_log, self.counts, self.step, self.schedule(max(self.step - 1, 0)), complete)
         is_best = False
         if metrics is not None:
-            from nasfpn.engine.evaluate import to_numpy_metrics
-
             row.update(to_numpy_metrics(metrics))
             row["metrics"] = dict(metrics)
             self.last_metrics = dict(metrics)
@@ -507,11 +503,11 @@ class _Run:
             self.console.warn("the model holds non-finite values: checkpoint not written (the previous one is kept)")
 
     def evaluate(self) -> dict[str, Any] | None:
-        from nasfpn.engine.evaluate import evaluate_model
-
         if self.val_ds is None:
             return None
-        metrics, _ = evaluate_model(self.model, self.cfg, self.data.val_ann, self.data.val_images, self.device,
+        assert self.val_data is not None  # val_ds is built from it
+        val_ann, val_images = self.val_data
+        metrics, _ = evaluate_model(self.model, self.cfg, val_ann, val_images, self.device,
                                     self.cfg.data.batch_size, self.cfg.data.workers, dataset=self.val_ds,
                                     progress=self.console.progress, channels_last=self.cfg.train.channels_last,
                                     amp=self.cfg.train.amp)
