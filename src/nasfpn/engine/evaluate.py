@@ -14,16 +14,31 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from nasfpn.core.classes import label_category_ids
-from nasfpn.core.config import Config
+from nasfpn.core.config import Config, TestConfig
 from nasfpn.core.precision import autocast_dtype
+from nasfpn.core.structures import ImageMeta
+from nasfpn.data.batching import ShapeBatchSampler, collate_eval_groups
+from nasfpn.data.coco import CocoDataset
+from nasfpn.data.transforms import EvalTransform
 from nasfpn.engine import distributed as D
+from nasfpn.engine.coco_metrics import STAT_KEYS, evaluate_detections, results_from_predictions
+from nasfpn.models.detector import Outputs
+
+
+@runtime_checkable
+class _Postprocessing(Protocol):
+    """What evaluation calls besides the forward pass (``RetinaNet`` and its inference copies have it)."""
+
+    def postprocess(self, outputs: Outputs, metas: list[ImageMeta],
+                    test_cfg: TestConfig | None = None) -> list[dict[str, torch.Tensor]]: ...
 
 
 def _progress_enabled(progress: bool | None) -> bool:
@@ -39,8 +54,8 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
     Returns one dict per image: ``image_id``, ``boxes`` (D, 4) xyxy original pixels, ``scores``,
     ``labels`` (numpy).
     """
-    from nasfpn.data.batching import ShapeBatchSampler, collate_eval_groups
-
+    if not isinstance(model, _Postprocessing):
+        raise TypeError(f"{type(model).__name__} has no postprocess(outputs, metas): evaluation needs a detector")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -55,8 +70,6 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
     loader = torch.utils.data.DataLoader(subset, batch_sampler=sampler, num_workers=workers, collate_fn=collate)
     out: list[dict[str, Any]] = []
     show = _progress_enabled(progress) and rank == 0
-    from tqdm import tqdm
-
     amp_dtype = autocast_dtype(amp)
     for groups in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False, dynamic_ncols=True):
         for images, metas, infos in groups:
@@ -81,10 +94,7 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
 
 
 def build_eval_dataset(ann_file: str | Path, image_dir: str | Path, cfg: Config,
-                       category_ids: tuple[int, ...] | None = None):
-    from nasfpn.data.coco import CocoDataset
-    from nasfpn.data.transforms import EvalTransform
-
+                       category_ids: tuple[int, ...] | None = None) -> CocoDataset:
     return CocoDataset(ann_file, image_dir, EvalTransform(cfg.data.image_size),
                        category_ids=list(category_ids) if category_ids else None, on_read_error="skip")
 
@@ -99,8 +109,6 @@ def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_di
     ``metrics`` has the 12 COCO statistics (``AP``, ``AP50``, ...), ``per_class`` AP and
     ``eval_seconds``; ``results`` is the COCO results list (dataset category ids).
     """
-    from nasfpn.engine.coco_metrics import evaluate_detections, results_from_predictions
-
     start = time.time()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -123,6 +131,4 @@ def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_di
 
 def to_numpy_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The 12 scalar statistics only (for CSV rows and plots)."""
-    from nasfpn.engine.coco_metrics import STAT_KEYS
-
     return {k: float(np.float64(metrics[k])) for k in STAT_KEYS if k in metrics}
