@@ -1,4 +1,8 @@
-"""Command line: ``nasfpn <command> ...``. Parsing only; the library does the work."""
+"""Command line: ``nasfpn <command> ...``. Parsing only; the library does the work.
+
+Options that several commands share are declared once, in the argument groups below; each
+command composes the groups it needs.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,123 @@ import json
 import sys
 from pathlib import Path
 
+# core.precision.PRECISIONS, spelled out so that building the parser does not import torch.
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_MODEL_HELP = "preset name (see `nasfpn config --list`) or a .yaml/.json config file"
 
-def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("model", help="preset name (see `nasfpn config --list`) or a .yaml/.json config file")
-    p.add_argument("--config", dest="config_file", help="YAML file refining the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set model.test.score_thr=0.3 (repeatable)")
-    if weights:
-        p.add_argument("--weights", help="weights: our .safetensors, an MMDetection .pth, a training checkpoint, or a URL")
+
+# --------------------------------------------------------------------------- shared argument groups
+def _add_set(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_config_args(g: argparse._ArgumentGroup, set_example: str = "model.test.score_thr=0.3") -> None:
+    """``--config`` and ``--set``: what refines the named (or carried) config."""
+    g.add_argument("--config", dest="config_file", help="YAML file refining the preset")
+    _add_set(g, f"override any config value, e.g. --set {set_example} (repeatable)")
+
+
+def _add_model_group(p: argparse.ArgumentParser, model_help: str, *, optional: bool = False,
+                     weights_help: str | None = None, weights_required: bool = False,
+                     set_example: str = "model.test.score_thr=0.3") -> None:
+    """The ``model`` positional (a preset, a config file, or '-' / left out where the weights carry it),
+    then ``--weights`` (when ``weights_help`` is given), ``--config`` and ``--set``."""
+    p.add_argument("model", nargs="?" if optional else None, help=model_help)
+    g = p.add_argument_group("model and config")
+    if weights_help is not None:
+        g.add_argument("--weights", required=weights_required, help=weights_help)
+    _add_config_args(g, set_example)
 
 
 def _config(args: argparse.Namespace):
-    from nasfpn.core.presets import get_config
+    """The config of a command with a model group, by the rule every entry point follows."""
+    from nasfpn.core.presets import resolve_config
 
-    return get_config(args.model, args.overrides, args.config_file)
+    return resolve_config(args.model, args.overrides, args.config_file)
+
+
+def _add_device(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"cpu, cuda or cuda:N (default: {'cuda if available' if default is None else default})")
+
+
+def _add_fast_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference fast path")
+    g.add_argument("--fast", action="store_true",
+                   help="run the inference fast path: BatchNorm folded into the convs, channels-last")
+    g.add_argument("--precision", default="fp32", choices=_PRECISIONS,
+                   help="network precision of the fast path (bf16/fp16 imply --fast; fp16 needs CUDA)")
+
+
+def _optimize_arg(args: argparse.Namespace) -> bool | dict:
+    """``optimize`` of ``load`` from ``--fast`` / ``--precision``."""
+    if args.fast or args.precision != "fp32":
+        return {"precision": args.precision}
+    return False
+
+
+def _add_data_group(p: argparse.ArgumentParser, train: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="dataset root: COCO 2017 layout (annotations/instances_{train,val}2017.json, "
+                   "train2017/, val2017/) or annotations/instances_{train,val}.json + train/ + val/")
+    if train:
+        g.add_argument("--train-ann", help="training annotations (COCO JSON); instead of --data")
+        g.add_argument("--train-images", help="folder of the training images")
+    g.add_argument("--val-ann", help="validation annotations (COCO JSON)")
+    g.add_argument("--val-images", help="folder of the validation images")
+
+
+def _data_paths(args: argparse.Namespace):
+    """Training (and validation) data of the data group, ``train=True``."""
+    from nasfpn.engine.trainer import DataPaths
+
+    if args.data:
+        paths = DataPaths.from_root(args.data)
+        if args.val_ann:
+            paths = DataPaths(paths.train_ann, paths.train_images, args.val_ann, args.val_images)
+        return paths
+    if not (args.train_ann and args.train_images):
+        raise ValueError("give --data DIR, or --train-ann and --train-images (plus --val-ann/--val-images to evaluate)")
+    if bool(args.val_ann) != bool(args.val_images):
+        raise ValueError("--val-ann and --val-images go together")
+    return DataPaths(args.train_ann, args.train_images, args.val_ann, args.val_images)
+
+
+def _val_paths(args: argparse.Namespace) -> tuple[str | Path, str | Path]:
+    """Validation annotations and image folder of the data group, ``train=False``."""
+    if args.data:
+        from nasfpn.engine.trainer import DataPaths
+
+        paths = DataPaths.from_root(args.data, require_train=False)
+        if paths.val_ann is None or paths.val_images is None:
+            raise ValueError(f"{args.data} has no validation annotations")
+        return paths.val_ann, paths.val_images
+    if args.val_ann and args.val_images:
+        return args.val_ann, args.val_images
+    raise ValueError("give --data DIR or --val-ann and --val-images")
+
+
+def _add_loader_group(p: argparse.ArgumentParser, batch_size: int | None, workers: int | None = None,
+                      with_workers: bool = True) -> None:
+    """``--batch-size`` (and ``--workers``); a None default leaves the config's value."""
+    g = p.add_argument_group("batching")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="images per process (data.batch_size)" if batch_size is None
+                   else f"images per batch (default {batch_size})")
+    if with_workers:
+        g.add_argument("--workers", type=int, default=workers,
+                       help="data loading processes (data.workers)" if workers is None
+                       else f"data loading processes (default {workers})")
+
+
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
 
 
 # --------------------------------------------------------------------------- config
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="print the fully resolved config of a preset")
-    p.add_argument("model", nargs="?", help="preset name or config file")
-    p.add_argument("--config", dest="config_file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_model_group(p, "preset name or config file", optional=True)
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
     p.set_defaults(func=_cmd_config)
@@ -50,7 +149,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- info
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters, FLOPs and anchors of a model")
-    _add_model_args(p, weights=False)
+    _add_model_group(p, _MODEL_HELP)
     p.add_argument("--size", type=int, help="square input size for FLOPs (default: the config's image_size)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
@@ -82,58 +181,43 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert an MMDetection checkpoint to our safetensors format")
     p.add_argument("src", help="MMDetection .pth (or any weights we can read), path or URL")
     p.add_argument("dst", help="output .safetensors")
-    p.add_argument("--model", dest="model", required=True, help="preset / config the checkpoint belongs to")
-    p.add_argument("--config", dest="config_file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    g = p.add_argument_group("model and config")
+    g.add_argument("--model", dest="model", required=True, help="preset / config the checkpoint belongs to")
+    _add_config_args(g)
     p.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from nasfpn.deploy.predictor import export_weights, load
 
-    det = load(_config(args), weights=args.src)
+    det = load(args.model, weights=args.src, overrides=args.overrides, config_file=args.config_file)
     export_weights(det, det.config, args.dst)
     n = sum(t.numel() for t in det.model.state_dict().values())
     print(f"wrote {args.dst}: {len(det.model.state_dict())} tensors, {n:,} values, config {det.config.name}")
     return 0
 
 
-def _add_fast_args(p) -> None:
-    p.add_argument("--fast", action="store_true",
-                   help="run the inference fast path: BatchNorm folded into the convs, channels-last")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="network precision of the fast path (bf16/fp16 imply --fast; fp16 needs CUDA)")
-
-
-def _optimize_arg(args: argparse.Namespace) -> bool | dict:
-    if args.fast or args.precision != "fp32":
-        return {"precision": args.precision}
-    return False
-
-
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="detect objects in images: writes predictions.json and drawn pictures")
-    p.add_argument("model", help="preset name or config file (may be omitted as '-' with our .safetensors)")
+    _add_model_group(p, "preset name or config file (may be omitted as '-' with our .safetensors)",
+                     weights_help="weights file or URL (.safetensors, MMDetection .pth, or exported .onnx)",
+                     weights_required=True)
     p.add_argument("sources", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--weights", required=True, help="weights file or URL (.safetensors, MMDetection .pth, or exported .onnx)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", dest="config_file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--score-thr", type=float, default=None, help="score threshold (default: the config's, 0.05)")
     p.add_argument("--vis-thr", type=float, default=0.3, help="only draw detections above this score")
-    p.add_argument("--batch-size", type=int, default=4)
+    _add_loader_group(p, batch_size=4, with_workers=False)
     p.add_argument("--no-vis", action="store_true", help="skip writing pictures")
-    _add_fast_args(p)
+    _add_fast_group(p)
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from nasfpn.apps.predict import run_predict
 
-    model = None if args.model == "-" else args.model
-    failed = run_predict(model, args.sources, args.weights, args.out, device=args.device, score_thr=args.score_thr,
+    failed = run_predict(args.model, args.sources, args.weights, args.out, device=args.device, score_thr=args.score_thr,
                          batch_size=args.batch_size, vis=not args.no_vis, vis_thr=args.vis_thr,
                          overrides=args.overrides, config_file=args.config_file, optimize=_optimize_arg(args))
     return 1 if failed else 0
@@ -188,7 +272,7 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-lr", type=float, default=0.04)
     x.add_argument("--proxy-seeds", type=int, default=1,
                    help="training runs per trial (seeds --seed, --seed+1, ...); reward = their mean AP")
-    x.add_argument("--proxy-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    x.add_argument("--proxy-precision", choices=_PRECISIONS, default="fp32",
                    help="train trials with autocast + channels-last: bf16 on CPUs with AVX512-BF16/AMX, bf16/fp16 on CUDA")
     x.add_argument("--keep-weights", action="store_true",
                    help="keep every finished trial's checkpoints (by default deleted once its reward is logged)")
@@ -248,8 +332,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export to ONNX (NMS in the graph) or torch.export, checked against PyTorch")
-    p.add_argument("model", help="preset name or config file ('-' to take the config from our .safetensors)")
-    p.add_argument("--weights", required=True, help="weights: our .safetensors, an MMDetection .pth, a checkpoint or a URL")
+    _add_model_group(p, "preset name or config file ('-' to take the config from our .safetensors)",
+                     weights_help="weights: our .safetensors, an MMDetection .pth, a checkpoint or a URL",
+                     weights_required=True)
     p.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for torch-export)")
     p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
     p.add_argument("--contract", default="end2end", choices=["end2end", "raw"],
@@ -271,8 +356,6 @@ def _add_export(sub) -> None:
     p.add_argument("--sample", action="append", default=[], metavar="IMAGE",
                    help="image(s) for the check against PyTorch (default: generated pictures)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
-    p.add_argument("--config", dest="config_file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_export)
 
 
@@ -286,12 +369,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print("note: --contract applies to ONNX only; torch-export holds the network (tensors in, head maps out)",
               file=sys.stderr)
     overrides = list(args.overrides) + ([f"data.image_size={args.size}"] if args.size else [])
-    if args.model == "-":
-        det = load(None, weights=args.weights, overrides=overrides)
-    else:
-        from nasfpn.core.presets import get_config
-
-        det = load(get_config(args.model, overrides, args.config_file), weights=args.weights)
+    det = load(args.model, weights=args.weights, overrides=overrides, config_file=args.config_file)
     images = None
     if args.sample:
         from nasfpn.data.io import list_images, read_image
@@ -327,17 +405,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a detector over HTTP (POST /predict, GET /health)")
-    p.add_argument("model", help="preset name or config file ('-' with our .safetensors or an exported .onnx)")
-    p.add_argument("--weights", required=True, help="weights file or URL (.safetensors, MMDetection .pth, or .onnx)")
+    _add_model_group(p, "preset name or config file ('-' with our .safetensors or an exported .onnx)",
+                     weights_help="weights file or URL (.safetensors, MMDetection .pth, or .onnx)",
+                     weights_required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--max-batch", type=int, default=8, help="most images per model call (default 8)")
     p.add_argument("--batch-timeout-ms", type=float, default=10.0,
                    help="how long a request waits for others to batch with (default 10)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)")
-    p.add_argument("--config", dest="config_file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -347,8 +424,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
                              max_upload_mb=args.max_upload_mb)
-    model = None if args.model == "-" else args.model
-    det = load_detector(model, args.weights, args.device, args.overrides, args.config_file)
+    det = load_detector(args.model, args.weights, args.device, args.overrides, args.config_file)
     run_server(det, args.host, args.port, settings)
     return 0
 
@@ -383,47 +459,18 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
-def _add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
-    p.add_argument("--data", help="dataset root: COCO 2017 layout (annotations/instances_{train,val}2017.json, "
-                   "train2017/, val2017/) or annotations/instances_{train,val}.json + train/ + val/")
-    if train:
-        p.add_argument("--train-ann", help="training annotations (COCO JSON); instead of --data")
-        p.add_argument("--train-images", help="folder of the training images")
-    p.add_argument("--val-ann", help="validation annotations (COCO JSON)")
-    p.add_argument("--val-images", help="folder of the validation images")
-
-
-def _data_paths(args: argparse.Namespace):
-    from nasfpn.engine.trainer import DataPaths
-
-    if args.data:
-        paths = DataPaths.from_root(args.data)
-        if args.val_ann:
-            paths = DataPaths(paths.train_ann, paths.train_images, args.val_ann, args.val_images)
-        return paths
-    if not (args.train_ann and args.train_images):
-        raise ValueError("give --data DIR, or --train-ann and --train-images (plus --val-ann/--val-images to evaluate)")
-    if bool(args.val_ann) != bool(args.val_images):
-        raise ValueError("--val-ann and --val-images go together")
-    return DataPaths(args.train_ann, args.train_images, args.val_ann, args.val_images)
-
-
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a detector (also under torchrun for several GPUs / processes)",
                        description="Train MODEL on a COCO-format dataset. Writes config.yaml, log.jsonl, metrics.csv, "
                        "last/best checkpoints (.pt) and weights (.safetensors), and loss/AP curves into --out.")
-    p.add_argument("model", nargs="?", help="preset name or .yaml/.json config (optional with --resume: the run's "
-                   "config.yaml)")
-    _add_data_args(p)
+    _add_model_group(p, "preset name or .yaml/.json config (optional with --resume: the run's config.yaml)",
+                     optional=True, set_example="train.base_lr=0.04")
+    _add_data_group(p)
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--config", dest="config_file", help="YAML file refining the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set train.base_lr=0.04 (repeatable)")
     p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--batch-size", type=int, help="images per process (data.batch_size)")
+    _add_loader_group(p, batch_size=None, workers=None)
     p.add_argument("--size", type=int, help="crop / test size (data.image_size)")
-    p.add_argument("--workers", type=int, help="data loading processes (data.workers)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    _add_device(p, default=None)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (train.amp)")
     p.add_argument("--grad-clip", type=float, help="max global gradient norm, 0 = off (train.grad_clip)")
     p.add_argument("--seed", type=int, help="train.seed: data order, augmentation and initial weights")
@@ -438,13 +485,13 @@ def _add_train(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true",
                    help="train without the images/annotations the data check reports as errors")
     p.add_argument("--no-check-images", action="store_true", help="data check: skip reading the image headers")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    _add_no_progress(p)
     p.set_defaults(func=_cmd_train)
 
 
 def _train_config(args: argparse.Namespace):
-    from nasfpn.core.config import apply_overrides
-    from nasfpn.core.presets import get_config
+    """The run's config: the model (or, with --resume, the run's config.yaml), --config, --set, then the flags."""
+    from nasfpn.core.presets import resolve_config
 
     model = args.model
     if model is None:
@@ -453,7 +500,6 @@ def _train_config(args: argparse.Namespace):
             raise ValueError("name the model (preset or config file); it may be left out only with --resume "
                              f"and an existing {saved}")
         model = str(saved)
-    cfg = get_config(model, args.overrides, args.config_file)
     flags = {
         "train.epochs": args.epochs, "data.batch_size": args.batch_size, "data.image_size": args.size,
         "data.workers": args.workers, "train.amp": args.amp, "train.grad_clip": args.grad_clip,
@@ -462,7 +508,9 @@ def _train_config(args: argparse.Namespace):
         "train.sync_bn": True if args.sync_bn else None,
         "train.channels_last": True if args.channels_last else None,
     }
-    return apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None])
+    # The flags come last, so they win over --set.
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return resolve_config(model, overrides, args.config_file)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -485,21 +533,17 @@ def _add_eval(sub) -> None:
                        description="With a model: run it on the validation images (test pre-processing), print the "
                        "COCO table and per-class AP, write results.json and metrics.json into --out. "
                        "With --ann and --results: score a COCO results file, no model needed.")
-    p.add_argument("model", nargs="?", help="preset name or config file ('-' or left out: the config our "
-                   ".safetensors carry)")
-    p.add_argument("--weights", help="weights: .safetensors, training checkpoint .pt, MMDetection .pth or URL")
-    _add_data_args(p, train=False)
+    _add_model_group(p, "preset name or config file ('-' or left out: the config our .safetensors carry)",
+                     optional=True, weights_help="weights: .safetensors, training checkpoint .pt, MMDetection .pth or URL")
+    _add_data_group(p, train=False)
     p.add_argument("--out", help="folder for results.json and metrics.json")
     p.add_argument("--ann", help="ground-truth COCO JSON (with --results)")
     p.add_argument("--results", help="COCO results JSON to score (with --ann)")
     p.add_argument("--json", dest="json_out", help="with --results: write the metrics to this JSON file")
-    p.add_argument("--config", dest="config_file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--no-progress", action="store_true")
-    _add_fast_args(p)
+    _add_device(p, default=None)
+    _add_loader_group(p, batch_size=8, workers=2)
+    _add_no_progress(p)
+    _add_fast_group(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -513,19 +557,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.weights:
         raise ValueError("give --weights (or --ann and --results to score an existing results file)")
-    if args.data:
-        from nasfpn.engine.trainer import DataPaths
-
-        paths = DataPaths.from_root(args.data, require_train=False)
-        if paths.val_ann is None:
-            raise ValueError(f"{args.data} has no validation annotations")
-        ann, images = paths.val_ann, paths.val_images
-    elif args.val_ann and args.val_images:
-        ann, images = args.val_ann, args.val_images
-    else:
-        raise ValueError("give --data DIR or --val-ann and --val-images")
-    model = None if args.model in (None, "-") else args.model
-    run_eval(model, args.weights, ann, images, args.out, device=args.device, batch_size=args.batch_size,
+    ann, images = _val_paths(args)
+    run_eval(args.model, args.weights, ann, images, args.out, device=args.device, batch_size=args.batch_size,
              workers=args.workers, overrides=args.overrides, config_file=args.config_file,
              progress=False if args.no_progress else None, optimize=_optimize_arg(args))
     return 0
@@ -538,11 +571,10 @@ def _add_demo(sub) -> None:
                        "nasfpn_tiny preset -> COCO evaluation -> curves and pictures of detections in --out.")
     p.add_argument("--out", default="nasfpn_demo", help="output folder (default ./nasfpn_demo)")
     p.add_argument("--minutes", type=float, default=10.0, help="wall-time budget for the whole demo (default 10)")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the nasfpn_tiny config")
-    p.add_argument("--no-progress", action="store_true")
+    _add_set(p, "override the nasfpn_tiny config")
+    _add_no_progress(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -557,14 +589,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- bench
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure inference, a training step or the input pipeline: latency, throughput, memory")
-    _add_model_args(p)
+    _add_model_group(p, _MODEL_HELP,
+                     weights_help="weights: our .safetensors, an MMDetection .pth, a training checkpoint, or a URL")
     p.add_argument("--mode", default="infer", choices=["infer", "train", "data"],
                    help="infer: images -> detections; train: forward + loss + backward + SGD step; "
                         "data: JPEG decode + training transform per worker")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    _add_device(p)
     p.add_argument("--batch", type=int, default=None, help="images per iteration (default: 1 for infer, 2 for train)")
     p.add_argument("--size", type=int, help="square image side (default: the config's image_size)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=_PRECISIONS,
                    help="infer: weights and activations in this type; train: autocast (fp16 with a grad scaler)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC weights and activations (infer default: on; train default: off)")
