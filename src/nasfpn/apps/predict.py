@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from nasfpn.core.fileio import write_json_atomic
 
+if TYPE_CHECKING:
+    from nasfpn.deploy.predictor import Predictor
+
 
 def load_detector(model: str | None, weights: str, device: str = "cpu", overrides: list[str] | None = None,
-                  config_file: str | None = None, optimize: bool | dict[str, Any] = False):
+                  config_file: str | None = None, optimize: bool | dict[str, Any] = False) -> Predictor:
     """A PyTorch ``Detector`` or, for an ``.onnx`` file, an onnxruntime one with the same ``predict``.
 
     ``optimize``: PyTorch fast paths (``Detector``'s argument); an ONNX file has its own."""

@@ -2,13 +2,17 @@
 
     det = nasfpn.load("retinanet_r50_nasfpn_crop640_50e", weights="model.safetensors")
     results = det.predict([rgb_uint8_array])   # one dict per image
+
+``Predictor`` is what the applications need of a detector, whichever runtime runs it:
+``Detector`` (PyTorch) and ``nasfpn.deploy.onnx_runtime.OnnxDetector`` (onnxruntime) both are one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -17,6 +21,28 @@ from nasfpn.core.classes import label_category_ids, label_names
 from nasfpn.core.config import Config, config_to_dict
 from nasfpn.core.presets import resolve_config
 from nasfpn.models import RetinaNet, build_model
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """A detector behind any runtime: its config and labels, its input padding and ``predict``."""
+
+    config: Config
+    class_names: tuple[str, ...]
+    """Label i is ``class_names[i]``."""
+    category_ids: tuple[int, ...]
+    """Label i is the dataset's category ``category_ids[i]``."""
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The padded ``(H, W)`` input of an image of ``height x width``: images run together only
+        when these agree."""
+        ...
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
+                batch_size: int = 8) -> list[dict[str, Any]]:
+        """One dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original pixels,
+        ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays."""
+        ...
 
 
 class Detector:
@@ -54,7 +80,7 @@ class Detector:
         """The network ``predict`` runs: ``model``, or its optimised copy when ``optimize`` is set."""
         return self._runner
 
-    def to(self, device: str | torch.device) -> "Detector":
+    def to(self, device: str | torch.device) -> Detector:
         self.device = torch.device(device)
         self.model.to(self.device)
         self._runner = self._make_runner()
