@@ -22,6 +22,8 @@ from harness import interleaved_with_load, median_ms
 from nasfpn.apps.bench import calibrate_scores, environment, percentile
 from nasfpn.core.presets import PRESETS
 from nasfpn.deploy import export as ex
+from nasfpn.deploy.check import ParityReport, match_detections, sample_images
+from nasfpn.deploy.contract import input_padding, prepare_inputs
 from nasfpn.deploy.onnx_runtime import ort_session
 from nasfpn.deploy.predictor import Detector
 from nasfpn.models import build_model
@@ -33,8 +35,8 @@ def bench_model(name: str, workdir: Path, threads: int, rounds: int, pairs: int)
     cfg = PRESETS[name]
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained_backbone=False).eval()
-    image = ex.sample_images(cfg, 1)[0]  # 384 x 512: resized to 480 x 640
-    eager_batch, _, metas = ex.prepare_inputs([image], cfg, None)
+    image = sample_images(cfg, 1)[0]  # 384 x 512: resized to 480 x 640
+    eager_batch, _, metas = prepare_inputs([image], cfg, None)
     calibrate_scores(model, eager_batch, cfg.model.test.score_thr, pairs)
     det = Detector(model, cfg)
     with torch.inference_mode():
@@ -46,13 +48,13 @@ def bench_model(name: str, workdir: Path, threads: int, rounds: int, pairs: int)
         path = workdir / f"{name}_{kind}.onnx"
         meta = ex.export_onnx(model, cfg, path, dynamic_size=dynamic)
         session = ort_session(path, threads)
-        batch, info, _ = ex.prepare_inputs([image], cfg, *ex.input_padding(meta))
+        batch, info, _ = prepare_inputs([image], cfg, *input_padding(meta))
         feed = {"images": batch.numpy(), "image_info": info.numpy()}
         boxes, scores, labels, num = session.run(None, feed)
-        report = ex.ParityReport()
+        report = ParityReport()
         n = int(num[0])
-        ex.match_detections(ref, {"boxes": boxes[0, :n], "scores": scores[0, :n], "labels": labels[0, :n]},
-                            report.tolerances, report)
+        match_detections(ref, {"boxes": boxes[0, :n], "scores": scores[0, :n], "labels": labels[0, :n]},
+                         report.tolerances, report)
         row[kind] = {"hw": tuple(batch.shape[-2:]), "matched": report.matched, "eager": report.eager_detections,
                      "max_box_px": report.max_box_abs}
         fns[kind] = functools.partial(session.run, None, feed)

@@ -32,6 +32,8 @@ import torch
 from nasfpn.apps.bench import calibrate_scores
 from nasfpn.core.presets import PRESETS
 from nasfpn.deploy import export as ex
+from nasfpn.deploy.check import sample_images, verify_export
+from nasfpn.deploy.contract import export_input_hw, prepare_inputs
 from nasfpn.deploy.onnx_runtime import ort_session
 from nasfpn.deploy.predictor import Detector
 from nasfpn.models import build_model
@@ -67,9 +69,9 @@ def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int,
     cfg = PRESETS[name]
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained_backbone=False).eval()
-    hw = ex.export_input_hw(cfg)
-    image = ex.sample_images(cfg, 3)[2]  # square: no padding, the same input for every runtime
-    batch, info, metas = ex.prepare_inputs([image], cfg, hw)
+    hw = export_input_hw(cfg)
+    image = sample_images(cfg, 3)[2]  # square: no padding, the same input for every runtime
+    batch, info, metas = prepare_inputs([image], cfg, hw)
     assert tuple(batch.shape[-2:]) == (640, 640)
     calibrate_scores(model, batch, cfg.model.test.score_thr, pairs)
     det = Detector(model, cfg)
@@ -81,7 +83,7 @@ def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int,
         exported = not (reuse and path.is_file())
         if exported:
             ex.export(det, path, contract=contract, dynamic_size=False, verify=False)
-        report = ex.verify_export(path, model, cfg, images=[image])
+        report = verify_export(path, model, cfg, images=[image])
         if not report.ok:
             raise SystemExit(f"{path} disagrees with PyTorch:\n{report.summary()}")
         files[contract] = (path, time.perf_counter() - t0, report, exported)

@@ -16,16 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deploy_helpers import fill_deterministic, save_tiny_weights, tiny_config, tiny_model
 from PIL import Image
 from torchvision.ops import batched_nms
 
-from nasfpn.deploy.predictor import Detector, load
+from deploy_helpers import save_tiny_weights, tiny_config, tiny_model
 from nasfpn.cli import main
+from nasfpn.core.presets import PRESETS
 from nasfpn.data.synthetic import SyntheticSpec, render_image
+from nasfpn.deploy import check, contract, graphs
 from nasfpn.deploy import export as ex
 from nasfpn.deploy.onnx_runtime import OnnxDetector, ort_session
-from nasfpn.core.presets import PRESETS
+from nasfpn.deploy.predictor import Detector, Predictor, load
 
 
 def _square_images(count: int = 2, side: int = 256) -> list[np.ndarray]:
@@ -33,10 +34,10 @@ def _square_images(count: int = 2, side: int = 256) -> list[np.ndarray]:
     return [render_image(spec, seed=7, split="val", index=i)[0] for i in range(count)]
 
 
-def _assert_same_detections(ref: list[dict], got: list[dict], tol: ex.Tolerances | None = None) -> ex.ParityReport:
-    report = ex.ParityReport(tolerances=tol or ex.Tolerances())
+def _assert_same_detections(ref: list[dict], got: list[dict], tol: check.Tolerances | None = None) -> check.ParityReport:
+    report = check.ParityReport(tolerances=tol or check.Tolerances())
     for i, (r, g) in enumerate(zip(ref, got)):
-        ex.match_detections(r, g, report.tolerances, report, where=f"image {i}: ")
+        check.match_detections(r, g, report.tolerances, report, where=f"image {i}: ")
     report.images = len(ref)
     assert len(ref) == len(got)
     assert report.ok, report.summary()
@@ -54,7 +55,7 @@ def test_multiclass_nms_is_class_aware_greedy_nms():
     labels = torch.randint(0, c, (b, m), generator=g)
     scores = torch.rand(b, m, generator=g)
     per_class = torch.where(labels[:, None, :] == torch.arange(c)[None, :, None], scores[:, None, :], -1.0)
-    selected = ex.multiclass_nms(boxes, per_class, torch.tensor(0.2), 1000, 0.5)
+    selected = graphs.multiclass_nms(boxes, per_class, torch.tensor(0.2), 1000, 0.5)
     for i in range(b):
         mask = scores[i] > 0.2
         idx = mask.nonzero().squeeze(1)
@@ -63,24 +64,24 @@ def test_multiclass_nms_is_class_aware_greedy_nms():
         assert set(mine[:, 2].tolist()) == set(ref.tolist())
         assert (labels[i, mine[:, 2]] == mine[:, 1]).all()
     assert 0 < len(selected) < int((scores > 0.2).sum())  # some were suppressed
-    capped = ex.multiclass_nms(boxes, per_class, torch.tensor(0.2), 3, 0.5)
+    capped = graphs.multiclass_nms(boxes, per_class, torch.tensor(0.2), 3, 0.5)
     assert len(capped) == b * c * 3
 
 
 def test_end2end_graph_equals_postprocess_in_pytorch():
     cfg, model = tiny_model()
-    hw = ex.export_input_hw(cfg)
-    batch, info, metas = ex.prepare_inputs(ex.sample_images(cfg, 2), cfg, hw)
-    graph = ex.EndToEndGraph(model, hw, cfg.model.test).eval()
+    hw = contract.export_input_hw(cfg)
+    batch, info, metas = contract.prepare_inputs(check.sample_images(cfg, 2), cfg, hw)
+    graph = graphs.EndToEndGraph(model, hw, cfg.model.test).eval()
     with torch.no_grad():
         maps = graph.network(batch)
         anchors = graph.anchors(maps[:5])
         # Anchors computed in the graph (dynamic size) equal the constants of a fixed-size graph.
-        for a, b in zip(ex.GraphAnchors(model, None)(maps[:5]), anchors):
+        for a, b in zip(graphs.GraphAnchors(model, None)(maps[:5]), anchors):
             assert torch.equal(a, b)
         ref = model.postprocess((list(maps[:5]), list(maps[5:])), metas)
         for thr in (cfg.model.test.score_thr, 0.3):
-            boxes, scores, labels, num = ex.postprocess_fixed(maps[:5], maps[5:], anchors, info, torch.tensor(thr), 80,
+            boxes, scores, labels, num = graphs.postprocess_fixed(maps[:5], maps[5:], anchors, info, torch.tensor(thr), 80,
                                                               cfg.model.test)
             assert boxes.shape == (2, 100, 4) and scores.shape == (2, 100) and labels.dtype == torch.int64
             got = [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
@@ -110,7 +111,7 @@ def end2end_onnx(tiny_weights, tmp_path_factory) -> Path:
 
 
 def test_export_cli_end2end_contract(end2end_onnx, capsys):
-    meta = ex.read_metadata(end2end_onnx)
+    meta = contract.read_metadata(end2end_onnx)
     assert meta["contract"] == "end2end" and meta["batch"] is None and meta["input_hw"] == [256, 256]
     assert meta["mean"] == [123.675, 116.28, 103.53] and len(meta["class_names"]) == 80
     session = ort_session(end2end_onnx)
@@ -122,8 +123,8 @@ def test_export_cli_end2end_contract(end2end_onnx, capsys):
         ("labels", ["batch", 100], "tensor(int64)"), ("num_detections", ["batch"], "tensor(int64)")]
     # Any batch size; score_thr may be omitted.
     cfg, model = tiny_model()
-    images = ex.sample_images(cfg, 3)
-    batch, info, metas = ex.prepare_inputs(images, cfg, (256, 256))
+    images = check.sample_images(cfg, 3)
+    batch, info, metas = contract.prepare_inputs(images, cfg, (256, 256))
     boxes, scores, labels, num = session.run(None, {"images": batch.numpy(), "image_info": info.numpy()})
     assert boxes.shape == (3, 100, 4)
     with torch.no_grad():
@@ -135,7 +136,7 @@ def test_export_cli_end2end_contract(end2end_onnx, capsys):
 def test_export_raw_contract(tiny_weights, tmp_path):
     det = load(None, weights=tiny_weights)
     out = tmp_path / "raw.onnx"
-    meta, report = ex.export(det, out, contract="raw", batch=2, dynamic_size=False)
+    _, report = ex.export(det, out, contract="raw", batch=2, dynamic_size=False)
     assert report.ok and report.images == 2 and report.max_map_abs < 1e-3, report.summary()
     session = ort_session(out)
     names = [o.name for o in session.get_outputs()]
@@ -172,7 +173,7 @@ def dynamic_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
 def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, dynamic_onnx):
     out, printed = dynamic_onnx
     assert "input Bx3xHxW (multiples of 128, >= 256)" in printed
-    meta = ex.read_metadata(out)
+    meta = contract.read_metadata(out)
     assert meta["input_hw"] is None and meta["dynamic_size"] and meta["min_side"] == 256
     session = ort_session(out)
     assert session.get_inputs()[0].shape[:2] == ["batch", 3]
@@ -185,7 +186,7 @@ def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, dynamic_onnx):
     images = _landscape_and_portrait()
     runs = [([images[0]], (256, 384)), ([images[1]], (384, 256)), ([images[2]], (384, 384)), (images, (384, 384))]
     for chunk, padded in runs:
-        batch, _, _ = ex.prepare_inputs(chunk, det.config, None, meta["min_side"])
+        batch, _, _ = contract.prepare_inputs(chunk, det.config, None, meta["min_side"])
         assert tuple(batch.shape[-2:]) == padded
         _assert_same_detections(det.predict(chunk), onnx_det.predict(chunk))
     # Batched with its neighbours, each image keeps the detections of a one-image eager call.
@@ -195,7 +196,7 @@ def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, dynamic_onnx):
     det_512 = load(None, weights=tiny_weights, overrides=["data.image_size=512"])
     _assert_same_detections(det_512.predict(images[:1]), at_512.predict(images[:1]))
     # Below min_side the input is padded up to it (a narrow image at a small image_size).
-    batch, _, _ = ex.prepare_inputs([np.zeros((256, 60, 3), np.uint8)], tiny_config(), None, 256)
+    batch, _, _ = contract.prepare_inputs([np.zeros((256, 60, 3), np.uint8)], tiny_config(), None, 256)
     assert tuple(batch.shape[-2:]) == (256, 256)
 
 
@@ -276,8 +277,9 @@ def test_torch_export_loads_without_the_package(tiny_weights, tmp_path):
     rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out", str(out),
                "--dynamic-batch", "--fixed-size"])
     assert rc == 0
+    assert contract.read_metadata(out)["contract"] == "network"
     cfg = det.config
-    batch, _, _ = ex.prepare_inputs(ex.sample_images(cfg, 3), cfg, (256, 256))
+    batch, _, _ = contract.prepare_inputs(check.sample_images(cfg, 3), cfg, (256, 256))
     np.save(tmp_path / "x.npy", batch.numpy())
     script = tmp_path / "load.py"
     script.write_text(_LOAD_WITHOUT_PACKAGE)
@@ -313,20 +315,51 @@ def test_export_fails_loudly_when_the_file_disagrees(tiny_weights, tmp_path, mon
 def test_onnx_detector_matches_detector(end2end_onnx, tiny_weights):
     det = load(None, weights=tiny_weights)
     onnx_det = OnnxDetector(end2end_onnx)
+    assert isinstance(det, Predictor) and isinstance(onnx_det, Predictor)  # one interface for the apps
     assert onnx_det.class_names == det.class_names and onnx_det.category_ids == det.category_ids
     images = _square_images(2)
     for thr in (None, 0.3):
         ref, got = det.predict(images, score_thr=thr), onnx_det.predict(images, score_thr=thr, batch_size=1)
         _assert_same_detections(ref, got)
-        for r, g in zip(ref, got):
+        for g in got:
             assert g["boxes"].dtype == np.float32 and g["labels"].dtype == np.int64
             np.testing.assert_array_equal(g["category_ids"], np.asarray(det.category_ids)[g["labels"]])
     # Refining the stored config: score_thr is an input; NMS settings are fixed in the graph.
     assert OnnxDetector(end2end_onnx, overrides=["model.test.score_thr=0.4"]).config.model.test.score_thr == 0.4
     with pytest.raises(ValueError, match="nms_iou"):
         OnnxDetector(end2end_onnx, overrides=["model.test.nms_iou=0.6"])
-    with pytest.raises(ValueError, match="data.image_size"):  # a fixed-size graph
+    with pytest.raises(ValueError, match=r"data\.image_size"):  # a fixed-size graph
         OnnxDetector(end2end_onnx, overrides=["data.image_size=512"])
+
+
+def test_check_runs_an_onnx_file_through_the_runtime(end2end_onnx, monkeypatch):
+    """verify_export gets an end2end file's detections from OnnxDetector.predict, the code users run."""
+    calls = []
+    predict = OnnxDetector.predict
+
+    def spy(self, images, score_thr=None, batch_size=8):
+        calls.append((len(images), score_thr, batch_size))
+        return predict(self, images, score_thr, batch_size)
+
+    monkeypatch.setattr(OnnxDetector, "predict", spy)
+    cfg, model = tiny_model()
+    report = check.verify_export(end2end_onnx, model, cfg, score_thr=0.3)
+    assert report.ok and report.images == 2, report.summary()
+    assert calls == [(2, 0.3, 2)]  # a fixed-size file with any batch: one run of both sample images
+
+
+def test_check_runs():
+    """Images of a checked run pad to one shape (a dynamic-size file: one image each); a fixed batch
+    is filled with repeats."""
+    a, b, c = (np.full((8, 8, 3), v, np.uint8) for v in range(3))
+
+    def ids(runs):
+        return [[int(im[0, 0, 0]) for im in run] for run in runs]
+
+    assert ids(check._runs([a, b, c], None, dynamic_size=False)) == [[0, 1, 2]]
+    assert ids(check._runs([a, b, c], 2, dynamic_size=False)) == [[0, 1], [2, 2]]
+    assert ids(check._runs([a, b, c], None, dynamic_size=True)) == [[0], [1], [2]]
+    assert ids(check._runs([a, b, c], 2, dynamic_size=True)) == [[0, 0], [1, 1], [2, 2]]
 
 
 def test_predict_cli_with_onnx_writes_the_same_predictions(end2end_onnx, tiny_weights, tmp_path):
@@ -342,12 +375,12 @@ def test_predict_cli_with_onnx_writes_the_same_predictions(end2end_onnx, tiny_we
     onnx = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
     assert len(eager) == len(onnx) == 200
     for name in {r["file_name"] for r in eager}:
-        def as_dets(records):
+        def as_dets(records, name=name):
             rows = [r for r in records if r["file_name"] == name]
             return {"boxes": np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)]),
                     "scores": np.array([r["score"] for r in rows]),
                     "labels": np.array([r["category_id"] for r in rows])}
-        _assert_same_detections([as_dets(eager)], [as_dets(onnx)], ex.Tolerances(box_rtol=2e-3, score_atol=2e-5))
+        _assert_same_detections([as_dets(eager)], [as_dets(onnx)], check.Tolerances(box_rtol=2e-3, score_atol=2e-5))
     assert sorted(p.name for p in (tmp_path / "onnx" / "vis").iterdir()) == ["0.jpg", "1.jpg"]
 
 
@@ -367,7 +400,7 @@ def test_serve_an_onnx_model(end2end_onnx, tiny_weights):
     ref = load(None, weights=tiny_weights).predict([image])[0]
     _assert_same_detections([ref], [{"boxes": np.array([d["box"] for d in got]), "scores": np.array([d["score"] for d in got]),
                                      "labels": np.array([d["label"] for d in got])}],
-                            ex.Tolerances(box_rtol=2e-3, score_atol=2e-5))
+                            check.Tolerances(box_rtol=2e-3, score_atol=2e-5))
 
 
 # --------------------------------------------------------------------------- slow: fp16, seed models
@@ -383,7 +416,6 @@ def test_export_fp16_with_loose_tolerances(tiny_weights, tmp_path):
 
 def _reference_filled(short: str, reference_dir: Path):
     from mmdet_reference import filled_state_dict
-
     from nasfpn.core.weights import load_into_model
     from nasfpn.models import build_model
 
@@ -401,6 +433,6 @@ def test_seed_models_export_and_match_pytorch(short, contract, dynamic_size, ref
     det = _reference_filled(short, reference_dir)
     images = [np.array(Image.open(reference_dir / name).convert("RGB")) for name in ("img_640x480.png", "img_640x640.png")]
     out = tmp_path / f"{short}_{contract}.onnx"
-    meta, report = ex.export(det, out, contract=contract, dynamic_size=dynamic_size, images=images)
+    _, report = ex.export(det, out, contract=contract, dynamic_size=dynamic_size, images=images)
     print(f"\n{det.config.name} {contract}{' dynamic size' if dynamic_size else ''}: {report.summary()}")
     assert report.ok and report.eager_detections == 200

@@ -1,4 +1,4 @@
-"""Running an exported ONNX detector with onnxruntime, behind the ``predict`` of ``nasfpn.deploy.predictor.Detector``.
+"""Running an exported ONNX detector with onnxruntime, behind the ``Predictor`` interface of ``Detector``.
 
     det = OnnxDetector("model.onnx")             # the file carries its config
     results = det.predict([rgb_uint8_array])      # same dicts as Detector.predict
@@ -13,17 +13,17 @@ detections of such images differ, those of square images agree. A file exported 
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from nasfpn.core.config import Config, config_from_dict
 from nasfpn.core.presets import resolve_config
-from nasfpn.deploy.export import LEVEL_NAMES, METADATA_KEY, input_padding, prepare_inputs
+from nasfpn.deploy.contract import LEVEL_NAMES, end2end_detections, input_padding, metadata_from_props, prepare_inputs
 
 # Test-time settings fixed inside an end2end graph (score_thr is an input, so it may change).
 _BAKED_TEST_FIELDS = ("nms_pre", "nms_iou", "max_per_img", "min_bbox_size", "wh_ratio_clip")
@@ -79,10 +79,7 @@ class OnnxDetector:
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
         self.session = ort_session(self.path, threads, providers)
-        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if stored is None:
-            raise ValueError(f"{self.path} was not exported by nasfpn (no '{METADATA_KEY}' entry in its metadata)")
-        meta = json.loads(stored)
+        meta = metadata_from_props(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.metadata = meta
         config = resolve_config(model, overrides, config_file, file_config=meta["config"])
         _check_compatible(meta, config)
@@ -97,10 +94,9 @@ class OnnxDetector:
         self.category_ids: tuple[int, ...] = tuple(config.data.category_ids) or tuple(meta["category_ids"])
 
     def _run_end2end(self, batch: np.ndarray, info: np.ndarray, score_thr: float) -> list[dict[str, np.ndarray]]:
-        boxes, scores, labels, num = self.session.run(
+        outputs = self.session.run(
             None, {"images": batch, "image_info": info, "score_thr": np.array(score_thr, dtype=np.float32)})
-        return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
-                for i, n in enumerate(num.tolist())]
+        return end2end_detections(*outputs)
 
     def _run_raw(self, batch: np.ndarray, metas, score_thr: float) -> list[dict[str, np.ndarray]]:
         from nasfpn.models.postprocess import postprocess
