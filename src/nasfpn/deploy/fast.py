@@ -112,9 +112,8 @@ def fold_batchnorm(model: RetinaNet) -> RetinaNet:
         raise ValueError("fold BN on an eval-mode model (BN must use its running statistics)")
     _fold_resnet(model.backbone)
     for m in model.neck.modules():
-        if isinstance(m, ConvBN) and isinstance(m.bn, nn.BatchNorm2d):
-            _fold(m, "conv", "bn")
-        elif isinstance(m, ReLUConvBN):
+        # A ConvBN without norm has no BN to fold; a ReLUConvBN always has one.
+        if (isinstance(m, ConvBN) and isinstance(m.bn, nn.BatchNorm2d)) or isinstance(m, ReLUConvBN):
             _fold(m, "conv", "bn")
     if isinstance(model.head, RetinaHead) and model.head.separate_bn:
         model.head = FoldedRetinaHead(model.head)
@@ -159,7 +158,7 @@ class InferenceModel(nn.Module):
     def test_cfg(self) -> TestConfig:
         return self.model.test_cfg
 
-    def train(self, mode: bool = True) -> "InferenceModel":
+    def train(self, mode: bool = True) -> InferenceModel:
         if mode:
             raise RuntimeError("an InferenceModel is eval-only: train the original model and optimise it again")
         return super().train(False)
