@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from nasfpn.core.config import BackboneConfig, Config, DataConfig, HeadConfig, ModelConfig, NeckConfig, TrainConfig
+from nasfpn.data.synthetic import generate_dataset
 from nasfpn.engine.data_paths import DataPaths
 
 SIZE = 128
@@ -32,8 +33,6 @@ def tiny_config(**train) -> Config:
 
 
 def synthetic_data(root: Path, num_train: int = 12, num_val: int = 4) -> DataPaths:
-    from nasfpn.data.synthetic import generate_dataset
-
     ds = generate_dataset(root, num_train, num_val, image_size=SIZE, seed=0)
     return DataPaths(ds.train_annotations, ds.train_images, ds.val_annotations, ds.val_images)
 

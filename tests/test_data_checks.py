@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nasfpn.cli import main
 from nasfpn.data.checks import (
     ERROR,
     KINDS,
@@ -130,7 +131,7 @@ def test_validate_fails_unless_invalid_data_is_skipped(broken_dataset):
     # Left: ok.png (1) only. Gone: duplicate id 2, missing 3, corrupt 4, mismatching 5 and 6,
     # malformed 7 and 8.
     assert ds.image_ids.tolist() == [1]
-    boxes, labels = ds.annotations(0)
+    boxes, _labels = ds.annotations(0)
     # Annotation 10 is a duplicate id (excluded), 13 is clipped later, the rest are invalid.
     np.testing.assert_array_equal(boxes, [[35, 25, 45, 35]])
     assert ds[0]["image"].shape == (3, 30, 40)
@@ -169,8 +170,6 @@ def test_clean_dataset_and_full_verify(tmp_path):
 
 
 def test_check_data_command(broken_dataset, tmp_path, capsys):
-    from nasfpn.cli import main
-
     ann_file, image_dir = broken_dataset
     out_json = tmp_path / "problems.json"
     assert main(["check-data", str(ann_file), str(image_dir), "--json", str(out_json)]) == 1

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from nasfpn.core.config import DataConfig
 from nasfpn.data.checks import check_dataset
 from nasfpn.data.coco import CocoDataset, coco2017_paths
-from nasfpn.data.io import ImageReadError
 from nasfpn.data.collate import collate_train
+from nasfpn.data.io import ImageReadError
 from nasfpn.data.transforms import TrainTransform
 
 CATEGORIES = [{"id": 42, "name": "kite"}, {"id": 3, "name": "car"}, {"id": 7, "name": "truck"}]
@@ -66,7 +66,7 @@ def test_category_mapping_round_trip(dataset_files):
     assert all(ds.label_to_category_id[ds.category_id_to_label[c]] == c for c in (3, 7, 42))
     pinned = CocoDataset(*dataset_files, category_ids=[42, 3])
     assert pinned.class_names == ("kite", "car")
-    boxes, labels = pinned.annotations(0)
+    _boxes, labels = pinned.annotations(0)
     assert labels.tolist() == [0, 1]
     with pytest.raises(ValueError, match=r"\[5\]"):
         CocoDataset(*dataset_files, category_ids=[3, 5])
@@ -140,7 +140,7 @@ def test_unreadable_image_skip_and_raise_policies(dataset_files):
     cfg = DataConfig()
     images, targets = collate_train([ds[0], ds[1]], cfg.mean, cfg.std, pad_divisor=32)
     assert images.shape[0] == 1 and targets[0]["image_id"] == 1
-    with pytest.raises(ImageReadError, match="b.png"):
+    with pytest.raises(ImageReadError, match=r"b\.png"):
         CocoDataset(ann_file, image_dir, on_read_error="raise")[1]
 
 
@@ -180,5 +180,5 @@ def test_coco2017_paths(tmp_path):
 
 def test_bad_json_names_the_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(ValueError, match=r"bad\.json"):
         CocoDataset(tmp_path / "bad.json", tmp_path)

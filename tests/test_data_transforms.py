@@ -114,7 +114,7 @@ def test_eval_collate_equals_preprocess_batch():
         chw = torch.from_numpy(im).permute(2, 0, 1).contiguous()
         samples.append(transform({"image": chw, "image_id": i, "file_name": f"{i}.jpg",
                                   "ori_shape": im.shape[:2]}))
-    batch, metas, infos = collate_eval(samples + [None], MEAN, STD, 128)
+    batch, metas, infos = collate_eval([*samples, None], MEAN, STD, 128)
     ref, ref_metas = preprocess_batch(images, 640, 128, MEAN, STD)
     torch.testing.assert_close(batch, ref, rtol=0, atol=0)
     assert metas == ref_metas
@@ -207,7 +207,7 @@ def test_collate_train_pads_and_normalises():
         s = _rectangle_sample(h, w, (10, 10, 60, 60))
         s["image_id"] = i
         samples.append(transform(s, make_generator(0, 0, i)))
-    images, targets = collate_train(samples + [None], MEAN, STD, pad_size=128)
+    images, targets = collate_train([*samples, None], MEAN, STD, pad_size=128)
     assert images.shape == (3, 3, 128, 128) and images.dtype == torch.float32
     for img, t in zip(images, targets):
         h, w = t["img_shape"]
@@ -227,8 +227,6 @@ def test_collate_train_pads_and_normalises():
 
 
 def test_fast_training_resize_stays_within_one_grey_level():
-    from nasfpn.data.transforms import resize_image
-
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 48, 64), generator=g, dtype=torch.uint8)
     for h, w in ((55, 73), (32, 43), (48, 64)):

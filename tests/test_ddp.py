@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -28,6 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine_utils import same_layout_data, tiny_config
+from nasfpn.core.config import config_to_yaml
 from nasfpn.engine.trainer import train
 from nasfpn.models import build_model
 
@@ -95,11 +98,6 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli(tmp_path):
     """``torchrun --nproc_per_node=2 -m nasfpn train`` end to end (slow: two process start-ups)."""
-    import subprocess
-    import sys
-
-    from nasfpn.core.config import config_to_yaml
-
     data = same_layout_data(tmp_path / "data", num=8)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(config_to_yaml(_config(batch_size=2)))

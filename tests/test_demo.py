@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+import nasfpn.apps.demo as demo
 from nasfpn.apps.demo import demo_config, plan_schedule, run_demo
 from nasfpn.core.presets import PRESETS
 
@@ -38,7 +41,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert result.ok and result.epochs == 1
     out = capsys.readouterr().out
     assert "[1/4]" in out and "[4/4]" in out and "Average Precision" in out and "AP50" in out
-    assert set(["AP", "AP50", "per_class"]) <= set(result.metrics)
+    assert {"AP", "AP50", "per_class"} <= set(result.metrics)
     for path in ("data/annotations/instances_train.json", "run/best.safetensors", "run/loss.png", "run/ap.png",
                  "run/metrics.csv", "detections.png"):
         assert (tmp_path / path).is_file(), path
@@ -48,10 +51,6 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 
 
 def test_fastest_setup_prefers_bf16_only_when_clearly_faster(monkeypatch):
-    import torch
-
-    import nasfpn.apps.demo as demo
-
     cfg = demo_config()
     threads = torch.get_num_threads()
     seen = []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from nasfpn.core.config import TrainConfig
 from nasfpn.engine import distributed as D
-from nasfpn.engine.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from nasfpn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nasfpn.engine.optim import build_optimizer, group_of, param_groups
 from nasfpn.engine.schedule import LRSchedule, scaled_lr
 
@@ -111,10 +114,6 @@ def test_epoch_batches_shard_a_global_batch():
 
 
 def test_checkpoint_roundtrip_weights_only(tmp_path):
-    import random
-
-    import numpy as np
-
     torch.manual_seed(5)
     random.seed(5)
     np.random.seed(5)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_utils import SIZE, tiny_config
-from nasfpn.apps import bench
+from engine_utils import SIZE, synthetic_data, tiny_config
+from nasfpn.apps import bench, demo
 from nasfpn.engine import step as S
+from nasfpn.engine import trainer
 from nasfpn.models import RetinaNet, build_model
 
 
@@ -61,9 +62,6 @@ def test_stop_travels_with_the_step():
 
 
 def test_trainer_bench_and_demo_run_the_same_step(monkeypatch, tmp_path):
-    from nasfpn.apps import demo
-    from nasfpn.engine import trainer
-
     assert trainer.train_step is S.train_step and trainer.TrainStep is S.TrainStep
     calls = []
     original = S.train_step
@@ -76,8 +74,6 @@ def test_trainer_bench_and_demo_run_the_same_step(monkeypatch, tmp_path):
     cfg = tiny_config(grad_clip=5.0)
     r = bench.bench_train(cfg, batch=2, size=SIZE, warmup=1, iters=2, memory=False)
     assert len(calls) == 4 and r["grad_clip"] == 5.0 and calls[0].grad_clip == 5.0  # 1 warm-up + 2 timed + 1
-
-    from engine_utils import synthetic_data
 
     data = synthetic_data(tmp_path, num_train=4, num_val=1)
     calls.clear()

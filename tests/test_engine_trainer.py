@@ -9,14 +9,17 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+import nasfpn
 from engine_utils import read_log, synthetic_data, tiny_config
+from nasfpn.cli import main
 from nasfpn.core.config import config_to_yaml
-from nasfpn.engine.trainer import DataPaths, TrainStep, train
 from nasfpn.engine.coco_metrics import STAT_KEYS
+from nasfpn.engine.trainer import DataPaths, TrainStep, train
 from nasfpn.models import RetinaNet, build_model
 
 
@@ -70,12 +73,8 @@ def test_checkpoint_contents(full_run):
     model = build_model(replace(result.config.model), pretrained_backbone=False)
     model.load_state_dict(ckpt["model"])  # the config in the file rebuilds the model
     # The safetensors weights load through the public API, with the dataset's classes.
-    import nasfpn
-
     det = nasfpn.load(weights=out / "best.safetensors")
     assert det.class_names[:2] == ("ellipse", "rectangle") and det.category_ids[-1] == 13
-    import numpy as np
-
     preds = det.predict([np.zeros((100, 120, 3), dtype=np.uint8)])
     assert preds[0]["boxes"].shape[1] == 4
 
@@ -192,8 +191,6 @@ def test_deep_supervision_loss_is_mean_over_stacks():
 
 
 def test_cli_train_eval_and_score(data, tmp_path, capsys):
-    from nasfpn.cli import main
-
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(config_to_yaml(tiny_config()))
     run = tmp_path / "run"

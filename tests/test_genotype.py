@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype
+from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype, resize_to
 
 
 def test_discovered_architecture_reproduces_mmdetection_cell_names():
@@ -77,8 +77,6 @@ def test_too_small_input_gets_a_clear_error():
 
 
 def test_odd_sizes_resize_like_mmcv():
-    from nasfpn.models.nasfpn import resize_to
-
     x = torch.arange(1, 26, dtype=torch.float32).reshape(1, 1, 5, 5)
     down = resize_to(x, (2, 2))  # padded to 6x6 (1 row/col before... split as mmcv), then 3x3 max-pool
     assert down.shape == (1, 1, 2, 2)

@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nasfpn.core.presets import PRESETS
 from nasfpn.models import build_model
 from nasfpn.models.anchors import AnchorGenerator
 from nasfpn.models.boxes import BACKGROUND, IGNORE, MaxIoUAssigner, box_iou, decode, encode
 from nasfpn.models.summary import count_params
-from nasfpn.core.presets import PRESETS
 
 
 def _small(cfg, size=128):

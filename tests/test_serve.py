@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from deploy_helpers import save_tiny_weights
 from PIL import Image
 
-from nasfpn.deploy.predictor import load
+from deploy_helpers import save_tiny_weights
 from nasfpn.data.synthetic import SyntheticSpec, render_image
+from nasfpn.deploy.predictor import load
 
 MAX_UPLOAD_MB = 1
 

@@ -74,7 +74,7 @@ def test_coco_layout(tmp_path):
         for a in anns:
             per_image[a["image_id"]] += 1
             x, y, w, h = a["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 96 and w >= 1 and h >= 1
+            assert x >= 0 and y >= 0 and x + w <= 128 and y + h <= 96 and w >= 1 and h >= 1
             assert a["area"] == w * h and a["iscrowd"] == 0
             assert a["category_id"] in ds.category_ids
             assert 0.4 <= a["visible"] <= 1.0

@@ -28,15 +28,14 @@ import numpy as np
 import pytest
 import torch
 
+from mmdet_reference import filled_state_dict, state_dict_sha256
+from nasfpn.core.mmdet import rename_key
+from nasfpn.core.presets import PRESETS
+from nasfpn.core.weights import load_into_model
 from nasfpn.engine.optim import build_optimizer, group_of
 from nasfpn.engine.schedule import LRSchedule
-from nasfpn.core.mmdet import rename_key
-from nasfpn.core.weights import load_into_model
 from nasfpn.models import build_model
 from nasfpn.models.boxes import BACKGROUND, IGNORE
-from nasfpn.core.presets import PRESETS
-
-from mmdet_reference import filled_state_dict, state_dict_sha256
 
 MODELS = {"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}
 

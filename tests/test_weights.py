@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 import nasfpn
+from nasfpn.cli import main
 from nasfpn.core.mmdet import convert_state_dict, rename_key
+from nasfpn.core.presets import PRESETS
 from nasfpn.core.weights import WeightsError, read_weights, save_safetensors
 from nasfpn.models import build_model
-from nasfpn.core.presets import PRESETS
 
 
 def _tiny_cfg():
@@ -42,8 +44,6 @@ def _to_mmdet(state):
 
 
 def test_rename_table_is_one_to_one_and_total(reference_dir):
-    import json
-
     for short, name in (("r50_fpn", "retinanet_r50_fpn_crop640_50e"), ("r50_nasfpn", "retinanet_r50_nasfpn_crop640_50e")):
         spec = json.loads((reference_dir / f"mmdet_keys_{short}.json").read_text())
         model_keys = list(build_model(PRESETS[name].model, pretrained_backbone=False).state_dict())
@@ -71,15 +71,13 @@ def test_mmdet_checkpoint_is_detected_and_converted(tmp_path):
     model = build_model(cfg.model, pretrained_backbone=False)
     path = tmp_path / "mmdet.pth"
     torch.save({"state_dict": _to_mmdet(model.state_dict()), "meta": {"mmdet_version": "3.3.0", "epoch": 50}}, path)
-    state, config, kind = read_weights(path)
+    _state, config, kind = read_weights(path)
     assert kind == "mmdet" and config is None
     det = nasfpn.load(cfg, weights=path)
     for k, v in model.state_dict().items():
         assert torch.equal(det.model.state_dict()[k], v), k
     # The CLI converts it into our format, which then loads without a config.
     out = tmp_path / "converted.safetensors"
-    from nasfpn.cli import main
-
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(nasfpn.core.config.config_to_yaml(cfg))
     assert main(["convert", str(path), str(out), "--model", str(cfg_file)]) == 0
@@ -119,11 +117,11 @@ def test_pickle_with_code_is_refused(tmp_path):
     legacy = tmp_path / "legacy.pth"
     with open(legacy, "wb") as f:
         pickle.dump({"state_dict": {"w": torch.zeros(1)}, "x": _Payload()}, f)
-    with pytest.raises(WeightsError, match="refusing to load .*system"):
+    with pytest.raises(WeightsError, match=r"refusing to load .*system"):
         read_weights(legacy)
     path = tmp_path / "evil.pth"  # a real checkpoint with a payload slipped into it
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload()}, path)
-    with pytest.raises(WeightsError, match="refusing to load .*system"):
+    with pytest.raises(WeightsError, match=r"refusing to load .*system"):
         read_weights(path)
     # And from the command line: a clear message and a non-zero exit, no traceback.
     proc = subprocess.run([sys.executable, "-m", "nasfpn", "convert", str(path), str(tmp_path / "o.safetensors"),
