@@ -30,6 +30,7 @@ device, 124 the run was terminated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -149,18 +150,18 @@ def section_command(s: Section, workdir: Path) -> list[str]:
     """The command line of section ``s`` (``workdir``: where it may write its own files)."""
     me = str(Path(__file__).resolve())
     if s.kind in ("infer", "train"):
-        return _py() + ["-m", "nasfpn"] + s.params["argv"]
+        return [*_py(), "-m", "nasfpn", *s.params["argv"]]
     if s.kind == "env":
-        return _py() + [me, "--worker", "env"]
+        return [*_py(), me, "--worker", "env"]
     if s.kind == "torchvision":
-        return _py() + [me, "--worker", "torchvision", "--batches", *map(str, s.params["batches"])]
+        return [*_py(), me, "--worker", "torchvision", "--batches", *map(str, s.params["batches"])]
     if s.kind == "tests":
         files = [str(p.relative_to(ROOT)) for p in cuda_test_files()] or ["tests"]
-        return _py() + ["-m", "pytest", "-q", "-rA", "-p", "gpu_check", "-p", "no:cacheprovider", "-m", "not slow",
-                        "--junitxml", str(workdir / "cuda_tests.xml"), *files]
+        return [*_py(), "-m", "pytest", "-q", "-rA", "-p", "gpu_check", "-p", "no:cacheprovider", "-m", "not slow",
+                "--junitxml", str(workdir / "cuda_tests.xml"), *files]
     if s.kind == "ddp":
-        return _py() + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", me, "--worker", "ddp",
-                        "--result", str(workdir / "ddp.json")]
+        return [*_py(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", me, "--worker", "ddp",
+                "--result", str(workdir / "ddp.json")]
     raise ValueError(f"unknown section kind {s.kind!r}")
 
 
@@ -283,7 +284,6 @@ def worker_torchvision(batches: list[int], device: str = "cuda", size: int = SIZ
 
     sys.path.insert(0, str(BENCHMARKS))
     from bench_vs_torchvision import calibrate_torchvision, torchvision_model, torchvision_step
-
     from nasfpn.apps.bench import PeakMemory, environment, latency_stats, synthetic_images
 
     dev = torch.device(device)
@@ -327,11 +327,11 @@ def worker_ddp(result: str, device: str = "cuda", steps: int = 5) -> None:
     from torch import nn
 
     from nasfpn.apps.bench import percentile, synthetic_targets
-    from nasfpn.engine import distributed as D
-    from nasfpn.engine.trainer import TrainStep
-    from nasfpn.engine.optim import make_sgd
-    from nasfpn.models import build_model
     from nasfpn.core.presets import get_config
+    from nasfpn.engine import distributed as D
+    from nasfpn.engine.optim import make_sgd
+    from nasfpn.engine.trainer import TrainStep
+    from nasfpn.models import build_model
 
     info = D.init_distributed(device, timeout_minutes=2)
     dev = info.device
@@ -582,11 +582,9 @@ def _host() -> dict[str, Any]:
     import platform
 
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):  # no /proc/cpuinfo, or no model name in it
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 

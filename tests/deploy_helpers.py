@@ -9,16 +9,21 @@ that suppresses a good part of them.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from pathlib import Path
 
 import torch
 
-from nasfpn.models import build_model
 from nasfpn.core.presets import get_config
+from nasfpn.models import build_model
 
 TINY = "nasfpn_tiny"
+
+
+def _uniform(like: torch.Tensor, g: torch.Generator, lo: float, hi: float) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(like.shape, generator=g, dtype=torch.float64)).to(like.dtype)
 
 
 def fill_deterministic(model: torch.nn.Module, seed: str = "export", cls_bias: float = -4.5) -> torch.nn.Module:
@@ -29,9 +34,7 @@ def fill_deterministic(model: torch.nn.Module, seed: str = "export", cls_bias: f
             if not t.is_floating_point():
                 continue
             g = torch.Generator().manual_seed(zlib.crc32((seed + key).encode()))
-
-            def uniform(lo: float, hi: float) -> torch.Tensor:
-                return (lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t.dtype)
+            uniform = functools.partial(_uniform, t, g)
 
             if key.endswith("running_mean"):
                 t.copy_(uniform(-0.2, 0.2))

@@ -20,11 +20,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from deploy_helpers import tiny_model
-from nasfpn.deploy.predictor import Detector, export_weights
 from nasfpn.data.batching import ShapeBatchSampler, group_by_shape, padded_input_shape
 from nasfpn.data.synthetic import SyntheticSpec, render_image
 from nasfpn.data.transforms import preprocess_batch
 from nasfpn.deploy.check import ParityReport, Tolerances, match_detections
+from nasfpn.deploy.predictor import Detector, export_weights
 
 # (H, W) at image_size 256 / pad 128: square, portrait and landscape that pad to other shapes,
 # an upscaled small image, a downscaled large one, and extreme aspect ratios.

@@ -11,13 +11,13 @@ from torch import nn
 
 from nasfpn.apps.bench import calibrate_scores, synthetic_targets
 from nasfpn.core.precision import autocast
+from nasfpn.core.presets import get_config
+from nasfpn.core.structures import ImageMeta
 from nasfpn.data.collate import loader_settings
 from nasfpn.deploy.fast import FoldedRetinaHead, InferenceModel, fold_batchnorm, optimize_for_inference
 from nasfpn.engine.optim import make_sgd
 from nasfpn.models import build_model
 from nasfpn.models.postprocess import select_topk
-from nasfpn.core.presets import get_config
-from nasfpn.core.structures import ImageMeta
 from sync_points import find_sync_points
 
 # Small models covering every BN placement: BasicBlock and Bottleneck ResNets, FPN ConvBN,

@@ -15,13 +15,12 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from nasfpn.data.transforms import preprocess_batch
+from mmdet_reference import filled_state_dict, state_dict_sha256
+from nasfpn.core.presets import PRESETS
 from nasfpn.core.weights import load_into_model
+from nasfpn.data.transforms import preprocess_batch
 from nasfpn.models import build_model
 from nasfpn.models.postprocess import class_aware_nms
-from nasfpn.core.presets import PRESETS
-
-from mmdet_reference import filled_state_dict, state_dict_sha256
 
 MODELS = {"r50_fpn": "retinanet_r50_fpn_crop640_50e", "r50_nasfpn": "retinanet_r50_nasfpn_crop640_50e"}
 IMAGES = ["img_640x640.png", "img_640x480.png"]

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import nasfpn
+from nasfpn.core.presets import PRESETS
 from nasfpn.deploy.predictor import export_weights
 from nasfpn.models import build_model
-from nasfpn.core.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _images(folder):
 
 
 def test_predict_skips_unreadable_files_and_exits_nonzero(tmp_path, tiny_weights):
-    weights, cfg = tiny_weights
+    weights, _ = tiny_weights
     _images(tmp_path / "imgs")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "nasfpn", "predict", "-", str(tmp_path / "imgs"), "--weights", str(weights),
@@ -55,14 +55,14 @@ def test_predict_skips_unreadable_files_and_exits_nonzero(tmp_path, tiny_weights
     for p in preds:
         x, y, w, h = p["bbox"]
         W, H = sizes[p["file_name"].split("/")[-1]]
-        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= W + 1e-3 and y + h <= H + 1e-3
+        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= W + 1e-3 and y + h <= H + 1e-3
         assert p["score"] >= 0.2
         assert (p["category_id"], p["category_name"]) in {(2, "disk"), (4, "square"), (9, "star")}
     assert sorted(f.name for f in (out / "vis").iterdir()) == ["a_rgb.jpg", "b_gray.jpg", "c_rgba.jpg", "e_last.jpg"]
 
 
 def test_api_accepts_arrays_and_tensors_alike(tiny_weights):
-    weights, cfg = tiny_weights
+    weights, _ = tiny_weights
     det = nasfpn.load(weights=weights)
     rgb = np.random.default_rng(1).integers(0, 255, (100, 150, 3), dtype=np.uint8)
     a = det.predict([rgb], score_thr=0.2)[0]

@@ -6,4 +6,4 @@ from nasfpn.deploy.predictor import Detector, load
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "Detector", "PRESETS", "get_config", "load", "__version__"]
+__all__ = ["PRESETS", "Config", "Detector", "__version__", "get_config", "load"]

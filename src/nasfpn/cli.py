@@ -297,11 +297,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if args.trials is not None:
             spec = SearchSpec.from_dict({**spec.to_dict(), "trials": args.trials})
     else:
-        from nasfpn.search.proxy import FakeEvaluator, ProxySettings, prepare_proxy_task
+        from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask, prepare_proxy_task
 
         options = {"evolution": {"population_size": args.population, "sample_size": args.tournament},
                    "ppo": {"batch_size": args.ppo_batch, "epochs": args.ppo_epochs, "lr": args.ppo_lr,
                            "entropy_weight": args.ppo_entropy}}.get(args.controller, {})
+        evaluator: FakeEvaluator | ProxyTask
         if args.fake_evaluator:
             evaluator = FakeEvaluator()
         else:

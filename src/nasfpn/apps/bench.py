@@ -274,7 +274,9 @@ def calibrate_scores(model: RetinaNet, batch: torch.Tensor, score_thr: float, pa
     kth = logits.topk(k, dim=1).values[:, -1].mean().item()
     # The k-th best logit lands just above the threshold's logit.
     shift = math.log(score_thr / (1 - score_thr)) - kth + 1e-4
-    model.head.retina_cls.bias += shift
+    bias = model.head.retina_cls.bias
+    assert bias is not None  # the classifier conv of RetinaHead has a bias
+    bias += shift
     model.train(was_training)
     return shift
 

@@ -173,7 +173,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert ``value`` (from JSON/YAML/CLI) to the dataclass field type ``tp``."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, where)

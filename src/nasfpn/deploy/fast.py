@@ -29,6 +29,7 @@ eval-only ``InferenceModel``. What each option does:
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -67,6 +68,12 @@ def _fold_resnet(backbone: ResNet) -> None:
                 _fold(block.downsample, "0", "1")  # Sequential(conv, bn)
 
 
+def _folded_tower(convs: nn.ModuleList, norms: nn.Module) -> nn.ModuleList:
+    """One level's copy of the shared tower convs with that level's BNs folded in."""
+    pairs = zip(convs, norms.children())
+    return nn.ModuleList(fuse_conv_bn_eval(cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn)) for conv, bn in pairs)
+
+
 class FoldedRetinaHead(nn.Module):
     """A separated-BN ``RetinaHead`` with each level's BN folded into its own copy of the shared
     tower convs. Same outputs as the head it was made from (eval statistics), same FLOPs."""
@@ -79,18 +86,14 @@ class FoldedRetinaHead(nn.Module):
         self.num_anchors = head.num_anchors
         self.num_levels = head.num_levels
         # cls_towers[level][i] = cls_convs[i] with cls_norms[level][i] folded in.
-        self.cls_towers = nn.ModuleList(
-            nn.ModuleList(fuse_conv_bn_eval(conv, bn) for conv, bn in zip(head.cls_convs, norms)) for norms in head.cls_norms
-        )
-        self.reg_towers = nn.ModuleList(
-            nn.ModuleList(fuse_conv_bn_eval(conv, bn) for conv, bn in zip(head.reg_convs, norms)) for norms in head.reg_norms
-        )
+        self.cls_towers = nn.ModuleList(_folded_tower(head.cls_convs, norms) for norms in head.cls_norms)
+        self.reg_towers = nn.ModuleList(_folded_tower(head.reg_convs, norms) for norms in head.reg_norms)
         self.retina_cls = head.retina_cls
         self.retina_reg = head.retina_reg
 
     @staticmethod
-    def _tower(x: torch.Tensor, convs: nn.ModuleList) -> torch.Tensor:
-        for conv in convs:
+    def _tower(x: torch.Tensor, convs: nn.Module) -> torch.Tensor:
+        for conv in convs.children():
             x = torch.relu_(conv(x))  # in place: the conv output is a fresh tensor
         return x
 
@@ -116,7 +119,7 @@ def fold_batchnorm(model: RetinaNet) -> RetinaNet:
         if (isinstance(m, ConvBN) and isinstance(m.bn, nn.BatchNorm2d)) or isinstance(m, ReLUConvBN):
             _fold(m, "conv", "bn")
     if isinstance(model.head, RetinaHead) and model.head.separate_bn:
-        model.head = FoldedRetinaHead(model.head)
+        model.head = FoldedRetinaHead(model.head)  # type: ignore[assignment]  # same forward contract
     left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
         raise ValueError(f"BN not folded: {left[:5]}{'...' if len(left) > 5 else ''}")
@@ -142,7 +145,7 @@ class InferenceModel(nn.Module):
         self.compiled = compile
         self._core = self._forward
         if compile:
-            options = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
+            options: dict[str, Any] | None = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
             self._core = torch.compile(self._forward, dynamic=False, options=options)
 
     # RetinaNet's attributes that callers use.
