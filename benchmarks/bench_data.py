@@ -34,7 +34,9 @@ def cv2_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if tuple(image.shape[-2:]) == (height, width):
         return image
     hwc = image.permute(1, 2, 0).contiguous().numpy()
-    return torch.from_numpy(cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1).contiguous()
+    return (
+        torch.from_numpy(cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1).contiguous()
+    )
 
 
 def main() -> None:
@@ -72,20 +74,39 @@ def main() -> None:
     env = runs["pil"][0]["env"]
     rows = []
     for name, rs in runs.items():
-        rows.append({"variant": name, "images_per_s": statistics.median(r["images_per_s"] for r in rs),
-                     "decode_ms": statistics.median(r["decode_ms"] for r in rs),
-                     "augment_ms": statistics.median(r["augment_ms"] for r in rs),
-                     "normalise_ms": statistics.median(r["normalise_ms"] for r in rs),
-                     "with_normalise": statistics.median(r["images_per_s_normalised"] for r in rs),
-                     "jpeg_kb": rs[0]["jpeg_kb"]})
-    print(f"# Training input pipeline, one worker (1 thread): {args.images} 640x480 JPEGs q{args.quality}, "
-          f"train transform at {cfg.data.image_size}, {args.rounds} rounds (medians)")
-    print(f"torch {env['torch']}, torchvision {env.get('torchvision')}, {env['cpu']}; "
-          f"load average {loads[0]:.1f} -> {loads[1]:.1f}\n")
-    print(markdown_table(rows, [("variant", "variant"), ("images_per_s", "decode + augment images/s per worker"),
-                                ("decode_ms", "decode ms"), ("augment_ms", "augment ms"),
-                                ("normalise_ms", "normalise + pad ms"), ("with_normalise", "images/s incl. normalise"),
-                                ("jpeg_kb", "JPEG KB")]))
+        rows.append(
+            {
+                "variant": name,
+                "images_per_s": statistics.median(r["images_per_s"] for r in rs),
+                "decode_ms": statistics.median(r["decode_ms"] for r in rs),
+                "augment_ms": statistics.median(r["augment_ms"] for r in rs),
+                "normalise_ms": statistics.median(r["normalise_ms"] for r in rs),
+                "with_normalise": statistics.median(r["images_per_s_normalised"] for r in rs),
+                "jpeg_kb": rs[0]["jpeg_kb"],
+            }
+        )
+    print(
+        f"# Training input pipeline, one worker (1 thread): {args.images} 640x480 JPEGs q{args.quality}, "
+        f"train transform at {cfg.data.image_size}, {args.rounds} rounds (medians)"
+    )
+    print(
+        f"torch {env['torch']}, torchvision {env.get('torchvision')}, {env['cpu']}; "
+        f"load average {loads[0]:.1f} -> {loads[1]:.1f}\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("variant", "variant"),
+                ("images_per_s", "decode + augment images/s per worker"),
+                ("decode_ms", "decode ms"),
+                ("augment_ms", "augment ms"),
+                ("normalise_ms", "normalise + pad ms"),
+                ("with_normalise", "images/s incl. normalise"),
+                ("jpeg_kb", "JPEG KB"),
+            ],
+        )
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "loads": loads, "rows": rows, "runs": runs}, f, indent=1)

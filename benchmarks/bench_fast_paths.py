@@ -56,8 +56,10 @@ class AffineSepBNHead(nn.Module):
         h = self.head
         cls_out, reg_out = [], []
         for level, x in enumerate(feats):
-            for convs, norms, pred, out in ((h.cls_convs, h.cls_norms[level], h.retina_cls, cls_out),
-                                           (h.reg_convs, h.reg_norms[level], h.retina_reg, reg_out)):
+            for convs, norms, pred, out in (
+                (h.cls_convs, h.cls_norms[level], h.retina_cls, cls_out),
+                (h.reg_convs, h.reg_norms[level], h.retina_reg, reg_out),
+            ):
                 y = x
                 for conv, bn in zip(convs, norms):
                     y = F.batch_norm(conv(y), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
@@ -72,7 +74,9 @@ def head_affine_variant(model):
     head = model.head
     import copy
 
-    fast.model.head = AffineSepBNHead(copy.deepcopy(head).eval().requires_grad_(False)).to(memory_format=torch.channels_last)
+    fast.model.head = AffineSepBNHead(copy.deepcopy(head).eval().requires_grad_(False)).to(
+        memory_format=torch.channels_last
+    )
     return fast
 
 
@@ -96,7 +100,9 @@ def accuracy_report(model_name: str, variants: dict) -> list[dict]:
     if ref is None:
         print("(reference fixtures not found: accuracy section skipped)")
         return []
-    short = {"retinanet_r50_fpn_crop640_50e": "r50_fpn", "retinanet_r50_nasfpn_crop640_50e": "r50_nasfpn"}.get(model_name)
+    short = {"retinanet_r50_fpn_crop640_50e": "r50_fpn", "retinanet_r50_nasfpn_crop640_50e": "r50_nasfpn"}.get(
+        model_name
+    )
     if short is None:
         return []
     spec = importlib.util.spec_from_file_location("fill_weights", ref / "fill_weights.py")
@@ -119,14 +125,20 @@ def accuracy_report(model_name: str, variants: dict) -> list[dict]:
             fast = make(model)
             rel, matched, total, dscore = 0.0, 0, 0, []
             for im, ref_out, ref_det in zip(images, plain_out, plain_dets):
-                x, metas = preprocess_batch([im], cfg.data.image_size, cfg.data.pad_divisor, cfg.data.mean, cfg.data.std)
+                x, metas = preprocess_batch(
+                    [im], cfg.data.image_size, cfg.data.pad_divisor, cfg.data.mean, cfg.data.std
+                )
                 out = fast(x)
                 for a, b in zip(out[0] + out[1], ref_out[0] + ref_out[1]):
                     rel = max(rel, ((a - b).abs().max() / b.abs().max()).item())
                 det = fast.postprocess(out, metas)[0]
                 from torchvision.ops import box_iou
 
-                iou = box_iou(ref_det["boxes"], det["boxes"]) if len(det["boxes"]) else torch.zeros(len(ref_det["boxes"]), 0)
+                iou = (
+                    box_iou(ref_det["boxes"], det["boxes"])
+                    if len(det["boxes"])
+                    else torch.zeros(len(ref_det["boxes"]), 0)
+                )
                 same = ref_det["labels"][:, None] == det["labels"][None, :]
                 hit = (iou >= 0.9) & same
                 matched += int(hit.any(dim=1).sum())
@@ -135,9 +147,16 @@ def accuracy_report(model_name: str, variants: dict) -> list[dict]:
                     j = torch.nonzero(hit[i]).flatten()
                     if len(j):
                         dscore.append((det["scores"][j] - ref_det["scores"][i]).abs().min().item())
-            rows.append({"variant": name, "max_rel_err": rel, "matched_pct": 100 * matched / max(total, 1),
-                         "plain_dets": total, "mean_abs_dscore": statistics.fmean(dscore) if dscore else None,
-                         "max_abs_dscore": max(dscore) if dscore else None})
+            rows.append(
+                {
+                    "variant": name,
+                    "max_rel_err": rel,
+                    "matched_pct": 100 * matched / max(total, 1),
+                    "plain_dets": total,
+                    "mean_abs_dscore": statistics.fmean(dscore) if dscore else None,
+                    "max_abs_dscore": max(dscore) if dscore else None,
+                }
+            )
     return rows
 
 
@@ -193,30 +212,78 @@ def main() -> None:
     rows = []
     for name in variants:
         parts = [med(name, k) for k in ("pre", "net", "post")]
-        rows.append({"variant": name, "e2e_ms": med(name, "total"), "p90_ms": percentile(times[name]["total"], 90) * 1e3,
-                     "pre_ms": parts[0], "net_ms": parts[1], "post_ms": parts[2], "post_pct": 100 * parts[2] / sum(parts),
-                     "vs_plain": med(name, "total") / base,
-                     "dets": statistics.median(times[name]["detections"]) / args.batch})
-    print(f"# {cfg.name}: plain vs fast paths: {dev}, {args.threads} threads, batch {args.batch}, "
-          f"{args.size}x{args.size}, {args.rounds} rounds (medians)")
-    print(f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['cpu_capability']}, native bf16: "
-          f"{cpu_supports_bf16()}; load average {load_before:.1f} -> {load_after:.1f}"
-          + (f"; compile + first call {compile_s:.0f} s" if compile_s is not None else "") + "\n")
-    print(markdown_table(rows, [("variant", "variant"), ("e2e_ms", "end-to-end ms"), ("p90_ms", "p90 ms"),
-                                ("pre_ms", "pre ms"), ("net_ms", "network ms"), ("post_ms", "post ms"),
-                                ("post_pct", "post %"), ("vs_plain", "x plain"), ("dets", "detections/img")]))
+        rows.append(
+            {
+                "variant": name,
+                "e2e_ms": med(name, "total"),
+                "p90_ms": percentile(times[name]["total"], 90) * 1e3,
+                "pre_ms": parts[0],
+                "net_ms": parts[1],
+                "post_ms": parts[2],
+                "post_pct": 100 * parts[2] / sum(parts),
+                "vs_plain": med(name, "total") / base,
+                "dets": statistics.median(times[name]["detections"]) / args.batch,
+            }
+        )
+    print(
+        f"# {cfg.name}: plain vs fast paths: {dev}, {args.threads} threads, batch {args.batch}, "
+        f"{args.size}x{args.size}, {args.rounds} rounds (medians)"
+    )
+    print(
+        f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['cpu_capability']}, native bf16: "
+        f"{cpu_supports_bf16()}; load average {load_before:.1f} -> {load_after:.1f}"
+        + (f"; compile + first call {compile_s:.0f} s" if compile_s is not None else "")
+        + "\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("variant", "variant"),
+                ("e2e_ms", "end-to-end ms"),
+                ("p90_ms", "p90 ms"),
+                ("pre_ms", "pre ms"),
+                ("net_ms", "network ms"),
+                ("post_ms", "post ms"),
+                ("post_pct", "post %"),
+                ("vs_plain", "x plain"),
+                ("dets", "detections/img"),
+            ],
+        )
+    )
     acc = []
     if args.accuracy:
         acc = accuracy_report(args.model, {k: v for k, v in makers.items() if k != "compiled"})
         if acc:
             print("\nAgainst plain fp32 on the MMDetection reference weights and images (2 images):\n")
-            print(markdown_table(acc, [("variant", "variant"), ("max_rel_err", "max head error / max |output|"),
-                                       ("matched_pct", "plain detections reproduced %"), ("plain_dets", "plain detections"),
-                                       ("mean_abs_dscore", "mean |score diff|"), ("max_abs_dscore", "max |score diff|")]))
+            print(
+                markdown_table(
+                    acc,
+                    [
+                        ("variant", "variant"),
+                        ("max_rel_err", "max head error / max |output|"),
+                        ("matched_pct", "plain detections reproduced %"),
+                        ("plain_dets", "plain detections"),
+                        ("mean_abs_dscore", "mean |score diff|"),
+                        ("max_abs_dscore", "max |score diff|"),
+                    ],
+                )
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "env": env, "load": [load_before, load_after], "rows": rows,
-                       "accuracy": acc, "compile_s": compile_s, "times": times}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "env": env,
+                    "load": [load_before, load_after],
+                    "rows": rows,
+                    "accuracy": acc,
+                    "compile_s": compile_s,
+                    "times": times,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

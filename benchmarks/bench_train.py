@@ -37,9 +37,29 @@ VARIANTS = {
 
 
 def run_variant(model: str, extra: list[str], args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "nasfpn.cli", "bench", model, "--mode", "train", "--device", args.device,
-           "--batch", str(args.batch), "--size", str(args.size), "--warmup", str(args.warmup), "--iters",
-           str(args.iters), "--threads", str(args.threads), "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nasfpn.cli",
+        "bench",
+        model,
+        "--mode",
+        "train",
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--warmup",
+        str(args.warmup),
+        "--iters",
+        str(args.iters),
+        "--threads",
+        str(args.threads),
+        "--json",
+        *extra,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -58,8 +78,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args()
 
-    variants = [v for v in args.variants
-                if "bf16" not in v or args.device.startswith("cuda") or cpu_supports_bf16()]
+    variants = [v for v in args.variants if "bf16" not in v or args.device.startswith("cuda") or cpu_supports_bf16()]
     results: dict[tuple[str, str], list[dict]] = {}
     loads = [os.getloadavg()[0]]
     for _ in range(args.rounds):
@@ -71,10 +90,14 @@ def main() -> None:
     loads.append(os.getloadavg()[0])
 
     env = next(iter(results.values()))[0]["env"]
-    print(f"# Training step: {args.device}, {args.threads} threads, batch {args.batch}, {args.size}x{args.size}, "
-          f"{args.rounds} rounds x {args.iters} steps (medians)")
-    print(f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['cpu_capability']}; "
-          f"load average {loads[0]:.1f} -> {loads[1]:.1f}; memory: {next(iter(results.values()))[0]['memory_source']}\n")
+    print(
+        f"# Training step: {args.device}, {args.threads} threads, batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.rounds} rounds x {args.iters} steps (medians)"
+    )
+    print(
+        f"torch {env['torch']}, {env.get('gpu') or env['cpu']}, {env['cpu_capability']}; "
+        f"load average {loads[0]:.1f} -> {loads[1]:.1f}; memory: {next(iter(results.values()))[0]['memory_source']}\n"
+    )
     rows = []
     for model in args.models:
         base = None
@@ -87,19 +110,49 @@ def main() -> None:
             alloc = [r["alloc_delta_mb"] for r in runs if r.get("alloc_delta_mb") is not None]
             alloc_delta = statistics.median(alloc) if alloc else None
             base = base or (step, peak, alloc_delta)
-            rows.append({"model": model.replace("retinanet_", "").replace("_crop640_50e", ""), "variant": name,
-                         "step_ms": step, "images_per_s": args.batch / step * 1e3, "vs_fp32": step / base[0],
-                         "peak_mb": peak, "alloc_delta_mb": alloc_delta,
-                         "alloc_vs_fp32": alloc_delta / base[2] if alloc_delta and base[2] else None})
-    print(markdown_table(rows, [("model", "model"), ("variant", "variant"), ("step_ms", "step ms"),
-                                ("images_per_s", "images/s"), ("vs_fp32", "x fp32"), ("peak_mb", "peak RSS MB"),
-                                ("alloc_delta_mb", "step memory MB"), ("alloc_vs_fp32", "step memory x fp32")]))
-    print("\nstep memory: peak rise of malloc'd bytes in use during one step (CUDA: max allocated rise), i.e.\n"
-          "activations, gradients, optimizer temporaries; peak RSS: the whole process.")
+            rows.append(
+                {
+                    "model": model.replace("retinanet_", "").replace("_crop640_50e", ""),
+                    "variant": name,
+                    "step_ms": step,
+                    "images_per_s": args.batch / step * 1e3,
+                    "vs_fp32": step / base[0],
+                    "peak_mb": peak,
+                    "alloc_delta_mb": alloc_delta,
+                    "alloc_vs_fp32": alloc_delta / base[2] if alloc_delta and base[2] else None,
+                }
+            )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("model", "model"),
+                ("variant", "variant"),
+                ("step_ms", "step ms"),
+                ("images_per_s", "images/s"),
+                ("vs_fp32", "x fp32"),
+                ("peak_mb", "peak RSS MB"),
+                ("alloc_delta_mb", "step memory MB"),
+                ("alloc_vs_fp32", "step memory x fp32"),
+            ],
+        )
+    )
+    print(
+        "\nstep memory: peak rise of malloc'd bytes in use during one step (CUDA: max allocated rise), i.e.\n"
+        "activations, gradients, optimizer temporaries; peak RSS: the whole process."
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "loads": loads, "rows": rows,
-                       "runs": {f"{m}|{n}": r for (m, n), r in results.items()}}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "loads": loads,
+                    "rows": rows,
+                    "runs": {f"{m}|{n}": r for (m, n), r in results.items()},
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

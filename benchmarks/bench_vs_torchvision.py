@@ -88,8 +88,11 @@ def torchvision_step(model, images: list[torch.Tensor], device: torch.device):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_interleaved_args(p)
-    p.add_argument("--compile", action="store_true",
-                   help="add the fast path under torch.compile (inductor, frozen weights on CPU; compiles in warm-up)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add the fast path under torch.compile (inductor, frozen weights on CPU; compiles in warm-up)",
+    )
     p.add_argument("--json", help="also write the raw timings here")
     args = p.parse_args()
 
@@ -119,11 +122,14 @@ def main() -> None:
     }
     bf16 = not args.no_bf16 and (dev.type == "cuda" or cpu_supports_bf16())
     if bf16:
-        variants["ours fast bf16"] = infer_step(optimize_for_inference(ours, precision="bf16"), tensors, cfg, args.size, dev)
+        variants["ours fast bf16"] = infer_step(
+            optimize_for_inference(ours, precision="bf16"), tensors, cfg, args.size, dev
+        )
 
     if args.compile:
-        variants["ours fast compiled"] = infer_step(optimize_for_inference(ours, compile=True), tensors, cfg, args.size,
-                                                    dev)
+        variants["ours fast compiled"] = infer_step(
+            optimize_for_inference(ours, compile=True), tensors, cfg, args.size, dev
+        )
     env = environment(dev)
     times, (load_before, load_after) = interleaved_with_load(variants, args.rounds, args.warmup)
 
@@ -136,24 +142,52 @@ def main() -> None:
     for name in variants:
         total = med(name, "total")
         parts = [med(name, k) for k in ("pre", "net", "post")]
-        rows.append({
-            "variant": name, "e2e_ms": total, "p90_ms": percentile(times[name]["total"], 90) * 1e3,
-            "pre_ms": parts[0], "net_ms": parts[1], "post_ms": parts[2], "post_pct": 100 * parts[2] / sum(parts),
-            "vs_tv": total / base, "vs_tv_cl": total / base_cl,
-            "dets": statistics.median(times[name]["detections"]) / args.batch,
-        })
-    print(f"# RetinaNet-R50-FPN, ours vs torchvision: {dev}, {args.threads} threads, batch {args.batch}, "
-          f"{args.size}x{args.size}, {args.rounds} rounds (medians)")
-    print(f"torch {env['torch']}, torchvision {env.get('torchvision')}, {env.get('gpu') or env['cpu']}, "
-          f"{env['cpu_capability']}; load average {load_before:.1f} -> {load_after:.1f}\n")
-    print(markdown_table(rows, [("variant", "variant"), ("e2e_ms", "end-to-end ms"), ("p90_ms", "p90 ms"),
-                                ("pre_ms", "pre ms"), ("net_ms", "network ms"), ("post_ms", "post ms"),
-                                ("post_pct", "post %"), ("vs_tv", "x torchvision"), ("vs_tv_cl", "x torchvision CL"),
-                                ("dets", "detections/img")]))
+        rows.append(
+            {
+                "variant": name,
+                "e2e_ms": total,
+                "p90_ms": percentile(times[name]["total"], 90) * 1e3,
+                "pre_ms": parts[0],
+                "net_ms": parts[1],
+                "post_ms": parts[2],
+                "post_pct": 100 * parts[2] / sum(parts),
+                "vs_tv": total / base,
+                "vs_tv_cl": total / base_cl,
+                "dets": statistics.median(times[name]["detections"]) / args.batch,
+            }
+        )
+    print(
+        f"# RetinaNet-R50-FPN, ours vs torchvision: {dev}, {args.threads} threads, batch {args.batch}, "
+        f"{args.size}x{args.size}, {args.rounds} rounds (medians)"
+    )
+    print(
+        f"torch {env['torch']}, torchvision {env.get('torchvision')}, {env.get('gpu') or env['cpu']}, "
+        f"{env['cpu_capability']}; load average {load_before:.1f} -> {load_after:.1f}\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("variant", "variant"),
+                ("e2e_ms", "end-to-end ms"),
+                ("p90_ms", "p90 ms"),
+                ("pre_ms", "pre ms"),
+                ("net_ms", "network ms"),
+                ("post_ms", "post ms"),
+                ("post_pct", "post %"),
+                ("vs_tv", "x torchvision"),
+                ("vs_tv_cl", "x torchvision CL"),
+                ("dets", "detections/img"),
+            ],
+        )
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "env": env, "load": [load_before, load_after], "rows": rows,
-                       "times": times}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "env": env, "load": [load_before, load_after], "rows": rows, "times": times},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

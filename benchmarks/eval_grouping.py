@@ -35,9 +35,21 @@ from nasfpn.engine.evaluate import build_eval_dataset, predict_dataset
 from nasfpn.models import build_model
 
 # (height, width, weight): a COCO val2017-like size mix (landscape 4:3 about half of the images).
-COCO_LIKE = [(480, 640, 40), (640, 480, 12), (427, 640, 14), (640, 427, 6), (375, 500, 6), (500, 375, 3),
-             (640, 640, 3), (612, 612, 3), (480, 640, 0), (424, 640, 5), (640, 512, 2), (333, 500, 3),
-             (360, 640, 3)]
+COCO_LIKE = [
+    (480, 640, 40),
+    (640, 480, 12),
+    (427, 640, 14),
+    (640, 427, 6),
+    (375, 500, 6),
+    (500, 375, 3),
+    (640, 640, 3),
+    (612, 612, 3),
+    (480, 640, 0),
+    (424, 640, 5),
+    (640, 512, 2),
+    (333, 500, 3),
+    (360, 640, 3),
+]
 
 
 def write_dataset(root: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
@@ -52,8 +64,16 @@ def write_dataset(root: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
         Image.fromarray(pixels).save(root / "images" / f"{i:04d}.png", compress_level=1)
         images.append({"id": i + 1, "file_name": f"{i:04d}.png", "height": h, "width": w})
         for obj in objects:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + obj["label"], "bbox": obj["bbox"],
-                         "area": obj["area"], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1 + obj["label"],
+                    "bbox": obj["bbox"],
+                    "area": obj["area"],
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": k + 1, "name": n} for k, n in enumerate(SyntheticSpec().class_names)]
     (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return root / "ann.json", root / "images"
@@ -115,17 +135,23 @@ def main() -> None:
         calibrate_scores(model, probe, cfg.model.test.score_thr, 1000)
         cats = tuple(range(1, cfg.model.head.num_classes + 1))
         dataset = build_eval_dataset(ann, images, cfg, cats[: len(SyntheticSpec().class_names)])
-        fns = {kind: functools.partial(run, dataset, model, cfg, args.batch_size, kind == "mixed")
-               for kind in ("grouped", "mixed")}
+        fns = {
+            kind: functools.partial(run, dataset, model, cfg, args.batch_size, kind == "mixed")
+            for kind in ("grouped", "mixed")
+        }
         times, load = interleaved_with_load(fns, args.rounds, warmup=0)
     env = environment()
-    print(f"{args.model}, {args.images} images of a COCO-like size mix, batch {args.batch_size}, "
-          f"{args.threads} threads, {env['cpu']}, torch {env['torch']}, load {load[0]:.2f} -> {load[1]:.2f}")
+    print(
+        f"{args.model}, {args.images} images of a COCO-like size mix, batch {args.batch_size}, "
+        f"{args.threads} threads, {env['cpu']}, torch {env['torch']}, load {load[0]:.2f} -> {load[1]:.2f}"
+    )
     for kind in fns:
         seconds = statistics.median(times[kind]["total"])
         mpix = padded_pixels(dataset, cfg, args.batch_size, kind == "mixed") / 1e6
-        print(f"  {kind:8s} {args.images / seconds:6.2f} images/s  (median of {args.rounds}: {seconds:.1f} s; "
-              f"{mpix:.1f} Mpixel padded input)")
+        print(
+            f"  {kind:8s} {args.images / seconds:6.2f} images/s  (median of {args.rounds}: {seconds:.1f} s; "
+            f"{mpix:.1f} Mpixel padded input)"
+        )
 
 
 if __name__ == "__main__":

@@ -69,19 +69,26 @@ def main() -> None:
     best = max(levels.values())
     floor_s = conv_flops / (best * 1e9) + other_s
     env = environment("cpu")
-    print(f"# {args.model} fp32 fast path vs conv throughput: cpu, {args.threads} threads, {args.size}x{args.size}, "
-          f"batch 1, {args.rounds} rounds (medians)")
+    print(
+        f"# {args.model} fp32 fast path vs conv throughput: cpu, {args.threads} threads, {args.size}x{args.size}, "
+        f"batch 1, {args.rounds} rounds (medians)"
+    )
     print(f"torch {env['torch']}, {env['cpu']}\n")
     print("| quantity | value |\n|---|---|")
     print(f"| plain network (eager, NCHW, BN) | {plain_s * 1e3:.1f} ms |")
     print(f"| fast-path network (fold + channels-last) | {fast_s * 1e3:.1f} ms ({fast_s / plain_s:.3f}x plain) |")
     print(f"| FLOPs, all / in convolutions | {total_flops / 1e9:.1f} G / {conv_flops / 1e9:.1f} G |")
-    print(f"| fast path: time in convolutions (profiler) | {conv_s * 1e3:.1f} ms = {conv_flops / conv_s / 1e9:.0f} GFLOP/s |")
+    print(
+        f"| fast path: time in convolutions (profiler) | {conv_s * 1e3:.1f} ms = {conv_flops / conv_s / 1e9:.0f} GFLOP/s |"
+    )
     print(f"| fast path: everything else | {other_s * 1e3:.1f} ms |")
-    print("| standalone 3x3 conv, channels-last, GFLOP/s | "
-          + ", ".join(f"{k} {v:.0f}" for k, v in levels.items()) + " |")
-    print(f"| network floor: all convs at {best:.0f} GFLOP/s + everything else as now | {floor_s * 1e3:.1f} ms "
-          f"({floor_s / plain_s:.3f}x plain) |")
+    print(
+        "| standalone 3x3 conv, channels-last, GFLOP/s | " + ", ".join(f"{k} {v:.0f}" for k, v in levels.items()) + " |"
+    )
+    print(
+        f"| network floor: all convs at {best:.0f} GFLOP/s + everything else as now | {floor_s * 1e3:.1f} ms "
+        f"({floor_s / plain_s:.3f}x plain) |"
+    )
     print(f"| 0.7x plain network | {0.7 * plain_s * 1e3:.1f} ms |")
 
 

@@ -40,8 +40,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1)
     return out
 
 
-def interleaved_with_load(fns: dict[str, Callable[[], Any]], rounds: int,
-                          warmup: int = 1) -> tuple[Timings, tuple[float, float]]:
+def interleaved_with_load(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
+) -> tuple[Timings, tuple[float, float]]:
     """``interleaved`` and the 1-minute load average before and after it."""
     before = os.getloadavg()[0]
     times = interleaved(fns, rounds, warmup)

@@ -53,10 +53,15 @@ def bench_model(name: str, workdir: Path, threads: int, rounds: int, pairs: int)
         boxes, scores, labels, num = session.run(None, feed)
         report = ParityReport()
         n = int(num[0])
-        match_detections(ref, {"boxes": boxes[0, :n], "scores": scores[0, :n], "labels": labels[0, :n]},
-                         report.tolerances, report)
-        row[kind] = {"hw": tuple(batch.shape[-2:]), "matched": report.matched, "eager": report.eager_detections,
-                     "max_box_px": report.max_box_abs}
+        match_detections(
+            ref, {"boxes": boxes[0, :n], "scores": scores[0, :n], "labels": labels[0, :n]}, report.tolerances, report
+        )
+        row[kind] = {
+            "hw": tuple(batch.shape[-2:]),
+            "matched": report.matched,
+            "eager": report.eager_detections,
+            "max_box_px": report.max_box_abs,
+        }
         fns[kind] = functools.partial(session.run, None, feed)
     times, load = interleaved_with_load(fns, rounds, warmup=2)
     for key in fns:
@@ -76,18 +81,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = environment("cpu")
-    print(f"# fixed vs dynamic-size ONNX end2end, landscape 640x480 image: cpu, {args.threads} threads, "
-          f"{args.rounds} rounds; torch {env['torch']}, {env['cpu']}\n")
-    print("| model | eager PyTorch ms (input) | fixed-size ONNX ms (input) | matched | dynamic-size ONNX ms (input) "
-          "| matched |\n|---|---|---|---|---|---|")
+    print(
+        f"# fixed vs dynamic-size ONNX end2end, landscape 640x480 image: cpu, {args.threads} threads, "
+        f"{args.rounds} rounds; torch {env['torch']}, {env['cpu']}\n"
+    )
+    print(
+        "| model | eager PyTorch ms (input) | fixed-size ONNX ms (input) | matched | dynamic-size ONNX ms (input) "
+        "| matched |\n|---|---|---|---|---|---|"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             r = bench_model(name, Path(tmp), args.threads, args.rounds, args.pairs)
             cells = [f"{r['eager']['ms']:.0f} / {r['eager']['p90']:.0f} ({r['eager_hw'][0]}x{r['eager_hw'][1]})"]
             for kind in ("fixed", "dynamic"):
                 k = r[kind]
-                cells += [f"{k['ms']:.0f} / {k['p90']:.0f} ({k['hw'][0]}x{k['hw'][1]})",
-                          f"{k['matched']}/{k['eager']} (max {k['max_box_px']:.2g} px)"]
+                cells += [
+                    f"{k['ms']:.0f} / {k['p90']:.0f} ({k['hw'][0]}x{k['hw'][1]})",
+                    f"{k['matched']}/{k['eager']} (max {k['max_box_px']:.2g} px)",
+                ]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -52,7 +52,7 @@ def _time_interleaved(fns: dict, warmup: int, iters: int) -> dict[str, tuple[flo
     names = list(fns)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for it in range(iters):
-        for name in names[it % len(names):] + names[:it % len(names)]:
+        for name in names[it % len(names) :] + names[: it % len(names)]:
             t0 = time.perf_counter()
             fns[name]()
             seconds[name].append(time.perf_counter() - t0)
@@ -64,8 +64,9 @@ def _time_interleaved(fns: dict, warmup: int, iters: int) -> dict[str, tuple[flo
     return out
 
 
-def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int, pairs: int,
-                reuse: bool = False) -> dict:
+def bench_model(
+    name: str, workdir: Path, threads: int, warmup: int, iters: int, pairs: int, reuse: bool = False
+) -> dict:
     cfg = PRESETS[name]
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained_backbone=False).eval()
@@ -131,19 +132,28 @@ def bench_model(name: str, workdir: Path, threads: int, warmup: int, iters: int,
     num = int(e2e.run(None, feed)[3][0])
     with torch.inference_mode():
         candidates = int(sum((m.sigmoid() > test_cfg.score_thr).sum() for m in outputs[0]))
-    timings = _time_interleaved({
-        "eager_network": eager_network,
-        "eager_post": eager_post,
-        "eager_total": eager_total,
-        "eager_fast_total": eager_fast_total,
-        "ort_network": lambda: raw.run(None, raw_feed),
-        "ort_raw_total": raw_total,
-        "ort_end2end": lambda: e2e.run(None, feed),
-    }, warmup, iters)
-    return {"name": name, "timings": timings, "detections": num, "pairs_above_thr": candidates,
-            "export_s": {c: (round(v[1], 1), v[3]) for c, v in files.items()},
-            "mb": {c: round(v[0].stat().st_size / 2**20, 1) for c, v in files.items()},
-            "parity": {c: v[2] for c, v in files.items()}}
+    timings = _time_interleaved(
+        {
+            "eager_network": eager_network,
+            "eager_post": eager_post,
+            "eager_total": eager_total,
+            "eager_fast_total": eager_fast_total,
+            "ort_network": lambda: raw.run(None, raw_feed),
+            "ort_raw_total": raw_total,
+            "ort_end2end": lambda: e2e.run(None, feed),
+        },
+        warmup,
+        iters,
+    )
+    return {
+        "name": name,
+        "timings": timings,
+        "detections": num,
+        "pairs_above_thr": candidates,
+        "export_s": {c: (round(v[1], 1), v[3]) for c, v in files.items()},
+        "mb": {c: round(v[0].stat().st_size / 2**20, 1) for c, v in files.items()},
+        "parity": {c: v[2] for c, v in files.items()},
+    }
 
 
 def environment(threads: int) -> str:
@@ -160,13 +170,15 @@ def environment(threads: int) -> str:
     except OSError:
         pass
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"Machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}; "
-            f"load average at the end {load} (shared machine).  \n"
-            f"Versions: Python {platform.python_version()}, torch {torch.__version__}, torchvision "
-            f"{torchvision.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}.  \n"
-            f"Settings: batch 1, 640x640 input, fp32, {threads} threads "
-            f"(torch.set_num_threads({threads}); onnxruntime intra_op_num_threads={threads}, inter_op 1, "
-            f"default graph optimisations, CPUExecutionProvider), ONNX opset 18 via torch.onnx.export(dynamo=True).")
+    return (
+        f"Machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}; "
+        f"load average at the end {load} (shared machine).  \n"
+        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}.  \n"
+        f"Settings: batch 1, 640x640 input, fp32, {threads} threads "
+        f"(torch.set_num_threads({threads}); onnxruntime intra_op_num_threads={threads}, inter_op 1, "
+        f"default graph optimisations, CPUExecutionProvider), ONNX opset 18 via torch.onnx.export(dynamo=True)."
+    )
 
 
 def markdown(results: list[dict], threads: int, warmup: int, iters: int, pairs: int) -> str:
@@ -187,23 +199,30 @@ def markdown(results: list[dict], threads: int, warmup: int, iters: int, pairs: 
     ]
     for r in results:
         speed = r["timings"]["eager_total"][0] / r["timings"]["ort_end2end"][0]
-        lines.append(f"| {r['name']} | {cell('eager_network', r)} | {cell('eager_post', r)} | {cell('eager_total', r)} "
-                     f"| {cell('eager_fast_total', r)} | {cell('ort_network', r)} | {cell('ort_raw_total', r)} "
-                     f"| {cell('ort_end2end', r)} | {speed:.2f}x faster |")
+        lines.append(
+            f"| {r['name']} | {cell('eager_network', r)} | {cell('eager_post', r)} | {cell('eager_total', r)} "
+            f"| {cell('eager_fast_total', r)} | {cell('ort_network', r)} | {cell('ort_raw_total', r)} "
+            f"| {cell('ort_end2end', r)} | {speed:.2f}x faster |"
+        )
     lines += ["", "Exported files and their check against eager PyTorch on the benchmark image:", ""]
     for r in results:
         for contract, rep in r["parity"].items():
             seconds, exported = r["export_s"][contract]
-            lines.append(f"- {r['name']} {contract}: {r['mb'][contract]} MB, {'export + ' if exported else ''}check "
-                         f"{seconds} s; "
-                         f"{rep.matched}/{rep.eager_detections} detections matched, max |box diff| "
-                         f"{rep.max_box_abs:.2g} px, max |score diff| {rep.max_score_abs:.2g}"
-                         + (f", max |head output diff| {rep.max_map_abs:.2g}" if rep.max_map_abs is not None else ""))
+            lines.append(
+                f"- {r['name']} {contract}: {r['mb'][contract]} MB, {'export + ' if exported else ''}check "
+                f"{seconds} s; "
+                f"{rep.matched}/{rep.eager_detections} detections matched, max |box diff| "
+                f"{rep.max_box_abs:.2g} px, max |score diff| {rep.max_score_abs:.2g}"
+                + (f", max |head output diff| {rep.max_map_abs:.2g}" if rep.max_map_abs is not None else "")
+            )
     lines += ["", environment(threads), ""]
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
-        lines += ["The load average was above the CPU count: every timing is inflated, eager PyTorch (OpenMP "
-                  "threads waiting for each other) more than onnxruntime, so the speed-up is larger than on an "
-                  "idle machine.", ""]
+        lines += [
+            "The load average was above the CPU count: every timing is inflated, eager PyTorch (OpenMP "
+            "threads waiting for each other) more than onnxruntime, so the speed-up is larger than on an "
+            "idle machine.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -235,10 +254,11 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         results = []
         for name in args.models:
-            results.append(bench_model(name, workdir, args.threads, args.warmup, args.iters, args.pairs,
-                                       args.reuse))
-            print(f"{name}: " + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.0f} ms" for k, v in results[-1]["timings"].items()),
-                  flush=True)
+            results.append(bench_model(name, workdir, args.threads, args.warmup, args.iters, args.pairs, args.reuse))
+            print(
+                f"{name}: " + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.0f} ms" for k, v in results[-1]["timings"].items()),
+                flush=True,
+            )
     section = markdown(results, args.threads, args.warmup, args.iters, args.pairs)
     print(section)
     if args.results:

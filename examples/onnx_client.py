@@ -105,9 +105,15 @@ class Client:
         out = []
         for k in range(int(num[0])):
             label = int(labels[0, k])
-            out.append({"box": [float(v) for v in boxes[0, k]], "score": float(scores[0, k]), "label": label,
-                        "category_id": int(self.meta["category_ids"][label]),
-                        "category_name": self.meta["class_names"][label]})
+            out.append(
+                {
+                    "box": [float(v) for v in boxes[0, k]],
+                    "score": float(scores[0, k]),
+                    "label": label,
+                    "category_id": int(self.meta["category_ids"][label]),
+                    "category_name": self.meta["class_names"][label],
+                }
+            )
         return out
 
 
@@ -123,8 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.images:
         for d in client.detect(read_rgb(path), args.score_thr):
             x1, y1, x2, y2 = d["box"]
-            records.append({"file_name": path, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"],
-                            "category_id": d["category_id"], "category_name": d["category_name"]})
+            records.append(
+                {
+                    "file_name": path,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": d["score"],
+                    "category_id": d["category_id"],
+                    "category_name": d["category_name"],
+                }
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f)

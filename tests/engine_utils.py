@@ -26,8 +26,15 @@ def tiny_config(**train) -> Config:
             head=HeadConfig(num_classes=8, stacked_convs=1, feat_channels=16),
         ),
         data=DataConfig(image_size=SIZE, pad_divisor=128, batch_size=4, workers=0),
-        train=TrainConfig(epochs=2, base_lr=0.01, base_batch_size=4, warmup_iters=2, milestones=(1,),
-                          deterministic=True, max_bad_steps=3),
+        train=TrainConfig(
+            epochs=2,
+            base_lr=0.01,
+            base_batch_size=4,
+            warmup_iters=2,
+            milestones=(1,),
+            deterministic=True,
+            max_bad_steps=3,
+        ),
     )
     return replace(cfg, train=replace(cfg.train, **train))
 
@@ -52,8 +59,16 @@ def same_layout_data(root: Path, num: int = 8, seed: int = 0) -> DataPaths:
         Image.fromarray(img).save(root / "images" / name)
         images.append({"id": i + 1, "file_name": name, "width": SIZE, "height": SIZE})
         for j, (x1, y1, x2, y2, cat) in enumerate(boxes):
-            anns.append({"id": 10 * i + j + 1, "image_id": i + 1, "category_id": cat, "iscrowd": 0,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+            anns.append(
+                {
+                    "id": 10 * i + j + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "iscrowd": 0,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                }
+            )
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     ann = root / "ann.json"
     ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))

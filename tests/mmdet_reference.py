@@ -101,8 +101,9 @@ def _representatives(keys: Iterable[str], tied: Iterable[Iterable[str]]) -> dict
     return {k: root(k) for k in rep}
 
 
-def fill(state: Mapping[str, torch.Tensor], seed: str = SEED,
-         tied: Iterable[Iterable[str]] = ()) -> OrderedDict[str, torch.Tensor]:
+def fill(
+    state: Mapping[str, torch.Tensor], seed: str = SEED, tied: Iterable[Iterable[str]] = ()
+) -> OrderedDict[str, torch.Tensor]:
     """A new state dict (same key order) filled by rule ``uniform-v1``.
 
     Only the shapes and dtypes of ``state`` are read. The keys of one tied group map to one tensor

@@ -9,8 +9,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ATen ops that make a CUDA device wait for the host or copy a value back to it.
-_SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero",
-             "aten::equal", "aten::unique_dim", "aten::_unique2", "aten::unique_consecutive", "aten::item"}
+_SYNC_OPS = {
+    "aten::nonzero",
+    "aten::_local_scalar_dense",
+    "aten::masked_select",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::unique_dim",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::item",
+}
 
 
 def _has_mask(indices: Any) -> bool:

@@ -71,8 +71,11 @@ def test_exit_stack_from_the_config():
     with pytest.raises(ValueError, match=r"exits after 1\.\.3"):
         build_model(tiny_model_config(stacks=3, exit_stack=4), pretrained_backbone=False)
     with pytest.raises(ValueError, match="needs a NAS-FPN"):
-        build_model(get_config("retinanet_r50_fpn_crop640_50e", ["model.neck.exit_stack=1",
-                                                                  "model.backbone.pretrained=null"]).model)
+        build_model(
+            get_config(
+                "retinanet_r50_fpn_crop640_50e", ["model.neck.exit_stack=1", "model.backbone.pretrained=null"]
+            ).model
+        )
 
 
 def _shapes_dataset(root: Path, n: int, seed: int) -> tuple[Path, Path]:
@@ -88,16 +91,31 @@ def _shapes_dataset(root: Path, n: int, seed: int) -> tuple[Path, Path]:
             x, y = int(rng.integers(0, 128 - s)), int(rng.integers(0, 128 - s))
             cat = int(rng.integers(1, 3))
             if cat == 1:
-                img[y:y + s, x:x + s] = (230, 40, 40)
+                img[y : y + s, x : x + s] = (230, 40, 40)
             else:
                 img[(xx - x - s / 2) ** 2 + (yy - y - s / 2) ** 2 <= (s / 2) ** 2] = (40, 40, 230)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "iscrowd": 0,
-                         "bbox": [x, y, s, s], "area": s * s})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "iscrowd": 0,
+                    "bbox": [x, y, s, s],
+                    "area": s * s,
+                }
+            )
         Image.fromarray(img).save(root / "img" / f"{i}.png")
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": 128, "height": 128})
     ann = root / "ann.json"
-    ann.write_text(json.dumps({"images": images, "annotations": anns,
-                               "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}],
+            }
+        )
+    )
     return ann, root / "img"
 
 
@@ -106,12 +124,22 @@ def test_deep_supervision_gives_usable_detections_at_the_first_exit(tmp_path):
     train_ann, train_img = _shapes_dataset(tmp_path / "train", 96, 0)
     val_ann, val_img = _shapes_dataset(tmp_path / "val", 24, 1)
     epochs = 8
-    cfg = Config(name="anytime_tiny", model=tiny_model_config(stacks=3, deep_supervision=True),
-                 data=DataConfig(image_size=128, pad_divisor=128, batch_size=8, workers=0),
-                 train=TrainConfig(epochs=epochs, base_lr=0.02, base_batch_size=8, warmup_iters=10,
-                                   milestones=(epochs - 1,), eval_interval=epochs))
-    result = train(cfg, DataPaths(train_ann, train_img, val_ann, val_img), tmp_path / "run", quiet=True,
-                   check_images=False)
+    cfg = Config(
+        name="anytime_tiny",
+        model=tiny_model_config(stacks=3, deep_supervision=True),
+        data=DataConfig(image_size=128, pad_divisor=128, batch_size=8, workers=0),
+        train=TrainConfig(
+            epochs=epochs,
+            base_lr=0.02,
+            base_batch_size=8,
+            warmup_iters=10,
+            milestones=(epochs - 1,),
+            eval_interval=epochs,
+        ),
+    )
+    result = train(
+        cfg, DataPaths(train_ann, train_img, val_ann, val_img), tmp_path / "run", quiet=True, check_images=False
+    )
     assert result.status == "completed"
     model = build_model(result.config.model, pretrained_backbone=False)
     state, _, kind = read_weights(tmp_path / "run" / "last.safetensors")

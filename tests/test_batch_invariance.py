@@ -121,8 +121,16 @@ def _mixed_coco(root, sizes=SIZES, seed: int = 3):
         Image.fromarray(pixels).save(root / "images" / name)
         images.append({"id": i + 1, "file_name": name, "height": hw[0], "width": hw[1]})
         for obj in objects:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": COCO_CATEGORY_IDS[obj["label"]],
-                         "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": COCO_CATEGORY_IDS[obj["label"]],
+                    "bbox": obj["bbox"],
+                    "area": obj["area"],
+                    "iscrowd": 0,
+                }
+            )
     # The tiny preset has COCO's 80 classes; the shapes take the first ids.
     cats = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
     (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -158,8 +166,9 @@ def _assert_same_results(a, b):
 
 
 def _eval_worker(rank: int, world: int, port: int, ann, images, weights, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from nasfpn.apps.evaluate import run_eval
 
@@ -172,8 +181,17 @@ def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tm
     ann, images, weights = eval_case
     metrics = {}
     for bs in (1, 8):
-        outcome = run_eval(None, weights, ann, images, tmp_path / f"bs{bs}", device="cpu", batch_size=bs,
-                           progress=False, print_fn=lambda *a: None)
+        outcome = run_eval(
+            None,
+            weights,
+            ann,
+            images,
+            tmp_path / f"bs{bs}",
+            device="cpu",
+            batch_size=bs,
+            progress=False,
+            print_fn=lambda *a: None,
+        )
         metrics[bs] = outcome.metrics
     _assert_same_results(tmp_path / "bs1" / "results.json", tmp_path / "bs8" / "results.json")
     for key in ("AP", "AP50", "AP75", "AR100"):
@@ -193,8 +211,18 @@ def test_eval_bf16_fast_path_does_not_depend_on_batch_size(eval_case, tmp_path):
 
     ann, images, weights = eval_case
     for bs in (1, 8):
-        run_eval(None, weights, ann, images, tmp_path / f"bs{bs}", device="cpu", batch_size=bs, progress=False,
-                 optimize={"precision": "bf16"}, print_fn=lambda *a: None)
+        run_eval(
+            None,
+            weights,
+            ann,
+            images,
+            tmp_path / f"bs{bs}",
+            device="cpu",
+            batch_size=bs,
+            progress=False,
+            optimize={"precision": "bf16"},
+            print_fn=lambda *a: None,
+        )
     ra, rb = (_results_by_image(tmp_path / f"bs{bs}" / "results.json") for bs in (1, 8))
     assert sorted(ra) == sorted(rb)
     report = _matched([ra[k] for k in sorted(ra)], [rb[k] for k in sorted(rb)], Tolerances.for_precision("fp16"))
@@ -207,8 +235,22 @@ def test_predict_cli_mixed_folder_equals_batch_size_1(eval_case, tmp_path):
 
     _, images, weights = eval_case
     for args, out in (([], "default"), (["--batch-size", "1"], "one")):
-        assert main(["predict", "-", str(images), "--weights", str(weights), "--out", str(tmp_path / out),
-                     "--no-vis", *args]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "-",
+                    str(images),
+                    "--weights",
+                    str(weights),
+                    "--out",
+                    str(tmp_path / out),
+                    "--no-vis",
+                    *args,
+                ]
+            )
+            == 0
+        )
 
     def by_file(path):
         out: dict[str, dict[str, list]] = {}

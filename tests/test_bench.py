@@ -147,15 +147,37 @@ def test_interleaved_rounds_and_sub_timings(harness):
 
 def test_benchmark_script_runs_from_any_folder(tmp_path):
     # python benchmarks/<script>.py puts benchmarks/ on sys.path, whatever the current folder.
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--help"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_train.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--variants" in proc.stdout
 
 
 def test_cli_bench_json(capsys):
-    assert main(["bench", "nasfpn_tiny", "--size", "128", "--warmup", "1", "--iters", "1", "--json",
-                 "--no-channels-last", "--pairs-per-image", "100"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "nasfpn_tiny",
+                "--size",
+                "128",
+                "--warmup",
+                "1",
+                "--iters",
+                "1",
+                "--json",
+                "--no-channels-last",
+                "--pairs-per-image",
+                "100",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "infer" and r["size"] == 128 and not r["channels_last"] and r["fuse_bn"]
 
@@ -163,8 +185,27 @@ def test_cli_bench_json(capsys):
 def test_cli_bench_modes(capsys):
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", "nasfpn_tiny", "--mode", "train", "--size", "128", "--batch", "2", "--warmup", "1",
-                     "--iters", "1", "--threads", "1"]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "nasfpn_tiny",
+                    "--mode",
+                    "train",
+                    "--size",
+                    "128",
+                    "--batch",
+                    "2",
+                    "--warmup",
+                    "1",
+                    "--iters",
+                    "1",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)

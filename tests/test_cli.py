@@ -18,23 +18,23 @@ FLAGS = {
     "convert": "--config --model --set",
     "predict": "--batch-size --config --device --fast --no-vis --out --precision --score-thr --set --vis-thr --weights",
     "search": "--cells --compare --controller --data --fake-evaluator --gp --held-out --heldout-ann --heldout-images "
-              "--keep-weights --no-baselines --no-reuse --out --population --ppo-batch --ppo-entropy --ppo-epochs "
-              "--ppo-lr --proxy-batch --proxy-depth --proxy-epochs --proxy-lr --proxy-precision --proxy-seeds "
-              "--proxy-size --proxy-stacks --proxy-width --ray-address --resume --seed --synthetic-images --threads "
-              "--tournament --train-ann --train-images --trials --workers",
+    "--keep-weights --no-baselines --no-reuse --out --population --ppo-batch --ppo-entropy --ppo-epochs "
+    "--ppo-lr --proxy-batch --proxy-depth --proxy-epochs --proxy-lr --proxy-precision --proxy-seeds "
+    "--proxy-size --proxy-stacks --proxy-width --ray-address --resume --seed --synthetic-images --threads "
+    "--tournament --train-ann --train-images --trials --workers",
     "export": "--batch --config --contract --dynamic-batch --dynamic-size --fixed-size --format --no-check --opset "
-              "--out --precision --sample --set --size --weights",
+    "--out --precision --sample --set --size --weights",
     "serve": "--batch-timeout-ms --config --device --host --max-batch --max-upload-mb --port --set --weights",
     "check-data": "--json --max-examples --no-images --verify --workers",
     "train": "--amp --batch-size --channels-last --checkpoint-interval --config --data --deterministic --device "
-             "--epochs --eval-interval --grad-clip --max-steps --no-check-images --no-progress --out --resume --seed "
-             "--set --size --skip-invalid --sync-bn --train-ann --train-images --val-ann --val-images --workers",
+    "--epochs --eval-interval --grad-clip --max-steps --no-check-images --no-progress --out --resume --seed "
+    "--set --size --skip-invalid --sync-bn --train-ann --train-images --val-ann --val-images --workers",
     "eval": "--ann --batch-size --config --data --device --fast --json --no-progress --out --precision --results "
-            "--set --val-ann --val-images --weights --workers",
+    "--set --val-ann --val-images --weights --workers",
     "demo": "--device --minutes --no-progress --out --seed --set",
     "bench": "--batch --channels-last --checkpoint-stacks --compile --config --decoder --device --fuse-bn --images "
-             "--iters --json --mode --no-channels-last --no-checkpoint-stacks --no-fuse-bn --pairs-per-image --plain "
-             "--precision --set --size --threads --warmup --weights",
+    "--iters --json --mode --no-channels-last --no-checkpoint-stacks --no-fuse-bn --pairs-per-image --plain "
+    "--precision --set --size --threads --warmup --weights",
 }
 
 
@@ -79,15 +79,29 @@ def test_shared_options_are_the_same_everywhere():
 
 
 def test_predict_command_line():
-    args = _parse("predict", "-", "a.jpg", "dir/", "--weights", "w.safetensors", "--out", "o",
-                  "--set", "model.test.nms_iou=0.6", "--set", "data.image_size=256", "--fast")
+    args = _parse(
+        "predict",
+        "-",
+        "a.jpg",
+        "dir/",
+        "--weights",
+        "w.safetensors",
+        "--out",
+        "o",
+        "--set",
+        "model.test.nms_iou=0.6",
+        "--set",
+        "data.image_size=256",
+        "--fast",
+    )
     assert (args.model, args.sources, args.weights, args.out) == ("-", ["a.jpg", "dir/"], "w.safetensors", "o")
     assert args.overrides == ["model.test.nms_iou=0.6", "data.image_size=256"] and args.config_file is None
     assert (args.device, args.batch_size, args.score_thr, args.vis_thr, args.no_vis) == ("cpu", 4, None, 0.3, False)
     assert cli._optimize_arg(args) == {"precision": "fp32"}
     assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o")) is False
-    assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o", "--precision", "bf16")) \
-        == {"precision": "bf16"}
+    assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o", "--precision", "bf16")) == {
+        "precision": "bf16"
+    }
     with pytest.raises(SystemExit):
         _parse("predict", "m", "x", "--out", "o")  # --weights is required
 
@@ -107,9 +121,25 @@ def test_eval_and_train_defaults():
 def test_train_flags_refine_the_config_after_set(tmp_path):
     user = tmp_path / "user.yaml"
     user.write_text("train:\n  base_lr: 0.01\n  epochs: 9\n")
-    args = _parse("train", "nasfpn_tiny", "--data", "d", "--out", str(tmp_path / "run"), "--config", str(user),
-                  "--set", "train.epochs=5", "--set", "train.seed=3", "--epochs", "2", "--batch-size", "4",
-                  "--sync-bn")
+    args = _parse(
+        "train",
+        "nasfpn_tiny",
+        "--data",
+        "d",
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        str(user),
+        "--set",
+        "train.epochs=5",
+        "--set",
+        "train.seed=3",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--sync-bn",
+    )
     cfg = cli._train_config(args)
     assert (cfg.train.base_lr, cfg.train.epochs, cfg.train.seed) == (0.01, 2, 3)  # the flag wins over --set
     assert (cfg.data.batch_size, cfg.train.sync_bn, cfg.data.workers) == (4, True, 0)

@@ -21,7 +21,13 @@ def test_seed_presets_carry_mmdetection_values():
         assert (m.loss.pos_iou_thr, m.loss.neg_iou_thr, m.loss.min_pos_iou) == (0.5, 0.5, 0.0)
         assert (m.loss.focal_alpha, m.loss.focal_gamma) == (0.25, 2.0)
         assert (m.test.score_thr, m.test.nms_pre, m.test.nms_iou, m.test.max_per_img) == (0.05, 1000, 0.5, 100)
-        assert (t.base_lr, t.base_batch_size, t.momentum, t.weight_decay, t.norm_weight_decay) == (0.08, 64, 0.9, 1e-4, 0.0)
+        assert (t.base_lr, t.base_batch_size, t.momentum, t.weight_decay, t.norm_weight_decay) == (
+            0.08,
+            64,
+            0.9,
+            1e-4,
+            0.0,
+        )
         assert (t.warmup_iters, t.warmup_ratio, t.milestones, t.gamma, t.epochs) == (1000, 0.1, (30, 40), 0.1, 50)
         assert (cfg.data.image_size, cfg.data.scale_range, cfg.data.flip_prob) == (640, (0.8, 1.2), 0.5)
         assert m.head.separate_bn and m.anchors.strides == (8, 16, 32, 64, 128)
@@ -37,8 +43,10 @@ def test_scaled_family_overrides_only_scale():
 
 
 def test_overrides_are_typed_and_checked(tmp_path):
-    cfg = get_config("retinanet_r50_nasfpn_crop640_50e", ["train.epochs=12", "model.neck.stacks=3",
-                                                          "data.scale_range=[0.5, 1.5]", "train.amp=bf16"])
+    cfg = get_config(
+        "retinanet_r50_nasfpn_crop640_50e",
+        ["train.epochs=12", "model.neck.stacks=3", "data.scale_range=[0.5, 1.5]", "train.amp=bf16"],
+    )
     assert cfg.train.epochs == 12 and cfg.model.neck.stacks == 3 and cfg.data.scale_range == (0.5, 1.5)
     with pytest.raises(ValueError, match="unknown key"):
         get_config("nasfpn_tiny", ["train.epoch=3"])
@@ -67,8 +75,10 @@ def test_round_trip_through_dict_and_yaml_file(tmp_path, capsys):
 def test_info_reports_the_reference_parameter_counts(capsys):
     import json
 
-    for name, total, neck in (("retinanet_r50_nasfpn_crop640_50e", 59_979_828, 29_990_144),
-                              ("retinanet_r50_fpn_crop640_50e", 37_988_404, 7_998_720)):
+    for name, total, neck in (
+        ("retinanet_r50_nasfpn_crop640_50e", 59_979_828, 29_990_144),
+        ("retinanet_r50_fpn_crop640_50e", 37_988_404, 7_998_720),
+    ):
         assert main(["info", name, "--json", "--size", "128"]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["params_total"] == total and info["params_neck"] == neck
@@ -103,10 +113,18 @@ def test_resolve_config_is_one_rule_for_names_files_and_carried_configs(tmp_path
 def test_config_files_are_read_by_one_reader_with_one_kind_of_error(tmp_path):
     from nasfpn.core.presets import resolve_config
 
-    bad = {"missing.yaml": None, "broken.yaml": "train: [1, 2\n", "list.yaml": "- 1\n- 2\n",
-           "typo.yaml": "train:\n  epoch: 3\n"}
-    expected = {"missing.yaml": "does not exist", "broken.yaml": "not valid YAML", "list.yaml": "mapping at top level",
-                "typo.yaml": "unknown key"}
+    bad = {
+        "missing.yaml": None,
+        "broken.yaml": "train: [1, 2\n",
+        "list.yaml": "- 1\n- 2\n",
+        "typo.yaml": "train:\n  epoch: 3\n",
+    }
+    expected = {
+        "missing.yaml": "does not exist",
+        "broken.yaml": "not valid YAML",
+        "list.yaml": "mapping at top level",
+        "typo.yaml": "unknown key",
+    }
     for name, text in bad.items():
         path = tmp_path / name
         if text is not None:

@@ -33,7 +33,7 @@ def broken_dataset(tmp_path):
     _png(image_dir / "ok.png", 40, 30)
     _png(image_dir / "dup1.png", 10, 10)
     _png(image_dir / "dup2.png", 10, 10)
-    _png(image_dir / "wrong_size.png", 50, 30)             # JSON says 40 x 30
+    _png(image_dir / "wrong_size.png", 50, 30)  # JSON says 40 x 30
     (image_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -41,13 +41,13 @@ def broken_dataset(tmp_path):
     images = [
         {"id": 1, "file_name": "ok.png", "width": 40, "height": 30},
         {"id": 2, "file_name": "dup1.png", "width": 10, "height": 10},
-        {"id": 2, "file_name": "dup2.png", "width": 10, "height": 10},        # duplicate image id
-        {"id": 3, "file_name": "missing.png", "width": 10, "height": 10},     # no such file
-        {"id": 4, "file_name": "corrupt.jpg", "width": 10, "height": 10},     # not decodable
+        {"id": 2, "file_name": "dup2.png", "width": 10, "height": 10},  # duplicate image id
+        {"id": 3, "file_name": "missing.png", "width": 10, "height": 10},  # no such file
+        {"id": 4, "file_name": "corrupt.jpg", "width": 10, "height": 10},  # not decodable
         {"id": 5, "file_name": "wrong_size.png", "width": 40, "height": 30},  # size mismatch
-        {"id": 6, "file_name": "rotated.jpg", "width": 40, "height": 30},     # EXIF turns it to 30 x 40
-        {"id": 7, "width": 10, "height": 10},                                 # no file_name
-        {"id": 8, "file_name": "ok.png", "width": -5, "height": 30},          # bad width
+        {"id": 6, "file_name": "rotated.jpg", "width": 40, "height": 30},  # EXIF turns it to 30 x 40
+        {"id": 7, "width": 10, "height": 10},  # no file_name
+        {"id": 8, "file_name": "ok.png", "width": -5, "height": 30},  # bad width
     ]
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 2, "name": "b again"}]
 
@@ -55,18 +55,18 @@ def broken_dataset(tmp_path):
         return {"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": 1.0, "iscrowd": 0}
 
     anns = [
-        ann(10, [1, 1, 5, 5]),                   # fine
-        ann(11, [1, 1, 0, 5]),                   # zero width
-        ann(12, [1, 1, 5, -2]),                  # negative height
-        ann(13, [35, 25, 10, 10]),               # partly outside the 40 x 30 image
-        ann(14, [50, 1, 5, 5]),                  # entirely outside
-        ann(15, [float("nan"), 1, 5, 5]),        # NaN
-        ann(16, [1, float("inf"), 5, 5]),        # inf
-        ann(17, [1, "2", 5, 5]),                 # non-numeric
-        ann(18, [1, 2, 5]),                      # 3 values
-        ann(19, [1, 1, 5, 5], cat=99),           # unknown category
-        ann(20, [1, 1, 5, 5], image_id=999),     # unknown image
-        ann(10, [2, 2, 5, 5]),                   # duplicate annotation id
+        ann(10, [1, 1, 5, 5]),  # fine
+        ann(11, [1, 1, 0, 5]),  # zero width
+        ann(12, [1, 1, 5, -2]),  # negative height
+        ann(13, [35, 25, 10, 10]),  # partly outside the 40 x 30 image
+        ann(14, [50, 1, 5, 5]),  # entirely outside
+        ann(15, [float("nan"), 1, 5, 5]),  # NaN
+        ann(16, [1, float("inf"), 5, 5]),  # inf
+        ann(17, [1, "2", 5, 5]),  # non-numeric
+        ann(18, [1, 2, 5]),  # 3 values
+        ann(19, [1, 1, 5, 5], cat=99),  # unknown category
+        ann(20, [1, 1, 5, 5], image_id=999),  # unknown image
+        ann(10, [2, 2, 5, 5]),  # duplicate annotation id
         {"id": 21, "image_id": 1, "category_id": 1},  # no bbox
     ]
     ann_file = tmp_path / "instances.json"
@@ -153,10 +153,15 @@ def test_file_level_problems(tmp_path):
 def test_clean_dataset_and_full_verify(tmp_path):
     _png(tmp_path / "x.png", 20, 10)
     ann_file = tmp_path / "i.json"
-    ann_file.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "x.png", "width": 20, "height": 10.0}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 10], "area": 200}],
-        "categories": [{"id": 1, "name": "thing"}]}))
+    ann_file.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "x.png", "width": 20, "height": 10.0}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 10], "area": 200}],
+                "categories": [{"id": 1, "name": "thing"}],
+            }
+        )
+    )
     assert check_dataset(ann_file, tmp_path, verify=True) == []
     # A file whose header is intact but whose pixel data is cut short: only full decoding sees it.
     _png(tmp_path / "big.png", 300, 300)

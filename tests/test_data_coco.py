@@ -32,8 +32,17 @@ def _write(tmp_path, images, annotations, categories=CATEGORIES):
         entries.append({"id": image_id, "file_name": name, "width": w, "height": h})
     anns = []
     for i, (image_id, cat, bbox, extra) in enumerate(annotations):
-        anns.append({"id": 100 + i, "image_id": image_id, "category_id": cat, "bbox": bbox,
-                     "area": bbox[2] * bbox[3], "iscrowd": 0, **extra})
+        anns.append(
+            {
+                "id": 100 + i,
+                "image_id": image_id,
+                "category_id": cat,
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
+                "iscrowd": 0,
+                **extra,
+            }
+        )
     ann_file = tmp_path / "instances.json"
     ann_file.write_text(json.dumps({"images": entries, "annotations": anns, "categories": categories}))
     return ann_file, image_dir
@@ -41,19 +50,24 @@ def _write(tmp_path, images, annotations, categories=CATEGORIES):
 
 @pytest.fixture
 def dataset_files(tmp_path):
-    images = [(1, "a.png", 64, 48), (2, "b.png", 40, 30), (3, "c.png", 50, 50), (4, "d.png", 20, 60),
-              (5, "e.png", 64, 64)]
+    images = [
+        (1, "a.png", 64, 48),
+        (2, "b.png", 40, 30),
+        (3, "c.png", 50, 50),
+        (4, "d.png", 20, 60),
+        (5, "e.png", 64, 64),
+    ]
     annotations = [
-        (1, 42, [10, 5, 20, 10], {}),                   # id 100: kept -> label 2
-        (1, 3, [0, 0, 5, 6], {}),                       # id 101: kept -> label 0
-        (1, 7, [30, 20, 10, 10], {"iscrowd": 1}),       # id 102: crowd, left out
-        (2, 7, [1, 2, 3, 4], {"iscrowd": 1}),           # id 103: image 2 has only a crowd box
-        (3, 3, [10, 10, 0.5, 10], {}),                  # id 104: w < 1, dropped
-        (3, 3, [10, 10, 10, 10], {"area": 0}),          # id 105: area 0, dropped
-        (3, 3, [60, 60, 5, 5], {}),                     # id 106: outside the 50x50 image, dropped
-        (3, 99, [1, 1, 5, 5], {}),                      # id 107: category not in the file, dropped
-        (4, 7, [2, 3, 10, 20], {}),                     # id 108: kept (image 4 is 20 px wide)
-        (5, 3, [60, 60, 10, 10], {}),                   # id 109: partly outside: kept as is
+        (1, 42, [10, 5, 20, 10], {}),  # id 100: kept -> label 2
+        (1, 3, [0, 0, 5, 6], {}),  # id 101: kept -> label 0
+        (1, 7, [30, 20, 10, 10], {"iscrowd": 1}),  # id 102: crowd, left out
+        (2, 7, [1, 2, 3, 4], {"iscrowd": 1}),  # id 103: image 2 has only a crowd box
+        (3, 3, [10, 10, 0.5, 10], {}),  # id 104: w < 1, dropped
+        (3, 3, [10, 10, 10, 10], {"area": 0}),  # id 105: area 0, dropped
+        (3, 3, [60, 60, 5, 5], {}),  # id 106: outside the 50x50 image, dropped
+        (3, 99, [1, 1, 5, 5], {}),  # id 107: category not in the file, dropped
+        (4, 7, [2, 3, 10, 20], {}),  # id 108: kept (image 4 is 20 px wide)
+        (5, 3, [60, 60, 10, 10], {}),  # id 109: partly outside: kept as is
     ]
     return _write(tmp_path, images, annotations)
 
@@ -146,14 +160,15 @@ def test_unreadable_image_skip_and_raise_policies(dataset_files):
 
 def test_exclude_problems_from_checks(tmp_path):
     ann_file, image_dir = _write(
-        tmp_path, [(1, "a.png", 64, 48), (2, "b.png", 40, 30), (3, "c.png", 30, 30)],
-        [(1, 3, [1, 1, 10, 10], {}), (1, 42, [1, 1, 10, 10], {}), (2, 3, [1, 1, 5, 5], {}),
-         (3, 3, [1, 1, 5, 5], {})])
+        tmp_path,
+        [(1, "a.png", 64, 48), (2, "b.png", 40, 30), (3, "c.png", 30, 30)],
+        [(1, 3, [1, 1, 10, 10], {}), (1, 42, [1, 1, 10, 10], {}), (2, 3, [1, 1, 5, 5], {}), (3, 3, [1, 1, 5, 5], {})],
+    )
     data = json.loads(ann_file.read_text())
-    data["annotations"][1]["category_id"] = 1000      # unknown category: annotation 101 excluded
-    data["images"][1]["width"] = 41                  # size mismatch: image 2 excluded
+    data["annotations"][1]["category_id"] = 1000  # unknown category: annotation 101 excluded
+    data["images"][1]["width"] = 41  # size mismatch: image 2 excluded
     ann_file.write_text(json.dumps(data))
-    (image_dir / "c.png").unlink()                   # missing: image 3 excluded
+    (image_dir / "c.png").unlink()  # missing: image 3 excluded
     problems = check_dataset(ann_file, image_dir)
     assert {p.kind for p in problems} == {"unknown_category_id", "size_mismatch", "missing_image"}
     ds = CocoDataset(ann_file, image_dir, exclude=problems)
@@ -172,8 +187,10 @@ def test_duplicate_image_ids_need_checks(tmp_path):
 
 
 def test_coco2017_paths(tmp_path):
-    assert coco2017_paths(tmp_path, "val") == (tmp_path / "annotations" / "instances_val2017.json",
-                                               tmp_path / "val2017")
+    assert coco2017_paths(tmp_path, "val") == (
+        tmp_path / "annotations" / "instances_val2017.json",
+        tmp_path / "val2017",
+    )
     with pytest.raises(ValueError):
         coco2017_paths(tmp_path, "test")
 

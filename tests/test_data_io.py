@@ -66,8 +66,9 @@ def _write_png_rgb16(path, array: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def test_16bit_rgb_png(tmp_path):
@@ -121,7 +122,10 @@ def test_list_images_files_folders_globs(tmp_path):
     assert list_images([str(tmp_path / "**" / "*.jpg")]) == [tmp_path / "b.jpg", tmp_path / "sub" / "d.jpg"]
     # Explicit files are taken as given, duplicates are dropped, source order is kept.
     assert list_images([str(tmp_path / "c.txt"), str(tmp_path / "b.jpg"), str(tmp_path)]) == [
-        tmp_path / "c.txt", tmp_path / "b.jpg", tmp_path / "a.PNG"]
+        tmp_path / "c.txt",
+        tmp_path / "b.jpg",
+        tmp_path / "a.PNG",
+    ]
     with pytest.raises(FileNotFoundError, match=r"nothing\.jpg"):
         list_images([str(tmp_path / "nothing.jpg")])
     with pytest.raises(FileNotFoundError, match=r"\*.gif"):

@@ -90,15 +90,18 @@ def test_preprocess_batch_mixed_inputs_and_padding():
     assert torch.count_nonzero(ref[1, :, 480:]) == 0
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((10, 10, 3), np.float32), "image 1: numpy images must be uint8"),
-    (np.zeros((10, 10), np.uint8), r"image 1: numpy images must be \(H, W, 3\)"),
-    (np.zeros((10, 10, 4), np.uint8), r"image 1: numpy images must be \(H, W, 3\)"),
-    (torch.zeros(10, 10, 3), r"image 1: tensors must be \(3, H, W\)"),
-    (torch.full((3, 10, 10), 2.0), r"image 1: float tensors must hold values in \[0, 1\]"),
-    (torch.zeros((3, 10, 10), dtype=torch.int32), "image 1: tensor dtype"),
-    ([[1, 2, 3]], "image 1: expected a numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((10, 10, 3), np.float32), "image 1: numpy images must be uint8"),
+        (np.zeros((10, 10), np.uint8), r"image 1: numpy images must be \(H, W, 3\)"),
+        (np.zeros((10, 10, 4), np.uint8), r"image 1: numpy images must be \(H, W, 3\)"),
+        (torch.zeros(10, 10, 3), r"image 1: tensors must be \(3, H, W\)"),
+        (torch.full((3, 10, 10), 2.0), r"image 1: float tensors must hold values in \[0, 1\]"),
+        (torch.zeros((3, 10, 10), dtype=torch.int32), "image 1: tensor dtype"),
+        ([[1, 2, 3]], "image 1: expected a numpy array"),
+    ],
+)
 def test_preprocess_rejects_bad_inputs(bad, match):
     good = np.zeros((10, 10, 3), np.uint8)
     with pytest.raises(ValueError, match=match):
@@ -112,8 +115,7 @@ def test_eval_collate_equals_preprocess_batch():
     samples = []
     for i, im in enumerate(images):
         chw = torch.from_numpy(im).permute(2, 0, 1).contiguous()
-        samples.append(transform({"image": chw, "image_id": i, "file_name": f"{i}.jpg",
-                                  "ori_shape": im.shape[:2]}))
+        samples.append(transform({"image": chw, "image_id": i, "file_name": f"{i}.jpg", "ori_shape": im.shape[:2]}))
     batch, metas, infos = collate_eval([*samples, None], MEAN, STD, 128)
     ref, ref_metas = preprocess_batch(images, 640, 128, MEAN, STD)
     torch.testing.assert_close(batch, ref, rtol=0, atol=0)
@@ -128,8 +130,13 @@ def _rectangle_sample(h: int, w: int, box: tuple[int, int, int, int]) -> dict:
     image = torch.zeros((3, h, w), dtype=torch.uint8)
     x1, y1, x2, y2 = box
     image[:, y1:y2, x1:x2] = 255
-    return {"image": image, "boxes": torch.tensor([box], dtype=torch.float32),
-            "labels": torch.tensor([3]), "image_id": 1, "file_name": "r.jpg"}
+    return {
+        "image": image,
+        "boxes": torch.tensor([box], dtype=torch.float32),
+        "labels": torch.tensor([3]),
+        "image_id": 1,
+        "file_name": "r.jpg",
+    }
 
 
 def test_train_boxes_follow_the_pixels():
@@ -183,8 +190,13 @@ def test_train_box_dropped_when_outside_crop_but_others_kept():
 def test_train_transform_is_deterministic():
     rng = np.random.default_rng(4)
     image = torch.from_numpy(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    sample = {"image": image, "boxes": torch.tensor([[10.0, 20, 200, 220], [300, 50, 480, 290]]),
-              "labels": torch.tensor([0, 1]), "image_id": 7, "file_name": "x.jpg"}
+    sample = {
+        "image": image,
+        "boxes": torch.tensor([[10.0, 20, 200, 220], [300, 50, 480, 290]]),
+        "labels": torch.tensor([0, 1]),
+        "image_id": 7,
+        "file_name": "x.jpg",
+    }
     transform = TrainTransform(size=256)
     a = transform(sample, make_generator(11, 2, 5))
     b = transform(sample, make_generator(11, 2, 5))
@@ -194,8 +206,13 @@ def test_train_transform_is_deterministic():
 
 
 def test_image_without_boxes_is_fine():
-    sample = {"image": torch.zeros((3, 100, 80), dtype=torch.uint8), "boxes": torch.zeros((0, 4)),
-              "labels": torch.zeros((0,), dtype=torch.int64), "image_id": 0, "file_name": "e.jpg"}
+    sample = {
+        "image": torch.zeros((3, 100, 80), dtype=torch.uint8),
+        "boxes": torch.zeros((0, 4)),
+        "labels": torch.zeros((0,), dtype=torch.int64),
+        "image_id": 0,
+        "file_name": "e.jpg",
+    }
     out = TrainTransform(size=64)(sample, make_generator(0, 0, 0))
     assert out["boxes"].shape == (0, 4) and out["labels"].dtype == torch.int64
 
@@ -217,8 +234,9 @@ def test_collate_train_pads_and_normalises():
     # Normalising later (on the device) gives the same batch.
     raw, raw_targets = collate_train(samples, MEAN, STD, pad_size=128, normalize=False)
     assert raw.dtype == torch.uint8
-    torch.testing.assert_close(normalize_batch(raw, MEAN, STD, [t["img_shape"] for t in raw_targets]), images,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        normalize_batch(raw, MEAN, STD, [t["img_shape"] for t in raw_targets]), images, rtol=0, atol=0
+    )
     # Without a fixed size: the largest image rounded up to the divisor; pad_shape per image.
     images, targets = collate_train(samples, MEAN, STD, pad_size=None, pad_divisor=32)
     max_h = max(t["img_shape"][0] for t in targets)

@@ -47,8 +47,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, data, out_dir: str, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = train(_config(batch_size=2), data, out_dir, device="cpu", quiet=True, progress=False)
     state = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
@@ -101,10 +102,32 @@ def test_torchrun_cli(tmp_path):
     data = same_layout_data(tmp_path / "data", num=8)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(config_to_yaml(_config(batch_size=2)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "nasfpn", "train", str(cfg_file), "--train-ann", str(data.train_ann), "--train-images",
-           str(data.train_images), "--val-ann", str(data.val_ann), "--val-images", str(data.val_images),
-           "--out", str(tmp_path / "run"), "--sync-bn", "--no-progress", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "nasfpn",
+        "train",
+        str(cfg_file),
+        "--train-ann",
+        str(data.train_ann),
+        "--train-images",
+        str(data.train_images),
+        "--val-ann",
+        str(data.val_ann),
+        "--val-images",
+        str(data.val_images),
+        "--out",
+        str(tmp_path / "run"),
+        "--sync-bn",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 x 2 processes" in proc.stdout or "(2 x 2 processes)" in proc.stdout

@@ -34,16 +34,31 @@ def test_demo_config_is_the_tiny_preset():
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
-    overrides = ["model.backbone.depth=10", "model.neck.channels=16", "model.neck.stacks=1",
-                 "model.head.feat_channels=16", "model.head.stacked_convs=1", "data.image_size=128",
-                 "data.batch_size=4", "data.workers=0", "train.epochs=1", "train.warmup_iters=2"]
+    overrides = [
+        "model.backbone.depth=10",
+        "model.neck.channels=16",
+        "model.neck.stacks=1",
+        "model.head.feat_channels=16",
+        "model.head.stacked_convs=1",
+        "data.image_size=128",
+        "data.batch_size=4",
+        "data.workers=0",
+        "train.epochs=1",
+        "train.warmup_iters=2",
+    ]
     result = run_demo(tmp_path, minutes=5, overrides=overrides, num_train=8, num_val=4, progress=False)
     assert result.ok and result.epochs == 1
     out = capsys.readouterr().out
     assert "[1/4]" in out and "[4/4]" in out and "Average Precision" in out and "AP50" in out
     assert {"AP", "AP50", "per_class"} <= set(result.metrics)
-    for path in ("data/annotations/instances_train.json", "run/best.safetensors", "run/loss.png", "run/ap.png",
-                 "run/metrics.csv", "detections.png"):
+    for path in (
+        "data/annotations/instances_train.json",
+        "run/best.safetensors",
+        "run/loss.png",
+        "run/ap.png",
+        "run/metrics.csv",
+        "detections.png",
+    ):
         assert (tmp_path / path).is_file(), path
     assert len(list((tmp_path / "detections").glob("*.png"))) == 4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -59,6 +74,7 @@ def test_fastest_setup_prefers_bf16_only_when_clearly_faster(monkeypatch):
         def step(c, device, data):
             seen.append((torch.get_num_threads(), c.train.amp))
             return times[c.train.amp]
+
         return step
 
     try:

@@ -17,8 +17,12 @@ from nasfpn.engine.trainer import train
 
 
 def _sample(image_id: int, h: int = 20, w: int = 30) -> dict:
-    return {"image": torch.full((3, h, w), 100, dtype=torch.uint8), "boxes": torch.tensor([[1.0, 2.0, 10.0, 12.0]]),
-            "labels": torch.tensor([1]), "image_id": image_id}
+    return {
+        "image": torch.full((3, h, w), 100, dtype=torch.uint8),
+        "boxes": torch.tensor([[1.0, 2.0, 10.0, 12.0]]),
+        "labels": torch.tensor([1]),
+        "image_id": image_id,
+    }
 
 
 def test_collate_drops_and_counts_unreadable_samples(caplog):

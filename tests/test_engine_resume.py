@@ -23,10 +23,28 @@ from nasfpn.core.config import config_to_yaml
 
 
 def _command(cfg_file, data, out, *extra):
-    return [sys.executable, "-m", "nasfpn", "train", str(cfg_file), "--train-ann", str(data.train_ann),
-            "--train-images", str(data.train_images), "--val-ann", str(data.val_ann), "--val-images",
-            str(data.val_images), "--out", str(out), "--deterministic", "--checkpoint-interval", "1",
-            "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "nasfpn",
+        "train",
+        str(cfg_file),
+        "--train-ann",
+        str(data.train_ann),
+        "--train-images",
+        str(data.train_images),
+        "--val-ann",
+        str(data.val_ann),
+        "--val-images",
+        str(data.val_images),
+        "--out",
+        str(out),
+        "--deterministic",
+        "--checkpoint-interval",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _env():
@@ -39,10 +57,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     cfg_file.write_text(config_to_yaml(tiny_config(epochs=1)))  # 12 images, batch 4: 3 steps
     killed, reference = tmp_path / "killed", tmp_path / "reference"
 
-    ref_proc = subprocess.Popen(_command(cfg_file, data, reference), env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-    proc = subprocess.Popen(_command(cfg_file, data, killed), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    ref_proc = subprocess.Popen(
+        _command(cfg_file, data, reference), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    proc = subprocess.Popen(
+        _command(cfg_file, data, killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 600
     while not (killed / "last.pt").exists():
         assert proc.poll() is None, f"training ended before a checkpoint: {proc.stderr.read().decode()[-2000:]}"
@@ -54,8 +74,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     at_kill = torch.load(killed / "last.pt", weights_only=True)
     assert 1 <= at_kill["step"] < 3, "the kill must interrupt the run"
 
-    resumed = subprocess.run(_command(cfg_file, data, killed, "--resume"), env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        _command(cfg_file, data, killed, "--resume"), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step {at_kill['step']}" in resumed.stdout  # "resumed from ...: epoch E, step S"
     assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read().decode()[-3000:]

@@ -53,7 +53,7 @@ def test_cosine_decay_by_iteration():
     s = LRSchedule.from_config(cfg, 0.1, iters_per_epoch=25)
     assert s.total_iters == 100
     assert s(0) == pytest.approx(0.1) and s(50) == pytest.approx(0.05) and s(100) == pytest.approx(0.0, abs=1e-12)
-    assert s(25) == pytest.approx(0.05 * (1 + 2 ** -0.5))  # milestones do not apply
+    assert s(25) == pytest.approx(0.05 * (1 + 2**-0.5))  # milestones do not apply
     assert all(s(i) > s(i + 1) for i in range(99))
     with pytest.raises(ValueError, match="cosine"):
         LRSchedule(0.1, 10, decay="linear")

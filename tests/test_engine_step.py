@@ -90,6 +90,5 @@ def test_bench_train_shows_skipped_steps(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_bench_train_precisions_use_the_trainer_amp(precision):
-    r = bench.bench_train(tiny_config(), batch=2, size=SIZE, warmup=1, iters=1,
-                          precision=precision, memory=False)
+    r = bench.bench_train(tiny_config(), batch=2, size=SIZE, warmup=1, iters=1, precision=precision, memory=False)
     assert r["precision"] == precision and r["skipped_steps"] == 0 and r["loss"] == r["loss"]

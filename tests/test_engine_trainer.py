@@ -40,8 +40,19 @@ def test_run_writes_everything(full_run):
     assert result.status == "completed" and result.ok
     assert (result.epochs, result.steps) == (2, 6)  # 12 images / batch 4 = 3 steps per epoch
     assert result.wall_time > 0
-    for name in ("config.yaml", "log.jsonl", "metrics.csv", "metrics.json", "summary.json", "last.pt", "best.pt",
-                 "last.safetensors", "best.safetensors", "loss.png", "ap.png"):
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "metrics.csv",
+        "metrics.json",
+        "summary.json",
+        "last.pt",
+        "best.pt",
+        "last.safetensors",
+        "best.safetensors",
+        "loss.png",
+        "ap.png",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     # Classes come from the training annotations and are saved with the config.
@@ -162,8 +173,9 @@ def test_bad_data_fails_with_report_unless_skipped(tmp_path):
     data = synthetic_data(tmp_path / "data", num_train=8, num_val=2)
     ann = json.loads((tmp_path / "data" / "annotations" / "instances_train.json").read_text())
     ann["images"].append({"id": 999, "file_name": "missing.png", "width": 128, "height": 128})
-    ann["annotations"].append({"id": 9999, "image_id": 999, "category_id": 1, "bbox": [1, 1, 20, 20],
-                               "area": 400, "iscrowd": 0})
+    ann["annotations"].append(
+        {"id": 9999, "image_id": 999, "category_id": 1, "bbox": [1, 1, 20, 20], "area": 400, "iscrowd": 0}
+    )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(ann))
     paths = DataPaths(bad, data.train_images, data.val_ann, data.val_images)
@@ -194,9 +206,29 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(config_to_yaml(tiny_config()))
     run = tmp_path / "run"
-    rc = main(["train", str(cfg_file), "--train-ann", str(data.train_ann), "--train-images", str(data.train_images),
-               "--val-ann", str(data.val_ann), "--val-images", str(data.val_images), "--out", str(run),
-               "--epochs", "1", "--batch-size", "6", "--seed", "3", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            str(cfg_file),
+            "--train-ann",
+            str(data.train_ann),
+            "--train-images",
+            str(data.train_images),
+            "--val-ann",
+            str(data.val_ann),
+            "--val-images",
+            str(data.val_images),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "lr = base_lr 0.01 x total batch 6" in out and "= 0.015" in out
@@ -204,8 +236,22 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     assert (saved["train"]["epochs"], saved["data"]["batch_size"], saved["train"]["seed"]) == (1, 6, 3)
 
     ev = tmp_path / "eval"
-    rc = main(["eval", "--weights", str(run / "last.safetensors"), "--val-ann", str(data.val_ann),
-               "--val-images", str(data.val_images), "--out", str(ev), "--workers", "0", "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--weights",
+            str(run / "last.safetensors"),
+            "--val-ann",
+            str(data.val_ann),
+            "--val-images",
+            str(data.val_images),
+            "--out",
+            str(ev),
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in capsys.readouterr().out
     metrics = json.loads((ev / "metrics.json").read_text())
@@ -213,29 +259,45 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     results = json.loads((ev / "results.json").read_text())
     assert {r["category_id"] for r in results} <= {1, 2, 4, 5, 7, 8, 11, 13}
 
-    rc = main(["eval", "--ann", str(data.val_ann), "--results", str(ev / "results.json"), "--json",
-               str(tmp_path / "m.json")])
+    rc = main(
+        ["eval", "--ann", str(data.val_ann), "--results", str(ev / "results.json"), "--json", str(tmp_path / "m.json")]
+    )
     assert rc == 0
     rescored = json.loads((tmp_path / "m.json").read_text())
     assert rescored["AP"] == pytest.approx(metrics["AP"]) and rescored["AP50"] == pytest.approx(metrics["AP50"])
 
     # The fp32 fast path scores like the plain model; bf16 runs and says so in metrics.json.
     for flags, name in ((["--fast"], "fast"), (["--precision", "bf16"], "bf16")):
-        rc = main(["eval", "--weights", str(run / "last.safetensors"), "--val-ann", str(data.val_ann),
-                   "--val-images", str(data.val_images), "--out", str(tmp_path / name), "--workers", "0",
-                   "--no-progress", *flags])
+        rc = main(
+            [
+                "eval",
+                "--weights",
+                str(run / "last.safetensors"),
+                "--val-ann",
+                str(data.val_ann),
+                "--val-images",
+                str(data.val_images),
+                "--out",
+                str(tmp_path / name),
+                "--workers",
+                "0",
+                "--no-progress",
+                *flags,
+            ]
+        )
         assert rc == 0
         got = json.loads((tmp_path / name / "metrics.json").read_text())
         assert got["optimize"] == {"precision": "fp32" if name == "fast" else "bf16"}
     fast = json.loads((tmp_path / "fast" / "metrics.json").read_text())
-    assert fast["AP"] == pytest.approx(metrics["AP"], abs=1e-3) and fast["AP50"] == pytest.approx(metrics["AP50"], abs=1e-3)
+    assert fast["AP"] == pytest.approx(metrics["AP"], abs=1e-3) and fast["AP50"] == pytest.approx(
+        metrics["AP50"], abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_and_channels_last_steps(data, tmp_path, amp):
     cfg = tiny_config(epochs=1, amp=amp, channels_last=True, grad_clip=10.0)
-    result = train(cfg, DataPaths(data.train_ann, data.train_images), tmp_path, progress=False, quiet=True,
-                   max_steps=2)
+    result = train(cfg, DataPaths(data.train_ann, data.train_images), tmp_path, progress=False, quiet=True, max_steps=2)
     assert result.status == "max_steps" and result.steps == 2 and result.last_metrics == {}
     log = read_log(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in log)

@@ -76,8 +76,12 @@ def _case() -> tuple[dict, list[dict]]:
         for _ in range(int(rng.integers(2, 6))):  # false positives, kite included
             cat = int(rng.choice([1, 3, 10]))
             w, h = float(rng.uniform(5, 200)), float(rng.uniform(5, 200))
-            add_det(image_id, cat, [float(rng.uniform(0, 400)), float(rng.uniform(0, 300)), w, h],
-                    round(float(rng.uniform(0.05, 0.9)), 2))
+            add_det(
+                image_id,
+                cat,
+                [float(rng.uniform(0, 400)), float(rng.uniform(0, 300)), w, h],
+                round(float(rng.uniform(0.05, 0.9)), 2),
+            )
 
     # Crowd region: detections inside it are ignored, not false positives.
     add_gt(9, 1, [300.0, 200.0, 300.0, 250.0], crowd=1)
@@ -91,8 +95,12 @@ def _case() -> tuple[dict, list[dict]]:
     add_det(14, 3, [100.0, 100.0, 20.0, 20.0], 0.5)
     # Many detections on one image, so maxDets 1 / 10 / 100 truncation all matter.
     for k in range(120):
-        add_det(6, 3, [float(k * 5 % 600), float(k * 3 % 440), 30.0 + k % 7, 25.0 + k % 5],
-                round(0.25 + 0.2 * math.sin(k), 3))
+        add_det(
+            6,
+            3,
+            [float(k * 5 % 600), float(k * 3 % 440), 30.0 + k % 7, 25.0 + k % 5],
+            round(0.25 + 0.2 * math.sin(k), 3),
+        )
 
     gt = {"images": images, "annotations": anns, "categories": copy.deepcopy(CATEGORIES)}
     return gt, dets
@@ -167,11 +175,14 @@ def test_perfect_detections_from_predictions():
     predictions = []
     for img in gt["images"]:
         anns = [a for a in gt["annotations"] if a["image_id"] == img["id"] and not a["iscrowd"]]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.tensor(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            dtype=torch.float64,
+        ).reshape(-1, 4)
         labels = torch.tensor([labels_to_ids.index(a["category_id"]) for a in anns], dtype=torch.int64)
-        predictions.append({"image_id": torch.tensor(img["id"]), "boxes": boxes,
-                            "scores": torch.ones(len(anns)), "labels": labels})
+        predictions.append(
+            {"image_id": torch.tensor(img["id"]), "boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels}
+        )
     results = results_from_predictions(predictions, labels_to_ids)
     assert len(results) == sum(1 for a in gt["annotations"] if not a["iscrowd"])
     first = next(a for a in gt["annotations"] if not a["iscrowd"])
@@ -184,8 +195,14 @@ def test_perfect_detections_from_predictions():
 
 
 def test_results_from_predictions_mapping_and_numpy():
-    preds = [{"image_id": 4, "boxes": np.array([[10.0, 20.0, 15.0, 60.0]]), "scores": np.array([0.25]),
-              "labels": np.array([1])}]
+    preds = [
+        {
+            "image_id": 4,
+            "boxes": np.array([[10.0, 20.0, 15.0, 60.0]]),
+            "scores": np.array([0.25]),
+            "labels": np.array([1]),
+        }
+    ]
     assert results_from_predictions(preds, {0: 1, 1: 5}) == [
         {"image_id": 4, "category_id": 5, "bbox": [10.0, 20.0, 5.0, 40.0], "score": 0.25}
     ]

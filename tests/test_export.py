@@ -34,7 +34,9 @@ def _square_images(count: int = 2, side: int = 256) -> list[np.ndarray]:
     return [render_image(spec, seed=7, split="val", index=i)[0] for i in range(count)]
 
 
-def _assert_same_detections(ref: list[dict], got: list[dict], tol: check.Tolerances | None = None) -> check.ParityReport:
+def _assert_same_detections(
+    ref: list[dict], got: list[dict], tol: check.Tolerances | None = None
+) -> check.ParityReport:
     report = check.ParityReport(tolerances=tol or check.Tolerances())
     for i, (r, g) in enumerate(zip(ref, got)):
         check.match_detections(r, g, report.tolerances, report, where=f"image {i}: ")
@@ -81,11 +83,14 @@ def test_end2end_graph_equals_postprocess_in_pytorch():
             assert torch.equal(a, b)
         ref = model.postprocess((list(maps[:5]), list(maps[5:])), metas)
         for thr in (cfg.model.test.score_thr, 0.3):
-            boxes, scores, labels, num = graphs.postprocess_fixed(maps[:5], maps[5:], anchors, info, torch.tensor(thr), 80,
-                                                              cfg.model.test)
+            boxes, scores, labels, num = graphs.postprocess_fixed(
+                maps[:5], maps[5:], anchors, info, torch.tensor(thr), 80, cfg.model.test
+            )
             assert boxes.shape == (2, 100, 4) and scores.shape == (2, 100) and labels.dtype == torch.int64
-            got = [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
-                   for i, n in enumerate(num.tolist())]
+            got = [
+                {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+                for i, n in enumerate(num.tolist())
+            ]
             want = [{k: v[d["scores"] > thr] for k, v in d.items()} for d in ref]
             _assert_same_detections(want, got)
             # Padding rows past num_detections.
@@ -116,11 +121,16 @@ def test_export_cli_end2end_contract(end2end_onnx, capsys):
     assert meta["mean"] == [123.675, 116.28, 103.53] and len(meta["class_names"]) == 80
     session = ort_session(end2end_onnx)
     assert [(i.name, i.shape, i.type) for i in session.get_inputs()] == [
-        ("images", ["batch", 3, 256, 256], "tensor(float)"), ("image_info", ["batch", 4], "tensor(float)")]
+        ("images", ["batch", 3, 256, 256], "tensor(float)"),
+        ("image_info", ["batch", 4], "tensor(float)"),
+    ]
     assert [i.name for i in session.get_overridable_initializers()] == ["score_thr"]
     assert [(o.name, o.shape, o.type) for o in session.get_outputs()] == [
-        ("boxes", ["batch", 100, 4], "tensor(float)"), ("scores", ["batch", 100], "tensor(float)"),
-        ("labels", ["batch", 100], "tensor(int64)"), ("num_detections", ["batch"], "tensor(int64)")]
+        ("boxes", ["batch", 100, 4], "tensor(float)"),
+        ("scores", ["batch", 100], "tensor(float)"),
+        ("labels", ["batch", 100], "tensor(int64)"),
+        ("num_detections", ["batch"], "tensor(int64)"),
+    ]
     # Any batch size; score_thr may be omitted.
     cfg, model = tiny_model()
     images = check.sample_images(cfg, 3)
@@ -140,8 +150,11 @@ def test_export_raw_contract(tiny_weights, tmp_path):
     assert report.ok and report.images == 2 and report.max_map_abs < 1e-3, report.summary()
     session = ort_session(out)
     names = [o.name for o in session.get_outputs()]
-    assert names == ([f"cls_logits_p{i}" for i in range(3, 8)] + [f"box_deltas_p{i}" for i in range(3, 8)]
-                     + [f"anchors_p{i}" for i in range(3, 8)])
+    assert names == (
+        [f"cls_logits_p{i}" for i in range(3, 8)]
+        + [f"box_deltas_p{i}" for i in range(3, 8)]
+        + [f"anchors_p{i}" for i in range(3, 8)]
+    )
     outputs = session.run(None, {"images": np.zeros((2, 3, 256, 256), np.float32)})
     assert outputs[0].shape == (2, 720, 32, 32) and outputs[5].shape == (2, 36, 32, 32)
     anchors = det.model.anchor_generator.grid_anchors([(32 >> i, 32 >> i) for i in range(5)])
@@ -153,8 +166,10 @@ def test_export_raw_contract(tiny_weights, tmp_path):
 
 
 def _landscape_and_portrait() -> list[np.ndarray]:
-    return [render_image(SyntheticSpec(image_size=hw, max_objects=8), seed=11, split="val", index=i)[0]
-            for i, hw in enumerate([(150, 256), (256, 120), (200, 200)])]
+    return [
+        render_image(SyntheticSpec(image_size=hw, max_objects=8), seed=11, split="val", index=i)[0]
+        for i, hw in enumerate([(150, 256), (256, 120), (200, 200)])
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +180,10 @@ def dynamic_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("dynamic") / "dynamic.onnx"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--size", "384",
-                     "--dynamic-batch"]) == 0
+        assert (
+            main(["export", "-", "--weights", str(tiny_weights), "--out", str(out), "--size", "384", "--dynamic-batch"])
+            == 0
+        )
     return out, printed.getvalue()
 
 
@@ -206,18 +223,54 @@ def test_example_client_reproduces_nasfpn_predict(tiny_weights, dynamic_onnx, tm
     out, _ = dynamic_onnx
     folder = tmp_path / "imgs"
     folder.mkdir()
-    sizes = {"up_landscape": (90, 130), "down_portrait": (900, 500), "portrait": (384, 200),
-             "landscape": (150, 384), "down_square": (700, 700)}
+    sizes = {
+        "up_landscape": (90, 130),
+        "down_portrait": (900, 500),
+        "portrait": (384, 200),
+        "landscape": (150, 384),
+        "down_square": (700, 700),
+    }
     for i, (name, hw) in enumerate(sizes.items()):
         pixels = render_image(SyntheticSpec(image_size=hw, max_objects=6), seed=5, split="val", index=i)[0]
         Image.fromarray(pixels).save(folder / f"{name}.png")
     files = sorted(str(p) for p in folder.iterdir())
     client = Path(__file__).resolve().parents[1] / "examples" / "onnx_client.py"
-    proc = subprocess.run([sys.executable, "-I", str(client), str(out), *files, "--score-thr", "0.1",
-                           "--json", str(tmp_path / "client.json")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            str(client),
+            str(out),
+            *files,
+            "--score-thr",
+            "0.1",
+            "--json",
+            str(tmp_path / "client.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(["predict", "-", *files, "--weights", str(tiny_weights), "--out", str(tmp_path / "pred"),
-                 "--set", "data.image_size=384", "--score-thr", "0.1", "--no-vis"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-",
+                *files,
+                "--weights",
+                str(tiny_weights),
+                "--out",
+                str(tmp_path / "pred"),
+                "--set",
+                "data.image_size=384",
+                "--score-thr",
+                "0.1",
+                "--no-vis",
+            ]
+        )
+        == 0
+    )
 
     def by_file(records):
         out: dict[str, dict[str, list]] = {f: {"boxes": [], "scores": [], "labels": []} for f in files}
@@ -226,8 +279,13 @@ def test_example_client_reproduces_nasfpn_predict(tiny_weights, dynamic_onnx, tm
             out[r["file_name"]]["boxes"].append([x, y, x + w, y + h])
             out[r["file_name"]]["scores"].append(r["score"])
             out[r["file_name"]]["labels"].append(r["category_id"])
-        return [{k: np.asarray(v, dtype=np.float64).reshape(-1, 4) if k == "boxes" else np.asarray(v)
-                 for k, v in out[f].items()} for f in files]
+        return [
+            {
+                k: np.asarray(v, dtype=np.float64).reshape(-1, 4) if k == "boxes" else np.asarray(v)
+                for k, v in out[f].items()
+            }
+            for f in files
+        ]
 
     ours = by_file(json.loads((tmp_path / "pred" / "predictions.json").read_text()))
     theirs = by_file(json.loads((tmp_path / "client.json").read_text()))
@@ -274,8 +332,20 @@ print(len(outputs))
 def test_torch_export_loads_without_the_package(tiny_weights, tmp_path):
     det = load(None, weights=tiny_weights)
     out = tmp_path / "tiny.pt2"
-    rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out", str(out),
-               "--dynamic-batch", "--fixed-size"])
+    rc = main(
+        [
+            "export",
+            "-",
+            "--weights",
+            str(tiny_weights),
+            "--format",
+            "torch-export",
+            "--out",
+            str(out),
+            "--dynamic-batch",
+            "--fixed-size",
+        ]
+    )
     assert rc == 0
     assert contract.read_metadata(out)["contract"] == "network"
     cfg = det.config
@@ -283,8 +353,13 @@ def test_torch_export_loads_without_the_package(tiny_weights, tmp_path):
     np.save(tmp_path / "x.npy", batch.numpy())
     script = tmp_path / "load.py"
     script.write_text(_LOAD_WITHOUT_PACKAGE)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", str(script), str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "10"
     got = np.load(tmp_path / "y.npz")
@@ -303,8 +378,19 @@ def test_export_fails_loudly_when_the_file_disagrees(tiny_weights, tmp_path, mon
         return out
 
     monkeypatch.setattr(ex, "_prepared_copy", tampered)
-    rc = main(["export", "-", "--weights", str(tiny_weights), "--format", "torch-export", "--out",
-               str(tmp_path / "bad.pt2"), "--fixed-size"])
+    rc = main(
+        [
+            "export",
+            "-",
+            "--weights",
+            str(tiny_weights),
+            "--format",
+            "torch-export",
+            "--out",
+            str(tmp_path / "bad.pt2"),
+            "--fixed-size",
+        ]
+    )
     err = capsys.readouterr().err
     # A fixed-size file says what it changes.
     assert "every image is padded to 256x256" in err and "differ from PyTorch" in err
@@ -367,19 +453,51 @@ def test_predict_cli_with_onnx_writes_the_same_predictions(end2end_onnx, tiny_we
     folder.mkdir()
     for i, image in enumerate(_square_images(2, side=320)):
         Image.fromarray(image).save(folder / f"{i}.png")
-    assert main(["predict", "-", str(folder), "--weights", str(tiny_weights), "--out", str(tmp_path / "eager"),
-                 "--vis-thr", "0.2"]) == 0
-    assert main(["predict", "-", str(folder), "--weights", str(end2end_onnx), "--out", str(tmp_path / "onnx"),
-                 "--vis-thr", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-",
+                str(folder),
+                "--weights",
+                str(tiny_weights),
+                "--out",
+                str(tmp_path / "eager"),
+                "--vis-thr",
+                "0.2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "-",
+                str(folder),
+                "--weights",
+                str(end2end_onnx),
+                "--out",
+                str(tmp_path / "onnx"),
+                "--vis-thr",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     eager = json.loads((tmp_path / "eager" / "predictions.json").read_text())
     onnx = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
     assert len(eager) == len(onnx) == 200
     for name in {r["file_name"] for r in eager}:
+
         def as_dets(records, name=name):
             rows = [r for r in records if r["file_name"] == name]
-            return {"boxes": np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)]),
-                    "scores": np.array([r["score"] for r in rows]),
-                    "labels": np.array([r["category_id"] for r in rows])}
+            return {
+                "boxes": np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)]),
+                "scores": np.array([r["score"] for r in rows]),
+                "labels": np.array([r["category_id"] for r in rows]),
+            }
+
         _assert_same_detections([as_dets(eager)], [as_dets(onnx)], check.Tolerances(box_rtol=2e-3, score_atol=2e-5))
     assert sorted(p.name for p in (tmp_path / "onnx" / "vis").iterdir()) == ["0.jpg", "1.jpg"]
 
@@ -398,9 +516,17 @@ def test_serve_an_onnx_model(end2end_onnx, tiny_weights):
     assert r.status_code == 200, r.text
     got = r.json()["detections"]
     ref = load(None, weights=tiny_weights).predict([image])[0]
-    _assert_same_detections([ref], [{"boxes": np.array([d["box"] for d in got]), "scores": np.array([d["score"] for d in got]),
-                                     "labels": np.array([d["label"] for d in got])}],
-                            check.Tolerances(box_rtol=2e-3, score_atol=2e-5))
+    _assert_same_detections(
+        [ref],
+        [
+            {
+                "boxes": np.array([d["box"] for d in got]),
+                "scores": np.array([d["score"] for d in got]),
+                "labels": np.array([d["label"] for d in got]),
+            }
+        ],
+        check.Tolerances(box_rtol=2e-3, score_atol=2e-5),
+    )
 
 
 # --------------------------------------------------------------------------- slow: fp16, seed models
@@ -431,7 +557,9 @@ def _reference_filled(short: str, reference_dir: Path):
 @pytest.mark.parametrize("short", ["r50_fpn", "r50_nasfpn"])
 def test_seed_models_export_and_match_pytorch(short, contract, dynamic_size, reference_dir, tmp_path):
     det = _reference_filled(short, reference_dir)
-    images = [np.array(Image.open(reference_dir / name).convert("RGB")) for name in ("img_640x480.png", "img_640x640.png")]
+    images = [
+        np.array(Image.open(reference_dir / name).convert("RGB")) for name in ("img_640x480.png", "img_640x640.png")
+    ]
     out = tmp_path / f"{short}_{contract}.onnx"
     _, report = ex.export(det, out, contract=contract, dynamic_size=dynamic_size, images=images)
     print(f"\n{det.config.name} {contract}{' dynamic size' if dynamic_size else ''}: {report.summary()}")

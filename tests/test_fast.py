@@ -24,12 +24,19 @@ from sync_points import find_sync_points
 # NAS-FPN laterals / extra downsamples / ReLU-conv-BN cell convs, the separated-BN head.
 SMALL = {
     "nasfpn_tiny": ("nasfpn_tiny", []),
-    "fpn_r18": ("retinanet_r50_fpn_crop640_50e",
-                ["model.backbone.depth=18", "model.neck.channels=32", "model.head.feat_channels=32",
-                 "model.head.stacked_convs=2"]),
-    "nasfpn_r50": ("retinanet_r50_nasfpn_crop640_50e",
-                   ["model.neck.stacks=1", "model.neck.channels=32", "model.head.feat_channels=32",
-                    "model.head.stacked_convs=1"]),
+    "fpn_r18": (
+        "retinanet_r50_fpn_crop640_50e",
+        [
+            "model.backbone.depth=18",
+            "model.neck.channels=32",
+            "model.head.feat_channels=32",
+            "model.head.stacked_convs=2",
+        ],
+    ),
+    "nasfpn_r50": (
+        "retinanet_r50_nasfpn_crop640_50e",
+        ["model.neck.stacks=1", "model.neck.channels=32", "model.head.feat_channels=32", "model.head.stacked_convs=1"],
+    ),
 }
 SIZE = 128
 
@@ -211,11 +218,14 @@ def test_select_topk_equals_reference(channels_last, nms_pre):
     cls_maps, reg_maps, anchors, offset = [], [], [], 0
     for h, w in sizes:
         count = n * num_a * num_classes * h * w
-        cls = values[offset:offset + count].view(n, num_a * num_classes, h, w)
+        cls = values[offset : offset + count].view(n, num_a * num_classes, h, w)
         offset += count
         reg = torch.randn(n, num_a * 4, h, w, generator=g)
         if channels_last:
-            cls, reg = cls.contiguous(memory_format=torch.channels_last), reg.contiguous(memory_format=torch.channels_last)
+            cls, reg = (
+                cls.contiguous(memory_format=torch.channels_last),
+                reg.contiguous(memory_format=torch.channels_last),
+            )
         cls_maps.append(cls)
         reg_maps.append(reg)
         anchors.append(torch.randn(h * w * num_a, 4, generator=g))

@@ -11,8 +11,17 @@ from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Cell, Ge
 
 
 def test_discovered_architecture_reproduces_mmdetection_cell_names():
-    assert NASFPN_GENOTYPE.cell_names() == ["gp_64_4", "sum_44_4", "sum_43_3", "sum_34_4", "gp_43_5", "sum_55_5",
-                                            "gp_54_7", "sum_77_7", "gp_75_6"]
+    assert NASFPN_GENOTYPE.cell_names() == [
+        "gp_64_4",
+        "sum_44_4",
+        "sum_43_3",
+        "sum_34_4",
+        "gp_43_5",
+        "sum_55_5",
+        "gp_54_7",
+        "sum_77_7",
+        "gp_75_6",
+    ]
     assert [c.out_conv for c in NASFPN_GENOTYPE.cells].count(False) == 2
 
 
@@ -23,17 +32,20 @@ def test_text_and_json_round_trip(g):
     assert parse_genotype(g.to_string()) == g and parse_genotype(g.to_json()) == g
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("sum(0,0)->3; out 5,5,5,5,5", "different nodes"),
-    ("sum(0,9)->3; out 5,5,5,5,5", "does not exist yet"),
-    ("max(0,1)->3; out 5,5,5,5,5", "unknown op"),
-    ("sum(0,1)->8; out 5,5,5,5,5", "level 8"),
-    ("sum(0,1)->3; sum(1,2)->4", "no 'out"),
-    ("sum(0,1)->3; out 5,5,5,5", "5 outputs"),
-    ("sum(0,1)->3; sum(0,1)->4; sum(0,1)->5; sum(0,1)->6; sum(0,1)->7; out 6,5,7,8,9", "P3: node 6 is at level 4"),
-    ("sum(0,1)->3; out 0,5,6,7,8", "not a cell"),
-    ("sum(0 1)->3", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("sum(0,0)->3; out 5,5,5,5,5", "different nodes"),
+        ("sum(0,9)->3; out 5,5,5,5,5", "does not exist yet"),
+        ("max(0,1)->3; out 5,5,5,5,5", "unknown op"),
+        ("sum(0,1)->8; out 5,5,5,5,5", "level 8"),
+        ("sum(0,1)->3; sum(1,2)->4", "no 'out"),
+        ("sum(0,1)->3; out 5,5,5,5", "5 outputs"),
+        ("sum(0,1)->3; sum(0,1)->4; sum(0,1)->5; sum(0,1)->6; sum(0,1)->7; out 6,5,7,8,9", "P3: node 6 is at level 4"),
+        ("sum(0,1)->3; out 0,5,6,7,8", "not a cell"),
+        ("sum(0 1)->3", "cannot parse"),
+    ],
+)
 def test_invalid_genotypes_are_refused_with_the_reason(text, reason):
     with pytest.raises(ValueError, match=reason):
         Genotype.from_string(text)

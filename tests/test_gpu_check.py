@@ -29,8 +29,13 @@ def gpu_check():
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHON": sys.executable, **env})
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+    )
 
 
 def test_without_cuda_fails_clearly(tmp_path, gpu_check):
@@ -55,8 +60,11 @@ def test_plan_covers_the_brief(gpu_check):
     sections = gpu_check.plan()
     names = [s.name for s in sections]
     assert len(set(names)) == len(names)
-    infer = {(s.params["model"], s.params["batch"], s.params["precision"], s.params["compile"])
-             for s in sections if s.kind == "infer"}
+    infer = {
+        (s.params["model"], s.params["batch"], s.params["precision"], s.params["compile"])
+        for s in sections
+        if s.kind == "infer"
+    }
     for model in (gpu_check.FPN, gpu_check.NASFPN):
         for batch in (1, 32):
             for precision in ("bf16", "fp32"):
@@ -86,36 +94,69 @@ def test_bench_results_have_the_keys_read(gpu_check, one_thread):
 
     # The smallest NAS-FPN (the keys do not depend on the model's size), on one thread: two
     # threads on a loaded small machine wait on each other for seconds.
-    cfg = get_config("nasfpn_tiny", ["model.neck.stacks=1", "model.neck.channels=16", "model.head.stacked_convs=1",
-                                     "model.head.feat_channels=16"])
+    cfg = get_config(
+        "nasfpn_tiny",
+        ["model.neck.stacks=1", "model.neck.channels=16", "model.head.stacked_convs=1", "model.head.feat_channels=16"],
+    )
     infer = bench_infer(cfg, "cpu", batch=1, size=128, warmup=1, iters=1, pairs_per_image=50)
     train = bench_train(cfg, "cpu", batch=2, size=128, warmup=1, iters=1)
     assert set(gpu_check.INFER_KEYS) <= set(infer)
     assert set(gpu_check.TRAIN_KEYS) <= set(train)
     # nasfpn bench --json prints json.dumps(result, indent=2): the parser reads it back.
-    assert gpu_check.parse_bench_json("log line\n" + json.dumps(infer, indent=2))["images_per_s"] == infer["images_per_s"]
+    assert (
+        gpu_check.parse_bench_json("log line\n" + json.dumps(infer, indent=2))["images_per_s"] == infer["images_per_s"]
+    )
 
     # The reports from these results, a failed torchvision run and a skipped DDP section.
     def section(name, kind, status, params, result=None, reason=""):
-        return {"name": name, "kind": kind, "title": name, "status": status, "seconds": 1.0, "timeout_s": 60,
-                "params": params, "command": None, "returncode": 0, "reason": reason,
-                "error_tail": "" if status == "ok" else "Traceback ...\nRuntimeError: boom", "result": result}
+        return {
+            "name": name,
+            "kind": kind,
+            "title": name,
+            "status": status,
+            "seconds": 1.0,
+            "timeout_s": 60,
+            "params": params,
+            "command": None,
+            "returncode": 0,
+            "reason": reason,
+            "error_tail": "" if status == "ok" else "Traceback ...\nRuntimeError: boom",
+            "result": result,
+        }
 
     nas = gpu_check.NASFPN
-    record = {"status": "completed", "started": "now", "budget_s": 450, "git": {"commit": None}, "host": {},
-              "environment": {}, "iterations": {"infer": {"1": {"warmup": 10, "iters": 50}, "32": {"warmup": 3, "iters": 10}},
-                                                "infer_compiled": {"1": {"warmup": 5, "iters": 50},
-                                                                   "32": {"warmup": 3, "iters": 10}},
-                                                "train": {"warmup": 3, "iters": 10}},
-              "sections": [
-                  section("torchvision", "torchvision", "failed", {"batches": [1, 32]}, reason="exit code 1"),
-                  section("infer_nasfpn_eager_bf16_b1", "infer", "ok",
-                          {"model": nas, "batch": 1, "precision": "bf16", "compile": False}, infer),
-                  section("train_nasfpn_bf16_b8", "train", "ok", {"model": nas, "batch": 8, "precision": "bf16"}, train),
-                  section("cuda_tests", "tests", "ok", {}, {"passed": 1, "failed": 0, "errors": 0, "skipped": 0,
-                                                            "total": 1, "tests": []}),
-                  section("ddp_nccl", "ddp", "skipped", {}, reason="needs >= 2 GPUs, found 1"),
-              ]}
+    record = {
+        "status": "completed",
+        "started": "now",
+        "budget_s": 450,
+        "git": {"commit": None},
+        "host": {},
+        "environment": {},
+        "iterations": {
+            "infer": {"1": {"warmup": 10, "iters": 50}, "32": {"warmup": 3, "iters": 10}},
+            "infer_compiled": {"1": {"warmup": 5, "iters": 50}, "32": {"warmup": 3, "iters": 10}},
+            "train": {"warmup": 3, "iters": 10},
+        },
+        "sections": [
+            section("torchvision", "torchvision", "failed", {"batches": [1, 32]}, reason="exit code 1"),
+            section(
+                "infer_nasfpn_eager_bf16_b1",
+                "infer",
+                "ok",
+                {"model": nas, "batch": 1, "precision": "bf16", "compile": False},
+                infer,
+            ),
+            section("train_nasfpn_bf16_b8", "train", "ok", {"model": nas, "batch": 8, "precision": "bf16"}, train),
+            section(
+                "cuda_tests",
+                "tests",
+                "ok",
+                {},
+                {"passed": 1, "failed": 0, "errors": 0, "skipped": 0, "total": 1, "tests": []},
+            ),
+            section("ddp_nccl", "ddp", "skipped", {}, reason="needs >= 2 GPUs, found 1"),
+        ],
+    }
     record.update(gpu_check.summarise(record))
     status = {t["check"]: t["status"] for t in record["targets"]}
     assert status["R50-NAS-FPN inference, bf16, batch 1, 640x640"] == "missed"  # 128 px on a CPU

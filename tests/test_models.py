@@ -18,8 +18,11 @@ from nasfpn.models.summary import count_params
 def _small(cfg, size=128):
     """The preset's architecture at reduced width and depth where that keeps the structure."""
     m = cfg.model
-    return replace(cfg, model=replace(m, backbone=replace(m.backbone, depth=18, pretrained=None)),
-                   data=replace(cfg.data, image_size=size))
+    return replace(
+        cfg,
+        model=replace(m, backbone=replace(m.backbone, depth=18, pretrained=None)),
+        data=replace(cfg.data, image_size=size),
+    )
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -28,8 +31,11 @@ def test_preset_builds_and_trains_one_step(name):
     cfg = _small(PRESETS[name])
     m = cfg.model
     # Shrink widths: the structure (genotype, stacks, head layout) stays the preset's.
-    m = replace(m, neck=replace(m.neck, channels=32, stacks=min(m.neck.stacks, 2)),
-                head=replace(m.head, feat_channels=32, num_classes=5))
+    m = replace(
+        m,
+        neck=replace(m.neck, channels=32, stacks=min(m.neck.stacks, 2)),
+        head=replace(m.head, feat_channels=32, num_classes=5),
+    )
     model = build_model(m, pretrained_backbone=False).train()
     images = torch.randn(2, 3, 128, 128)
     cls_maps, reg_maps = model(images)
@@ -84,8 +90,9 @@ def test_anchors_on_a_small_grid_by_hand():
     gen = AnchorGenerator(strides=(8,), octave_base_scale=4, scales_per_octave=1, ratios=(1.0,))
     (anchors,) = gen.grid_anchors([(3, 3)])
     # One 32x32 anchor centred on each cell corner (x*8, y*8), row-major over (y, x).
-    expected = torch.tensor([[x * 8 - 16, y * 8 - 16, x * 8 + 16, y * 8 + 16] for y in range(3) for x in range(3)],
-                            dtype=torch.float32)
+    expected = torch.tensor(
+        [[x * 8 - 16, y * 8 - 16, x * 8 + 16, y * 8 + 16] for y in range(3) for x in range(3)], dtype=torch.float32
+    )
     assert torch.equal(anchors, expected)
     gen = AnchorGenerator(strides=(16,), octave_base_scale=4, scales_per_octave=3, ratios=(0.5, 1.0, 2.0))
     (anchors,) = gen.grid_anchors([(1, 1)])
@@ -107,8 +114,10 @@ def test_valid_flags_follow_pad_shape():
 
 
 def test_assigner_on_two_boxes():
-    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 20, 20], [100, 100, 110, 110], [5, 5, 15, 15], [200, 200, 210, 210]],
-                           dtype=torch.float32)
+    anchors = torch.tensor(
+        [[0, 0, 10, 10], [0, 0, 20, 20], [100, 100, 110, 110], [5, 5, 15, 15], [200, 200, 210, 210]],
+        dtype=torch.float32,
+    )
     gts = torch.tensor([[0, 0, 10, 10], [100, 100, 130, 130]], dtype=torch.float32)
     assigned = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4)(anchors, gts)
     # anchor 0: IoU 1 with gt 0; anchor 1: IoU 0.25 -> ignored? no: < 0.4 -> background;

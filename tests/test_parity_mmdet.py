@@ -79,7 +79,9 @@ def test_head_outputs_match_mmdet(parity_model, reference_dir):
     for lvl in range(5):
         _close(f"neck P{lvl + 3}", pyramid[lvl][0, :8], ref[f"neck_first8_l{lvl}"])
         _close(f"bbox P{lvl + 3}", reg_maps[lvl][0], ref[f"bbox_l{lvl}"])
-        _close(f"cls subset P{lvl + 3}", cls_maps[lvl][0, :160], ref[f"cls_subset_l{lvl}"].astype(np.float32), 1e-4, 1e-3)
+        _close(
+            f"cls subset P{lvl + 3}", cls_maps[lvl][0, :160], ref[f"cls_subset_l{lvl}"].astype(np.float32), 1e-4, 1e-3
+        )
     _close("cls P6", cls_maps[3][0], ref["cls_full_l3"])
     _close("cls P7", cls_maps[4][0], ref["cls_full_l4"])
     # Statistics of the complete maps, not only the stored subsets.
@@ -92,7 +94,11 @@ def test_head_outputs_match_mmdet(parity_model, reference_dir):
         t = tensor[0].double()
         assert list(t.shape) == stats[key]["shape_chw"], key
         for stat, value in (("mean", t.mean()), ("std", t.std()), ("abs_mean", t.abs().mean())):
-            assert abs(float(value) - stats[key][stat]) <= 1e-4 * max(1.0, abs(stats[key][stat])), (key, stat, float(value))
+            assert abs(float(value) - stats[key][stat]) <= 1e-4 * max(1.0, abs(stats[key][stat])), (
+                key,
+                stat,
+                float(value),
+            )
 
 
 def test_nms_matches_mmcv(parity_model, reference_dir):
@@ -119,14 +125,22 @@ def _assert_matches_mmdet(dets, entry) -> int:
         for j in ious[i].argsort(descending=True).tolist():
             if ious[i, j] <= 0.99:
                 break
-            if j not in used and int(dets["labels"][j]) == d["label"] and abs(float(dets["scores"][j]) - d["score"]) <= 1e-4:
+            if (
+                j not in used
+                and int(dets["labels"][j]) == d["label"]
+                and abs(float(dets["scores"][j]) - d["score"]) <= 1e-4
+            ):
                 hit = j
                 break
         if hit is not None:
             used.add(hit)
         matched.append(hit is not None)
-    fragile = [i for i, d in enumerate(ref_dets)
-               if (d["iou_margin"] is not None and d["iou_margin"] < 1e-4) or (d["logit_gap"] is not None and d["logit_gap"] < 1e-4)]
+    fragile = [
+        i
+        for i, d in enumerate(ref_dets)
+        if (d["iou_margin"] is not None and d["iou_margin"] < 1e-4)
+        or (d["logit_gap"] is not None and d["logit_gap"] < 1e-4)
+    ]
     stable = fragile[0] if fragile else len(ref_dets)
     assert all(matched[:stable]), f"unmatched stable detections: {[i for i in range(stable) if not matched[i]]}"
     assert sum(matched) >= 90

@@ -21,8 +21,11 @@ from nasfpn.models import build_model
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     cfg = PRESETS["nasfpn_tiny"]
-    cfg = replace(cfg, model=replace(cfg.model, head=replace(cfg.model.head, num_classes=3, prior_prob=0.3)),
-                  data=replace(cfg.data, image_size=128, class_names=("disk", "square", "star"), category_ids=(2, 4, 9)))
+    cfg = replace(
+        cfg,
+        model=replace(cfg.model, head=replace(cfg.model.head, num_classes=3, prior_prob=0.3)),
+        data=replace(cfg.data, image_size=128, class_names=("disk", "square", "star"), category_ids=(2, 4, 9)),
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
     export_weights(build_model(cfg.model, pretrained_backbone=False), cfg, path)
@@ -43,9 +46,28 @@ def test_predict_skips_unreadable_files_and_exits_nonzero(tmp_path, tiny_weights
     weights, _ = tiny_weights
     _images(tmp_path / "imgs")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "nasfpn", "predict", "-", str(tmp_path / "imgs"), "--weights", str(weights),
-                           "--out", str(out), "--score-thr", "0.2", "--vis-thr", "0.2", "--batch-size", "2"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nasfpn",
+            "predict",
+            "-",
+            str(tmp_path / "imgs"),
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+            "--score-thr",
+            "0.2",
+            "--vis-thr",
+            "0.2",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stderr
     assert "d_corrupt.jpg" in proc.stderr
     preds = json.loads((out / "predictions.json").read_text())

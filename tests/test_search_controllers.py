@@ -78,8 +78,10 @@ def test_evolution_is_aging_evolution():
     # After the first population, every proposal is one mutation away from a member.
     parents = {g.to_string() for g, _ in evo.population}
     child = evo.propose()
-    assert any(sum(a != b for a, b in zip(SPACE.encode(child), SPACE.encode(PaperGenotype.from_string(p)))) <= 4
-               for p in parents)
+    assert any(
+        sum(a != b for a, b in zip(SPACE.encode(child), SPACE.encode(PaperGenotype.from_string(p)))) <= 4
+        for p in parents
+    )
     with pytest.raises(ValueError):
         RegularizedEvolution(SPACE, 0, population_size=2, sample_size=3)
 

@@ -12,11 +12,18 @@ def test_compare_searches_writes_one_row_per_search(tmp_path):
     dirs = []
     for controller in ("random", "random", "evolution"):
         d = tmp_path / f"{controller}{len(dirs)}"
-        spec = SearchSpec(controller=controller, trials=4, seed=len(dirs), evaluator={"kind": "fake"},
-                          controller_options={"population_size": 2, "sample_size": 2} if controller == "evolution" else {})
+        spec = SearchSpec(
+            controller=controller,
+            trials=4,
+            seed=len(dirs),
+            evaluator={"kind": "fake"},
+            controller_options={"population_size": 2, "sample_size": 2} if controller == "evolution" else {},
+        )
         search(spec, d, backend="inline", log=None)
         dirs.append(d)
-    assert SearchSpec.from_file(dirs[0] / SPEC_NAME) == SearchSpec.from_dict(json.loads((dirs[0] / SPEC_NAME).read_text()))
+    assert SearchSpec.from_file(dirs[0] / SPEC_NAME) == SearchSpec.from_dict(
+        json.loads((dirs[0] / SPEC_NAME).read_text())
+    )
 
     rows = compare_searches(dirs, tmp_path / "cmp")
     # Two searches with the same controller are told apart by their folder.

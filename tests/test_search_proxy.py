@@ -22,10 +22,13 @@ from nasfpn.search.proxy import (
 
 def _coco(path: Path, n: int) -> Path:
     images = [{"id": 100 + i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(n)]
-    anns = [{"id": i + 1, "image_id": 100 + i, "category_id": 3, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}
-            for i in range(n)]
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 3, "name": "x"}],
-                                "info": {"v": 1}}))
+    anns = [
+        {"id": i + 1, "image_id": 100 + i, "category_id": 3, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}
+        for i in range(n)
+    ]
+    path.write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 3, "name": "x"}], "info": {"v": 1}})
+    )
     return path
 
 
@@ -81,8 +84,27 @@ def test_fake_evaluator_prefers_the_published_architecture(tmp_path):
 
 def test_cli_search_and_resume(tmp_path, capsys):
     out = tmp_path / "s"
-    assert main(["search", "--fake-evaluator", "--controller", "evolution", "--trials", "6", "--workers", "0",
-                 "--population", "3", "--tournament", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--fake-evaluator",
+                "--controller",
+                "evolution",
+                "--trials",
+                "6",
+                "--workers",
+                "0",
+                "--population",
+                "3",
+                "--tournament",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "best: trial" in text and "baseline nasfpn" in text
     assert main(["search", "--out", str(out), "--resume", "--trials", "9", "--workers", "0"]) == 0
@@ -124,8 +146,9 @@ def test_proxy_precision_sets_autocast_and_channels_last(tmp_path, one_thread):
     assert train.amp == "bf16" and train.channels_last
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
         ProxySettings(precision="int8")
-    settings = ProxySettings(image_size=128, epochs=1, width=16, head_convs=1, batch_size=4, warmup_iters=1,
-                             precision="bf16")
+    settings = ProxySettings(
+        image_size=128, epochs=1, width=16, head_convs=1, batch_size=4, warmup_iters=1, precision="bf16"
+    )
     task = prepare_proxy_task(tmp_path, settings, data="synthetic", synthetic_images=10)
     assert 0.0 <= task(NASFPN_GENOTYPE, tmp_path / "trial", "cpu")["reward"] <= 1.0
 

@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_spec(**kw) -> SearchSpec:
-    options = {"controller": "ppo", "trials": 12, "seed": 1, "controller_options": {"batch_size": 4},
-               "evaluator": {"kind": "fake", "fail_rate": 0.15}}
+    options = {
+        "controller": "ppo",
+        "trials": 12,
+        "seed": 1,
+        "controller_options": {"batch_size": 4},
+        "evaluator": {"kind": "fake", "fail_rate": 0.15},
+    }
     options.update(kw)
     return SearchSpec(**options)
 
@@ -54,7 +59,15 @@ def test_inline_search_logs_failures_and_writes_outputs(tmp_path):
     assert set(result.baselines) == {"nasfpn", "fpn"}
     assert result.baselines["nasfpn"]["reward"] > result.baselines["fpn"]["reward"]
 
-    for name in ("best.json", "best.txt", "best_config.yaml", "summary.json", "reward.png", "unique.png", "best_cell.png"):
+    for name in (
+        "best.json",
+        "best.txt",
+        "best_config.yaml",
+        "summary.json",
+        "reward.png",
+        "unique.png",
+        "best_cell.png",
+    ):
         assert (tmp_path / name).is_file(), name
     best = json.loads((tmp_path / "best.json").read_text())
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -131,8 +144,14 @@ search(spec, sys.argv[1], backend="inline", resume=True, log=None)
 
 
 def test_sigkill_mid_search_then_resume_loses_nothing(tmp_path):
-    spec = SearchSpec(controller="ppo", trials=16, seed=2, controller_options={"batch_size": 4},
-                      evaluator={"kind": "fake", "fail_rate": 0.1}, baselines=False)
+    spec = SearchSpec(
+        controller="ppo",
+        trials=16,
+        seed=2,
+        controller_options={"batch_size": 4},
+        evaluator={"kind": "fake", "fail_rate": 0.1},
+        baselines=False,
+    )
     search(spec, tmp_path / "ref", backend="inline", log=None)
     ref = read_log(tmp_path / "ref" / LOG_NAME)
 
@@ -155,10 +174,15 @@ def test_sigkill_mid_search_then_resume_loses_nothing(tmp_path):
 
     kept = read_log(out / LOG_NAME)
     # Resumed with a different evaluator speed: the rewards do not depend on it.
-    search(SearchSpec(**{**spec.to_dict(), "evaluator": {"kind": "fake", "seconds": 0.25, "fail_rate": 0.1}}),
-           out, backend="inline", resume=True, log=None)
+    search(
+        SearchSpec(**{**spec.to_dict(), "evaluator": {"kind": "fake", "seconds": 0.25, "fail_rate": 0.1}}),
+        out,
+        backend="inline",
+        resume=True,
+        log=None,
+    )
     final = read_log(out / LOG_NAME)
-    assert final[:len(kept)] == kept  # append-only: nothing rewritten
+    assert final[: len(kept)] == kept  # append-only: nothing rewritten
     assert_each_trial_once(final, 16)
     assert per_trial(final) == per_trial(ref)  # same trials, same rewards as a search never killed
 
@@ -175,8 +199,13 @@ def test_worker_processes_survive_a_crashing_trial(tmp_path):
 
 def test_ray_local_two_workers(tmp_path):
     pytest.importorskip("ray")
-    spec = fake_spec(controller="evolution", trials=6, controller_options={"population_size": 3, "sample_size": 2},
-                     evaluator={"kind": "fake", "fail_rate": 0.2, "seconds": 0.5}, baselines=False)
+    spec = fake_spec(
+        controller="evolution",
+        trials=6,
+        controller_options={"population_size": 3, "sample_size": 2},
+        evaluator={"kind": "fake", "fail_rate": 0.2, "seconds": 0.5},
+        baselines=False,
+    )
     result = search(spec, tmp_path, workers=2, backend="ray", ray_address="local", log=None)
     assert_each_trial_once(result.records, 6)
     ok = [r for r in result.results if r["status"] == "ok"]

@@ -15,8 +15,7 @@ from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotyp
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-PUBLISHED = ("gp(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; "
-             "gp(c4,c1)->P7; gp(c5,c4)->P6")
+PUBLISHED = "gp(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6"
 
 
 def test_published_architecture_round_trips():
@@ -46,21 +45,34 @@ def test_parse_paper_genotype_forms(text):
     assert PaperGenotype.from_json(g.to_json()) == g
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("gp(P6,P4)->P4; sum(c1,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
-     "not in the pool yet"),
-    ("gp(P4,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
-     "must be different"),
-    ("gp(P6,P4)->P3; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
-     "never P3"),
-    ("gp(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P7",
-     "P3..P7 once each"),
-    ("max(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
-     "unknown op"),
-    ("sum(P3,P4)->P3; sum(P4,P5)->P4; sum(P5,P6)->P5; sum(P6,P7)->P6", "at least 5 cells"),
-    ("sum(P3,P9)->P3", "does not exist"),
-    ("sum(P3 P4)->P3", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (
+            "gp(P6,P4)->P4; sum(c1,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
+            "not in the pool yet",
+        ),
+        (
+            "gp(P4,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
+            "must be different",
+        ),
+        (
+            "gp(P6,P4)->P3; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
+            "never P3",
+        ),
+        (
+            "gp(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P7",
+            "P3..P7 once each",
+        ),
+        (
+            "max(P6,P4)->P4; sum(c0,P4)->P4; sum(c1,P3)->P3; sum(c2,c1)->P4; gp(c3,c2)->P5; gp(c4,c1)->P7; gp(c5,c4)->P6",
+            "unknown op",
+        ),
+        ("sum(P3,P4)->P3; sum(P4,P5)->P4; sum(P5,P6)->P5; sum(P6,P7)->P6", "at least 5 cells"),
+        ("sum(P3,P9)->P3", "does not exist"),
+        ("sum(P3 P4)->P3", "cannot parse"),
+    ],
+)
 def test_invalid_genotypes_are_refused_with_a_reason(text, reason):
     with pytest.raises(ValueError, match=reason):
         PaperGenotype.from_string(text)
@@ -87,7 +99,7 @@ def test_space_membership():
 
 def _size_by_formula(n_cells: int, n_ops: int) -> int:
     inputs = math.prod((5 + k) * (4 + k) for k in range(n_cells))
-    return inputs * n_ops ** n_cells * 4 ** (n_cells - 5) * math.factorial(5)
+    return inputs * n_ops**n_cells * 4 ** (n_cells - 5) * math.factorial(5)
 
 
 def test_space_size_is_exact():
@@ -123,8 +135,11 @@ def test_sampling_is_uniform_per_decision():
 
 
 def _cell_fields(g: PaperGenotype) -> list:
-    return [(k, f, v) for k, c in enumerate(g.cells) for f, v in (("a", c.inputs[0]), ("b", c.inputs[1]),
-                                                                   ("level", c.level), ("op", c.op))]
+    return [
+        (k, f, v)
+        for k, c in enumerate(g.cells)
+        for f, v in (("a", c.inputs[0]), ("b", c.inputs[1]), ("level", c.level), ("op", c.op))
+    ]
 
 
 def test_mutation_changes_one_decision():
@@ -170,9 +185,11 @@ def test_random_genotypes_build_run_backward_and_stack(gp):
 
 def test_random_genotype_in_a_tiny_detector():
     genotype = SearchSpace().sample(np.random.default_rng(3)).lower()
-    cfg = ModelConfig(backbone=BackboneConfig(depth=10, frozen_stages=0, pretrained=None),
-                      neck=NeckConfig(kind="nasfpn", channels=8, stacks=2, genotype=genotype.to_string()),
-                      head=HeadConfig(num_classes=3, stacked_convs=1, feat_channels=8))
+    cfg = ModelConfig(
+        backbone=BackboneConfig(depth=10, frozen_stages=0, pretrained=None),
+        neck=NeckConfig(kind="nasfpn", channels=8, stacks=2, genotype=genotype.to_string()),
+        head=HeadConfig(num_classes=3, stacked_convs=1, feat_channels=8),
+    )
     model = build_model(cfg, pretrained_backbone=False)
     torch.manual_seed(0)
     images = torch.randn(2, 3, 128, 128)  # BN needs 2 values per channel at P7 (1x1)

@@ -53,9 +53,27 @@ def server(weights, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nasfpn", "serve", "-", "--weights", str(weights), "--port", str(port),
-             "--max-batch", "8", "--batch-timeout-ms", "100", "--max-upload-mb", str(MAX_UPLOAD_MB)],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "nasfpn",
+                "serve",
+                "-",
+                "--weights",
+                str(weights),
+                "--port",
+                str(port),
+                "--max-batch",
+                "8",
+                "--batch-timeout-ms",
+                "100",
+                "--max-upload-mb",
+                str(MAX_UPLOAD_MB),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -106,8 +124,9 @@ def test_predict_returns_the_detector_output(server, weights, images):
     assert set(body["timing"]) == {"decode_ms", "queue_ms", "inference_ms", "total_ms", "batch_size"}
     ref = load(None, weights=weights).predict([images[0]])[0]
     assert len(body["detections"]) == len(ref["scores"]) > 0
-    for d, box, score, label, cat in zip(body["detections"], ref["boxes"], ref["scores"], ref["labels"],
-                                         ref["category_ids"]):
+    for d, box, score, label, cat in zip(
+        body["detections"], ref["boxes"], ref["scores"], ref["labels"], ref["category_ids"]
+    ):
         assert d["label"] == int(label) and d["category_id"] == int(cat) and abs(d["score"] - float(score)) <= 1e-5
         assert np.allclose(d["box"], box, atol=1e-3)
     # A threshold as a query parameter or form field.
@@ -136,21 +155,29 @@ def test_rejects_oversized_uploads(server):
     boundary = "nasfpnboundary"
 
     def chunks():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
-               "Content-Type: image/png\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
         for _ in range(8):
             yield big[: 2**19]
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    r = httpx.post(f"{server}/predict", content=chunks(), timeout=120,
-                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    r = httpx.post(
+        f"{server}/predict",
+        content=chunks(),
+        timeout=120,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert r.status_code == 413
 
 
 def test_rejects_malformed_requests(server, images):
     missing = httpx.post(f"{server}/predict", data={"score_thr": "0.2"}, timeout=60)
     assert missing.status_code == 422 and "file" in missing.text
-    not_multipart = httpx.post(f"{server}/predict", content=b"\x89PNG", headers={"content-type": "image/png"}, timeout=60)
+    not_multipart = httpx.post(
+        f"{server}/predict", content=b"\x89PNG", headers={"content-type": "image/png"}, timeout=60
+    )
     assert not_multipart.status_code == 422
     for bad in ("abc", "1.5"):
         r = _post(server, _png(images[0]), params={"score_thr": bad})
@@ -164,11 +191,14 @@ def test_concurrent_requests_are_batched(server, images):
 
     async def burst():
         async with httpx.AsyncClient(timeout=300) as client:
+
             async def one(i: int):
                 params = {"score_thr": 0.3} if i % 5 == 4 else None
-                r = await client.post(f"{server}/predict", params=params,
-                                      files={"file": (f"{i}.png", _png(images[i % 4]), "image/png")})
+                r = await client.post(
+                    f"{server}/predict", params=params, files={"file": (f"{i}.png", _png(images[i % 4]), "image/png")}
+                )
                 return i, r
+
             return await asyncio.gather(*(one(i) for i in range(20)))
 
     results = asyncio.run(burst())

@@ -57,8 +57,10 @@ def test_coco_layout(tmp_path):
     ds = generate_dataset(tmp_path, 8, 4, image_size=(96, 128), seed=3, num_classes=6, max_objects=4)
     assert ds.class_names == SHAPE_NAMES[:6]
     assert ds.category_ids == SHAPE_CATEGORY_IDS[:6] == (1, 2, 4, 5, 7, 8)
-    splits = ((ds.train_annotations, ds.train_images, range(1, 9)),
-              (ds.val_annotations, ds.val_images, range(1_000_001, 1_000_005)))
+    splits = (
+        (ds.train_annotations, ds.train_images, range(1, 9)),
+        (ds.val_annotations, ds.val_images, range(1_000_001, 1_000_005)),
+    )
     for ann_path, image_dir, ids in splits:
         data = json.loads(ann_path.read_text())
         assert [c["id"] for c in data["categories"]] == list(ds.category_ids)
@@ -122,8 +124,15 @@ def test_dataset_statistics_are_learnable_and_varied():
         _, objects = render_image(spec, 0, "train", index)
         images.append({"id": index + 1})
         for obj in objects:
-            anns.append({"image_id": index + 1, "category_id": SHAPE_CATEGORY_IDS[obj["label"]],
-                         "bbox": obj["bbox"], "area": obj["area"], "visible": obj["visible"]})
+            anns.append(
+                {
+                    "image_id": index + 1,
+                    "category_id": SHAPE_CATEGORY_IDS[obj["label"]],
+                    "bbox": obj["bbox"],
+                    "area": obj["area"],
+                    "visible": obj["visible"],
+                }
+            )
     categories = [{"id": i, "name": n} for i, n in zip(SHAPE_CATEGORY_IDS, SHAPE_NAMES)]
     stats = dataset_stats({"images": images, "annotations": anns, "categories": categories})
     per_image = stats["objects_per_image"]

@@ -110,9 +110,11 @@ def iteration(request, reference_dir):
 
     inputs = torch.from_numpy(np.load(reference_dir / "train" / "batch.npz")["inputs"]).to(dtype)
     targets = [
-        {"boxes": torch.tensor(im["gt_bboxes"], dtype=torch.float32),
-         "labels": torch.tensor(im["gt_labels"], dtype=torch.int64),
-         "pad_shape": tuple(im["pad_shape"])}
+        {
+            "boxes": torch.tensor(im["gt_bboxes"], dtype=torch.float32),
+            "labels": torch.tensor(im["gt_labels"], dtype=torch.int64),
+            "pad_shape": tuple(im["pad_shape"]),
+        }
         for im in batch["images"]
     ]
     names = {n: _our_name(n) for n in ref_all["param_names"]}
@@ -124,8 +126,12 @@ def iteration(request, reference_dir):
     bn_after = {}
     for n in ref_all["bn_names"]:
         m = modules[_bn_module_name(n)]
-        bn_after[n] = {"mode": "train" if m.training else "eval", "running_mean": m.running_mean.clone(),
-                       "running_var": m.running_var.clone(), "num_batches_tracked": int(m.num_batches_tracked)}
+        bn_after[n] = {
+            "mode": "train" if m.training else "eval",
+            "running_mean": m.running_mean.clone(),
+            "running_var": m.running_var.clone(),
+            "num_batches_tracked": int(m.num_batches_tracked),
+        }
 
     # Assignment and the valid-flag probe, on the same head outputs.
     anchors = torch.cat(model.anchors(outputs))
@@ -163,12 +169,30 @@ def iteration(request, reference_dir):
         with torch.no_grad():
             loss_after = model.loss(model(inputs), targets)
     return {
-        "short": short, "dtype": dtype_name, "ref": ref, "ref_all": ref_all, "tol": TOL[dtype_name],
-        "model": model, "optimizer": optimizer, "lr": lr, "names": names,
-        "losses": {k: v.detach() for k, v in losses.items()}, "outputs": outputs, "assigned": assigned,
-        "probe": probe, "probe_valid": probe_valid, "probe_assigned": probe_assigned,
-        "bn_before": bn_before, "bn_after": bn_after, "before": before, "grads": grads, "after": after,
-        "groups": groups, "without_grad": without_grad, "grad_sq": grad_sq, "grad_abs": grad_abs,
+        "short": short,
+        "dtype": dtype_name,
+        "ref": ref,
+        "ref_all": ref_all,
+        "tol": TOL[dtype_name],
+        "model": model,
+        "optimizer": optimizer,
+        "lr": lr,
+        "names": names,
+        "losses": {k: v.detach() for k, v in losses.items()},
+        "outputs": outputs,
+        "assigned": assigned,
+        "probe": probe,
+        "probe_valid": probe_valid,
+        "probe_assigned": probe_assigned,
+        "bn_before": bn_before,
+        "bn_after": bn_after,
+        "before": before,
+        "grads": grads,
+        "after": after,
+        "groups": groups,
+        "without_grad": without_grad,
+        "grad_sq": grad_sq,
+        "grad_abs": grad_abs,
         "loss_after": loss_after,
     }
 
@@ -180,7 +204,9 @@ def _check_loss(name, mine, ref, tol: Tol):
 
 def _rel(name, mine, ref, rtol):
     mine, ref = float(mine), float(ref)
-    assert abs(mine - ref) <= rtol * abs(ref) + 1e-300, f"{name}: {mine!r} vs {ref!r} (rel {abs(mine - ref) / abs(ref):.3g} > {rtol})"
+    assert abs(mine - ref) <= rtol * abs(ref) + 1e-300, (
+        f"{name}: {mine!r} vs {ref!r} (rel {abs(mine - ref) / abs(ref):.3g} > {rtol})"
+    )
 
 
 def test_losses_and_avg_factor(iteration):
@@ -220,7 +246,9 @@ def test_valid_flag_probe(iteration):
         _check_loss(f"probe loss_cls P{lvl + 3}", probe["loss_cls_levels"][lvl], ref["loss_cls"][lvl], tol)
         _check_loss(f"probe loss_bbox P{lvl + 3}", probe["loss_bbox_levels"][lvl], ref["loss_bbox"][lvl], tol)
     counts = [c.shape[-2] * c.shape[-1] * 9 for c in it["outputs"][0]]
-    for i, (valid, assigned, r) in enumerate(zip(it["probe_valid"], it["probe_assigned"], ref_all["valid_flag_probe_assign"])):
+    for i, (valid, assigned, r) in enumerate(
+        zip(it["probe_valid"], it["probe_assigned"], ref_all["valid_flag_probe_assign"])
+    ):
         assert int(valid.sum()) == r["num_valid"], f"image {i}"
         assert [int(s.sum()) for s in valid.split(counts)] == r["num_valid_per_level"], f"image {i}"
         assert int((assigned >= 0).sum()) == r["num_pos"]
@@ -255,7 +283,9 @@ def test_gradients(iteration):
     ref_params = it["ref"]["params"]
     assert it["without_grad"] == [], "trainable tensors without gradient"
     g = it["ref"]["grad_global"]
-    assert len([p for p in {id(p): p for p in it["model"].parameters()}.values() if p.requires_grad]) == g["num_trainable"]
+    assert (
+        len([p for p in {id(p): p for p in it["model"].parameters()}.values() if p.requires_grad]) == g["num_trainable"]
+    )
     _rel("grad_global sq_sum", it["grad_sq"], g["grad_sq_sum_all"], tol.global_stats)
     _rel("grad_global abs_sum", it["grad_abs"], g["grad_abs_sum_all"], tol.global_stats)
     for name, ref in ref_params.items():

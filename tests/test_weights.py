@@ -23,8 +23,11 @@ from nasfpn.models import build_model
 
 def _tiny_cfg():
     cfg = PRESETS["nasfpn_tiny"]
-    return replace(cfg, model=replace(cfg.model, head=replace(cfg.model.head, num_classes=3)),
-                   data=replace(cfg.data, image_size=128, class_names=("a", "b", "c"), category_ids=(1, 3, 7)))
+    return replace(
+        cfg,
+        model=replace(cfg.model, head=replace(cfg.model.head, num_classes=3)),
+        data=replace(cfg.data, image_size=128, class_names=("a", "b", "c"), category_ids=(1, 3, 7)),
+    )
 
 
 def _to_mmdet(state):
@@ -44,7 +47,10 @@ def _to_mmdet(state):
 
 
 def test_rename_table_is_one_to_one_and_total(reference_dir):
-    for short, name in (("r50_fpn", "retinanet_r50_fpn_crop640_50e"), ("r50_nasfpn", "retinanet_r50_nasfpn_crop640_50e")):
+    for short, name in (
+        ("r50_fpn", "retinanet_r50_fpn_crop640_50e"),
+        ("r50_nasfpn", "retinanet_r50_nasfpn_crop640_50e"),
+    ):
         spec = json.loads((reference_dir / f"mmdet_keys_{short}.json").read_text())
         model_keys = list(build_model(PRESETS[name].model, pretrained_backbone=False).state_dict())
         mapped = {rename_key(k["name"]) for k in spec["keys"]}
@@ -96,9 +102,11 @@ def test_wrong_model_reports_missing_unexpected_and_misshaped(tmp_path):
     cfg = _tiny_cfg()
     path = tmp_path / "m.safetensors"
     nasfpn.deploy.predictor.export_weights(build_model(cfg.model, pretrained_backbone=False), cfg, path)
-    other = replace(cfg, model=replace(cfg.model, neck=replace(cfg.model.neck, stacks=3),
-                                       head=replace(cfg.model.head, num_classes=4)),
-                    data=replace(cfg.data, class_names=(), category_ids=()))
+    other = replace(
+        cfg,
+        model=replace(cfg.model, neck=replace(cfg.model.neck, stacks=3), head=replace(cfg.model.head, num_classes=4)),
+        data=replace(cfg.data, class_names=(), category_ids=()),
+    )
     with pytest.raises(WeightsError) as err:
         nasfpn.load(other, weights=path)
     text = str(err.value)
@@ -124,8 +132,20 @@ def test_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(WeightsError, match=r"refusing to load .*system"):
         read_weights(path)
     # And from the command line: a clear message and a non-zero exit, no traceback.
-    proc = subprocess.run([sys.executable, "-m", "nasfpn", "convert", str(path), str(tmp_path / "o.safetensors"),
-                           "--model", "nasfpn_tiny"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nasfpn",
+            "convert",
+            str(path),
+            str(tmp_path / "o.safetensors"),
+            "--model",
+            "nasfpn_tiny",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "refusing to load" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -146,7 +166,9 @@ def test_non_checkpoint_files_get_a_clear_error(tmp_path):
 def test_url_weights_are_downloaded_once_to_the_cache(tmp_path, monkeypatch):
     cfg = _tiny_cfg()
     src = tmp_path / "served.safetensors"
-    save_safetensors(build_model(cfg.model, pretrained_backbone=False).state_dict(), src, nasfpn.core.config.config_to_dict(cfg))
+    save_safetensors(
+        build_model(cfg.model, pretrained_backbone=False).state_dict(), src, nasfpn.core.config.config_to_dict(cfg)
+    )
     calls = []
 
     def fake_download(url, dst, progress=True):

@@ -27,9 +27,15 @@ def _add_config_args(g: argparse._ArgumentGroup, set_example: str = "model.test.
     _add_set(g, f"override any config value, e.g. --set {set_example} (repeatable)")
 
 
-def _add_model_group(p: argparse.ArgumentParser, model_help: str, *, optional: bool = False,
-                     weights_help: str | None = None, weights_required: bool = False,
-                     set_example: str = "model.test.score_thr=0.3") -> None:
+def _add_model_group(
+    p: argparse.ArgumentParser,
+    model_help: str,
+    *,
+    optional: bool = False,
+    weights_help: str | None = None,
+    weights_required: bool = False,
+    set_example: str = "model.test.score_thr=0.3",
+) -> None:
     """The ``model`` positional (a preset, a config file, or '-' / left out where the weights carry it),
     then ``--weights`` (when ``weights_help`` is given), ``--config`` and ``--set``."""
     p.add_argument("model", nargs="?" if optional else None, help=model_help)
@@ -47,16 +53,26 @@ def _config(args: argparse.Namespace):
 
 
 def _add_device(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
-    p.add_argument("--device", default=default,
-                   help=f"cpu, cuda or cuda:N (default: {'cuda if available' if default is None else default})")
+    p.add_argument(
+        "--device",
+        default=default,
+        help=f"cpu, cuda or cuda:N (default: {'cuda if available' if default is None else default})",
+    )
 
 
 def _add_fast_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference fast path")
-    g.add_argument("--fast", action="store_true",
-                   help="run the inference fast path: BatchNorm folded into the convs, channels-last")
-    g.add_argument("--precision", default="fp32", choices=_PRECISIONS,
-                   help="network precision of the fast path (bf16/fp16 imply --fast; fp16 needs CUDA)")
+    g.add_argument(
+        "--fast",
+        action="store_true",
+        help="run the inference fast path: BatchNorm folded into the convs, channels-last",
+    )
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        choices=_PRECISIONS,
+        help="network precision of the fast path (bf16/fp16 imply --fast; fp16 needs CUDA)",
+    )
 
 
 def _optimize_arg(args: argparse.Namespace) -> bool | dict:
@@ -68,8 +84,11 @@ def _optimize_arg(args: argparse.Namespace) -> bool | dict:
 
 def _add_data_group(p: argparse.ArgumentParser, train: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="dataset root: COCO 2017 layout (annotations/instances_{train,val}2017.json, "
-                   "train2017/, val2017/) or annotations/instances_{train,val}.json + train/ + val/")
+    g.add_argument(
+        "--data",
+        help="dataset root: COCO 2017 layout (annotations/instances_{train,val}2017.json, "
+        "train2017/, val2017/) or annotations/instances_{train,val}.json + train/ + val/",
+    )
     if train:
         g.add_argument("--train-ann", help="training annotations (COCO JSON); instead of --data")
         g.add_argument("--train-images", help="folder of the training images")
@@ -107,17 +126,28 @@ def _val_paths(args: argparse.Namespace) -> tuple[str | Path, str | Path]:
     raise ValueError("give --data DIR or --val-ann and --val-images")
 
 
-def _add_loader_group(p: argparse.ArgumentParser, batch_size: int | None, workers: int | None = None,
-                      with_workers: bool = True) -> None:
+def _add_loader_group(
+    p: argparse.ArgumentParser, batch_size: int | None, workers: int | None = None, with_workers: bool = True
+) -> None:
     """``--batch-size`` (and ``--workers``); a None default leaves the config's value."""
     g = p.add_argument_group("batching")
-    g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="images per process (data.batch_size)" if batch_size is None
-                   else f"images per batch (default {batch_size})")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help="images per process (data.batch_size)"
+        if batch_size is None
+        else f"images per batch (default {batch_size})",
+    )
     if with_workers:
-        g.add_argument("--workers", type=int, default=workers,
-                       help="data loading processes (data.workers)" if workers is None
-                       else f"data loading processes (default {workers})")
+        g.add_argument(
+            "--workers",
+            type=int,
+            default=workers,
+            help="data loading processes (data.workers)"
+            if workers is None
+            else f"data loading processes (default {workers})",
+        )
 
 
 def _add_no_progress(p: argparse.ArgumentParser) -> None:
@@ -142,7 +172,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
             print(name)
         return 0
     cfg = _config(args)
-    print(json.dumps(config_to_dict(cfg), indent=2) if args.json else config_to_yaml(cfg), end="\n" if args.json else "")
+    print(
+        json.dumps(config_to_dict(cfg), indent=2) if args.json else config_to_yaml(cfg), end="\n" if args.json else ""
+    )
     return 0
 
 
@@ -167,11 +199,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"model            {cfg.name}")
-    print(f"parameters       {info['params_total']:,} (backbone {info['params_backbone']:,}, "
-          f"neck {info['params_neck']:,}, head {info['params_head']:,})")
+    print(
+        f"parameters       {info['params_total']:,} (backbone {info['params_backbone']:,}, "
+        f"neck {info['params_neck']:,}, head {info['params_head']:,})"
+    )
     print(f"input            1x3x{info['size']}x{info['size']}")
-    print(f"FLOPs            {info['gflops']:.1f} GFLOPs = {info['gmacs']:.1f} GMACs "
-          "(torch.utils.flop_counter, backbone + neck + head; 1 MAC = 2 FLOPs)")
+    print(
+        f"FLOPs            {info['gflops']:.1f} GFLOPs = {info['gmacs']:.1f} GMACs "
+        "(torch.utils.flop_counter, backbone + neck + head; 1 MAC = 2 FLOPs)"
+    )
     print(f"anchors          {info['anchors']:,} ({', '.join(map(str, info['anchors_per_level']))} per level)")
     return 0
 
@@ -200,9 +236,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="detect objects in images: writes predictions.json and drawn pictures")
-    _add_model_group(p, "preset name or config file (may be omitted as '-' with our .safetensors)",
-                     weights_help="weights file or URL (.safetensors, MMDetection .pth, or exported .onnx)",
-                     weights_required=True)
+    _add_model_group(
+        p,
+        "preset name or config file (may be omitted as '-' with our .safetensors)",
+        weights_help="weights file or URL (.safetensors, MMDetection .pth, or exported .onnx)",
+        weights_required=True,
+    )
     p.add_argument("sources", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, help="output folder")
     _add_device(p)
@@ -217,45 +256,85 @@ def _add_predict(sub) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from nasfpn.apps.predict import run_predict
 
-    failed = run_predict(args.model, args.sources, args.weights, args.out, device=args.device, score_thr=args.score_thr,
-                         batch_size=args.batch_size, vis=not args.no_vis, vis_thr=args.vis_thr,
-                         overrides=args.overrides, config_file=args.config_file, optimize=_optimize_arg(args))
+    failed = run_predict(
+        args.model,
+        args.sources,
+        args.weights,
+        args.out,
+        device=args.device,
+        score_thr=args.score_thr,
+        batch_size=args.batch_size,
+        vis=not args.no_vis,
+        vis_thr=args.vis_thr,
+        overrides=args.overrides,
+        config_file=args.config_file,
+        optimize=_optimize_arg(args),
+    )
     return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- search
 def _add_search(sub) -> None:
-    p = sub.add_parser("search", help="search a NAS-FPN pyramid: RNN+PPO controller (the paper), evolution or random",
-                       description="Architecture search over the paper's merging-cell space, rewarded by a short "
-                       "proxy training run; trials run in parallel worker processes or on Ray; --resume continues "
-                       "a stopped search. Writes trials.jsonl, best.json/.txt, best_config.yaml, summary.json and plots.")
+    p = sub.add_parser(
+        "search",
+        help="search a NAS-FPN pyramid: RNN+PPO controller (the paper), evolution or random",
+        description="Architecture search over the paper's merging-cell space, rewarded by a short "
+        "proxy training run; trials run in parallel worker processes or on Ray; --resume continues "
+        "a stopped search. Writes trials.jsonl, best.json/.txt, best_config.yaml, summary.json and plots.",
+    )
     p.add_argument("--out", required=True, help="output folder (trial log, controller snapshots, trials, results)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out with its saved settings")
-    p.add_argument("--compare", nargs="+", metavar="DIR",
-                   help="instead of searching, compare finished searches: plots and a table in --out")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="DIR",
+        help="instead of searching, compare finished searches: plots and a table in --out",
+    )
     d = p.add_argument_group("data (the reward is AP on a held-out part of the training set)")
-    d.add_argument("--data", help="dataset folder (annotations/instances_train.json + train/, or COCO 2017), "
-                   "or 'synthetic' to generate the embedded dataset")
+    d.add_argument(
+        "--data",
+        help="dataset folder (annotations/instances_train.json + train/, or COCO 2017), "
+        "or 'synthetic' to generate the embedded dataset",
+    )
     d.add_argument("--train-ann", help="COCO json of the training set (instead of --data)")
     d.add_argument("--train-images", help="image folder of --train-ann")
-    d.add_argument("--heldout-ann", help="COCO json to reward with (default: carve --held-out images out of the training set)")
+    d.add_argument(
+        "--heldout-ann", help="COCO json to reward with (default: carve --held-out images out of the training set)"
+    )
     d.add_argument("--heldout-images", help="image folder of --heldout-ann (default: the training images)")
-    d.add_argument("--held-out", default="auto", help="images held out: a count, a fraction, or auto "
-                   "(the paper's 7392 for COCO-sized sets, else 0.2)")
+    d.add_argument(
+        "--held-out",
+        default="auto",
+        help="images held out: a count, a fraction, or auto (the paper's 7392 for COCO-sized sets, else 0.2)",
+    )
     d.add_argument("--synthetic-images", type=int, default=400, help="--data synthetic: images generated")
     s = p.add_argument_group("search")
     s.add_argument("--controller", choices=["ppo", "evolution", "random"], default="ppo")
     s.add_argument("--trials", type=int, default=None, help="controller trials (default 40)")
-    s.add_argument("--workers", type=int, default=None,
-                   help="trials in flight (default: one per GPU, else 1); 0 runs trials in this process")
-    s.add_argument("--ray-address", help="run trials as Ray tasks: 'local' (a private local Ray), 'auto', or an address")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="trials in flight (default: one per GPU, else 1); 0 runs trials in this process",
+    )
+    s.add_argument(
+        "--ray-address", help="run trials as Ray tasks: 'local' (a private local Ray), 'auto', or an address"
+    )
     s.add_argument("--threads", type=int, help="torch threads per CPU trial (default: cores / workers)")
     s.add_argument("--cells", type=int, default=7, help="merging cells per pyramid (the last 5 output P3..P7)")
-    s.add_argument("--gp", choices=["mmdet", "tf", "both"], default="mmdet",
-                   help="global-pooling op of the space: MMDetection's gp, the authors' TensorFlow gp_tf, or both")
+    s.add_argument(
+        "--gp",
+        choices=["mmdet", "tf", "both"],
+        default="mmdet",
+        help="global-pooling op of the space: MMDetection's gp, the authors' TensorFlow gp_tf, or both",
+    )
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-baselines", action="store_true", help="skip evaluating the NAS-FPN and FPN genotypes on the proxy")
-    s.add_argument("--no-reuse", action="store_true", help="train a repeated architecture again instead of reusing its reward")
+    s.add_argument(
+        "--no-baselines", action="store_true", help="skip evaluating the NAS-FPN and FPN genotypes on the proxy"
+    )
+    s.add_argument(
+        "--no-reuse", action="store_true", help="train a repeated architecture again instead of reusing its reward"
+    )
     s.add_argument("--population", type=int, default=10, help="evolution: population size")
     s.add_argument("--tournament", type=int, default=3, help="evolution: tournament sample size")
     s.add_argument("--ppo-batch", type=int, default=8, help="ppo: rewards per policy update")
@@ -270,14 +349,28 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
     x.add_argument("--proxy-batch", type=int, default=8)
     x.add_argument("--proxy-lr", type=float, default=0.04)
-    x.add_argument("--proxy-seeds", type=int, default=1,
-                   help="training runs per trial (seeds --seed, --seed+1, ...); reward = their mean AP")
-    x.add_argument("--proxy-precision", choices=_PRECISIONS, default="fp32",
-                   help="train trials with autocast + channels-last: bf16 on CPUs with AVX512-BF16/AMX, bf16/fp16 on CUDA")
-    x.add_argument("--keep-weights", action="store_true",
-                   help="keep every finished trial's checkpoints (by default deleted once its reward is logged)")
-    x.add_argument("--fake-evaluator", action="store_true",
-                   help="reward by similarity to the published NAS-FPN instead of training (instant; dry runs, tests)")
+    x.add_argument(
+        "--proxy-seeds",
+        type=int,
+        default=1,
+        help="training runs per trial (seeds --seed, --seed+1, ...); reward = their mean AP",
+    )
+    x.add_argument(
+        "--proxy-precision",
+        choices=_PRECISIONS,
+        default="fp32",
+        help="train trials with autocast + channels-last: bf16 on CPUs with AVX512-BF16/AMX, bf16/fp16 on CUDA",
+    )
+    x.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep every finished trial's checkpoints (by default deleted once its reward is logged)",
+    )
+    x.add_argument(
+        "--fake-evaluator",
+        action="store_true",
+        help="reward by similarity to the published NAS-FPN instead of training (instant; dry runs, tests)",
+    )
     p.set_defaults(func=_cmd_search)
 
 
@@ -299,29 +392,70 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask, prepare_proxy_task
 
-        options = {"evolution": {"population_size": args.population, "sample_size": args.tournament},
-                   "ppo": {"batch_size": args.ppo_batch, "epochs": args.ppo_epochs, "lr": args.ppo_lr,
-                           "entropy_weight": args.ppo_entropy}}.get(args.controller, {})
+        options = {
+            "evolution": {"population_size": args.population, "sample_size": args.tournament},
+            "ppo": {
+                "batch_size": args.ppo_batch,
+                "epochs": args.ppo_epochs,
+                "lr": args.ppo_lr,
+                "entropy_weight": args.ppo_entropy,
+            },
+        }.get(args.controller, {})
         evaluator: FakeEvaluator | ProxyTask
         if args.fake_evaluator:
             evaluator = FakeEvaluator()
         else:
-            settings = ProxySettings(depth=args.proxy_depth, image_size=args.proxy_size, epochs=args.proxy_epochs,
-                                     stacks=args.proxy_stacks, width=args.proxy_width, batch_size=args.proxy_batch,
-                                     lr=args.proxy_lr, seed=args.seed, precision=args.proxy_precision,
-                                     seeds=args.proxy_seeds)
-            evaluator = prepare_proxy_task(out, settings, args.data, args.train_ann, args.train_images, args.heldout_ann,
-                                           args.heldout_images, args.held_out, args.seed, args.synthetic_images,
-                                           keep_weights=args.keep_weights)
-        spec = SearchSpec(controller=args.controller, trials=args.trials or 40, seed=args.seed, num_cells=args.cells,
-                          gp=args.gp, controller_options=options, evaluator=evaluator_spec(evaluator),
-                          baselines=not args.no_baselines, reuse=not args.no_reuse)
+            settings = ProxySettings(
+                depth=args.proxy_depth,
+                image_size=args.proxy_size,
+                epochs=args.proxy_epochs,
+                stacks=args.proxy_stacks,
+                width=args.proxy_width,
+                batch_size=args.proxy_batch,
+                lr=args.proxy_lr,
+                seed=args.seed,
+                precision=args.proxy_precision,
+                seeds=args.proxy_seeds,
+            )
+            evaluator = prepare_proxy_task(
+                out,
+                settings,
+                args.data,
+                args.train_ann,
+                args.train_images,
+                args.heldout_ann,
+                args.heldout_images,
+                args.held_out,
+                args.seed,
+                args.synthetic_images,
+                keep_weights=args.keep_weights,
+            )
+        spec = SearchSpec(
+            controller=args.controller,
+            trials=args.trials or 40,
+            seed=args.seed,
+            num_cells=args.cells,
+            gp=args.gp,
+            controller_options=options,
+            evaluator=evaluator_spec(evaluator),
+            baselines=not args.no_baselines,
+            reuse=not args.no_reuse,
+        )
     backend = "ray" if args.ray_address else ("inline" if args.workers == 0 else "process")
-    result = search(spec, out, workers=args.workers or 1 if backend != "process" else args.workers,
-                    backend=backend, ray_address=args.ray_address, resume=args.resume, threads=args.threads)
+    result = search(
+        spec,
+        out,
+        workers=args.workers or 1 if backend != "process" else args.workers,
+        backend=backend,
+        ray_address=args.ray_address,
+        resume=args.resume,
+        threads=args.threads,
+    )
     summary = json.loads((out / "summary.json").read_text())
-    print(f"{summary['trials_finished']} trials ({summary['ok']} trained, {summary['cached']} repeats, "
-          f"{summary['failed']} failed, {summary['unique_architectures']} unique) in {result.wall_s:.0f}s")
+    print(
+        f"{summary['trials_finished']} trials ({summary['ok']} trained, {summary['cached']} repeats, "
+        f"{summary['failed']} failed, {summary['unique_architectures']} unique) in {result.wall_s:.0f}s"
+    )
     if result.best is not None:
         print(f"best: trial {result.best['trial']} reward {result.best['reward']:.4f}  {result.best['genotype']}")
     for name, reward in sorted(summary["baselines"].items()):
@@ -333,29 +467,51 @@ def _cmd_search(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export to ONNX (NMS in the graph) or torch.export, checked against PyTorch")
-    _add_model_group(p, "preset name or config file ('-' to take the config from our .safetensors)",
-                     weights_help="weights: our .safetensors, an MMDetection .pth, a checkpoint or a URL",
-                     weights_required=True)
+    _add_model_group(
+        p,
+        "preset name or config file ('-' to take the config from our .safetensors)",
+        weights_help="weights: our .safetensors, an MMDetection .pth, a checkpoint or a URL",
+        weights_required=True,
+    )
     p.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for torch-export)")
     p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
-    p.add_argument("--contract", default="end2end", choices=["end2end", "raw"],
-                   help="onnx: end2end = detections out, NMS inside (default); raw = head outputs + anchors")
+    p.add_argument(
+        "--contract",
+        default="end2end",
+        choices=["end2end", "raw"],
+        help="onnx: end2end = detections out, NMS inside (default); raw = head outputs + anchors",
+    )
     p.add_argument("--size", type=int, help="image size (long side); default: the config's image_size")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported input (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--dynamic-size", action="store_true",
-                      help="any input height and width (multiples of pad_divisor), images padded as in PyTorch, "
-                           "so detections agree at every aspect ratio (the default)")
-    size.add_argument("--fixed-size", action="store_true",
-                      help="a fixed square input (image_size x image_size): non-square images get more padding "
-                           "than in PyTorch and other detections")
+    size.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="any input height and width (multiples of pad_divisor), images padded as in PyTorch, "
+        "so detections agree at every aspect ratio (the default)",
+    )
+    size.add_argument(
+        "--fixed-size",
+        action="store_true",
+        help="a fixed square input (image_size x image_size): non-square images get more padding "
+        "than in PyTorch and other detections",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or newer; default 18)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
-                   help="fp16 exports a half-precision network (looser check tolerances)")
-    p.add_argument("--sample", action="append", default=[], metavar="IMAGE",
-                   help="image(s) for the check against PyTorch (default: generated pictures)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="fp16 exports a half-precision network (looser check tolerances)",
+    )
+    p.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="image(s) for the check against PyTorch (default: generated pictures)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip running the exported file against PyTorch")
     p.set_defaults(func=_cmd_export)
 
@@ -367,8 +523,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from nasfpn.deploy.predictor import load
 
     if args.format == "torch-export" and args.contract != "end2end":
-        print("note: --contract applies to ONNX only; torch-export holds the network (tensors in, head maps out)",
-              file=sys.stderr)
+        print(
+            "note: --contract applies to ONNX only; torch-export holds the network (tensors in, head maps out)",
+            file=sys.stderr,
+        )
     overrides = list(args.overrides) + ([f"data.image_size={args.size}"] if args.size else [])
     det = load(args.model, weights=args.weights, overrides=overrides, config_file=args.config_file)
     images = None
@@ -378,24 +536,38 @@ def _cmd_export(args: argparse.Namespace) -> int:
         images = [read_image(p) for p in list_images(args.sample)]
     if args.fixed_size:
         side = det.config.data.image_size
-        print(f"note: --fixed-size: every image is padded to {side}x{side}, not to a multiple of "
-              f"{det.config.data.pad_divisor} as in PyTorch, so the detections of non-square images differ from "
-              "PyTorch's (the pyramid sees the extra padding); square images agree. Leave the flag out for a file "
-              "that agrees at every aspect ratio.", file=sys.stderr)
+        print(
+            f"note: --fixed-size: every image is padded to {side}x{side}, not to a multiple of "
+            f"{det.config.data.pad_divisor} as in PyTorch, so the detections of non-square images differ from "
+            "PyTorch's (the pyramid sees the extra padding); square images agree. Leave the flag out for a file "
+            "that agrees at every aspect ratio.",
+            file=sys.stderr,
+        )
     t0 = time.perf_counter()
     try:
-        meta, report = export(det, args.out, args.format, contract=args.contract, batch=args.batch,
-                              dynamic_batch=args.dynamic_batch, dynamic_size=not args.fixed_size, opset=args.opset,
-                              precision=args.precision,
-                              verify=not args.no_check, images=images)
+        meta, report = export(
+            det,
+            args.out,
+            args.format,
+            contract=args.contract,
+            batch=args.batch,
+            dynamic_batch=args.dynamic_batch,
+            dynamic_size=not args.fixed_size,
+            opset=args.opset,
+            precision=args.precision,
+            verify=not args.no_check,
+            images=images,
+        )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     size_mb = Path(args.out).stat().st_size / 2**20
     h, w = meta["input_hw"] or ("H", f"W (multiples of {det.config.data.pad_divisor}, >= {meta['min_side']})")
     b = meta["batch"] or "B"
-    print(f"wrote {args.out} ({size_mb:.1f} MB, {time.perf_counter() - t0:.1f} s): {det.config.name}, {args.format}"
-          f"{' ' + meta['contract'] if args.format == 'onnx' else ''}, input {b}x3x{h}x{w}, {meta['precision']}")
+    print(
+        f"wrote {args.out} ({size_mb:.1f} MB, {time.perf_counter() - t0:.1f} s): {det.config.name}, {args.format}"
+        f"{' ' + meta['contract'] if args.format == 'onnx' else ''}, input {b}x3x{h}x{w}, {meta['precision']}"
+    )
     if report is not None:
         kind = "fp16 (looser) tolerances" if meta["precision"] == "fp16" else "fp32 tolerances"
         print(f"check vs eager PyTorch, {kind}: OK")
@@ -406,15 +578,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a detector over HTTP (POST /predict, GET /health)")
-    _add_model_group(p, "preset name or config file ('-' with our .safetensors or an exported .onnx)",
-                     weights_help="weights file or URL (.safetensors, MMDetection .pth, or .onnx)",
-                     weights_required=True)
+    _add_model_group(
+        p,
+        "preset name or config file ('-' with our .safetensors or an exported .onnx)",
+        weights_help="weights file or URL (.safetensors, MMDetection .pth, or .onnx)",
+        weights_required=True,
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _add_device(p)
     p.add_argument("--max-batch", type=int, default=8, help="most images per model call (default 8)")
-    p.add_argument("--batch-timeout-ms", type=float, default=10.0,
-                   help="how long a request waits for others to batch with (default 10)")
+    p.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=10.0,
+        help="how long a request waits for others to batch with (default 10)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)")
     p.set_defaults(func=_cmd_serve)
 
@@ -423,8 +602,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from nasfpn.apps.predict import load_detector
     from nasfpn.apps.serve import ServeSettings, run_server
 
-    settings = ServeSettings(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
-                             max_upload_mb=args.max_upload_mb)
+    settings = ServeSettings(
+        max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, max_upload_mb=args.max_upload_mb
+    )
     det = load_detector(args.model, args.weights, args.device, args.overrides, args.config_file)
     run_server(det, args.host, args.port, settings)
     return 0
@@ -432,9 +612,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- check-data
 def _add_check_data(sub) -> None:
-    p = sub.add_parser("check-data", help="validate a COCO-format dataset: JSON, boxes, ids and image files",
-                       description="Report every problem of an annotation file and its images, grouped by kind. "
-                       "Exit status 1 if there are errors (training refuses such data unless told to skip it).")
+    p = sub.add_parser(
+        "check-data",
+        help="validate a COCO-format dataset: JSON, boxes, ids and image files",
+        description="Report every problem of an annotation file and its images, grouped by kind. "
+        "Exit status 1 if there are errors (training refuses such data unless told to skip it).",
+    )
     p.add_argument("ann_file", help="COCO instances JSON")
     p.add_argument("image_dir", help="folder the JSON's file_name entries are relative to")
     p.add_argument("--no-images", action="store_true", help="check the JSON only, not the image files")
@@ -450,8 +633,14 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
     from nasfpn.data.checks import check_dataset, format_report, has_errors
 
-    problems = check_dataset(args.ann_file, args.image_dir, check_images=not args.no_images, verify=args.verify,
-                             workers=args.workers, progress=sys.stderr.isatty())
+    problems = check_dataset(
+        args.ann_file,
+        args.image_dir,
+        check_images=not args.no_images,
+        verify=args.verify,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )
     print(format_report(problems, args.max_examples))
     if args.json_out:
         rows = [{**dataclasses.asdict(p), "severity": p.severity} for p in problems]
@@ -461,11 +650,18 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a detector (also under torchrun for several GPUs / processes)",
-                       description="Train MODEL on a COCO-format dataset. Writes config.yaml, log.jsonl, metrics.csv, "
-                       "last/best checkpoints (.pt) and weights (.safetensors), and loss/AP curves into --out.")
-    _add_model_group(p, "preset name or .yaml/.json config (optional with --resume: the run's config.yaml)",
-                     optional=True, set_example="train.base_lr=0.04")
+    p = sub.add_parser(
+        "train",
+        help="train a detector (also under torchrun for several GPUs / processes)",
+        description="Train MODEL on a COCO-format dataset. Writes config.yaml, log.jsonl, metrics.csv, "
+        "last/best checkpoints (.pt) and weights (.safetensors), and loss/AP curves into --out.",
+    )
+    _add_model_group(
+        p,
+        "preset name or .yaml/.json config (optional with --resume: the run's config.yaml)",
+        optional=True,
+        set_example="train.base_lr=0.04",
+    )
     _add_data_group(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--epochs", type=int, help="train.epochs")
@@ -480,11 +676,19 @@ def _add_train(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train.channels_last)")
     p.add_argument("--eval-interval", type=int, help="evaluate every N epochs (train.eval_interval)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt, exactly")
-    p.add_argument("--checkpoint-interval", type=int, default=0, metavar="STEPS",
-                   help="also write last.pt every STEPS steps (default: at epoch ends only)")
+    p.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also write last.pt every STEPS steps (default: at epoch ends only)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (then evaluate)")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="train without the images/annotations the data check reports as errors")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="train without the images/annotations the data check reports as errors",
+    )
     p.add_argument("--no-check-images", action="store_true", help="data check: skip reading the image headers")
     _add_no_progress(p)
     p.set_defaults(func=_cmd_train)
@@ -498,13 +702,19 @@ def _train_config(args: argparse.Namespace):
     if model is None:
         saved = Path(args.out) / "config.yaml"
         if not (args.resume and saved.is_file()):
-            raise ValueError("name the model (preset or config file); it may be left out only with --resume "
-                             f"and an existing {saved}")
+            raise ValueError(
+                f"name the model (preset or config file); it may be left out only with --resume and an existing {saved}"
+            )
         model = str(saved)
     flags = {
-        "train.epochs": args.epochs, "data.batch_size": args.batch_size, "data.image_size": args.size,
-        "data.workers": args.workers, "train.amp": args.amp, "train.grad_clip": args.grad_clip,
-        "train.seed": args.seed, "train.eval_interval": args.eval_interval,
+        "train.epochs": args.epochs,
+        "data.batch_size": args.batch_size,
+        "data.image_size": args.size,
+        "data.workers": args.workers,
+        "train.amp": args.amp,
+        "train.grad_clip": args.grad_clip,
+        "train.seed": args.seed,
+        "train.eval_interval": args.eval_interval,
         "train.deterministic": True if args.deterministic else None,
         "train.sync_bn": True if args.sync_bn else None,
         "train.channels_last": True if args.channels_last else None,
@@ -518,10 +728,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from nasfpn.engine.trainer import train
 
     cfg = _train_config(args)
-    result = train(cfg, _data_paths(args), args.out, resume=args.resume, device=args.device,
-                   checkpoint_interval=args.checkpoint_interval, skip_invalid=args.skip_invalid,
-                   progress=False if args.no_progress else None, max_steps=args.max_steps,
-                   check_images=not args.no_check_images)
+    result = train(
+        cfg,
+        _data_paths(args),
+        args.out,
+        resume=args.resume,
+        device=args.device,
+        checkpoint_interval=args.checkpoint_interval,
+        skip_invalid=args.skip_invalid,
+        progress=False if args.no_progress else None,
+        max_steps=args.max_steps,
+        check_images=not args.no_check_images,
+    )
     if result.status == "diverged":
         print(f"error: {result.message}", file=sys.stderr)
         return 1
@@ -530,12 +748,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="COCO box AP of weights on a dataset, or of an existing results file",
-                       description="With a model: run it on the validation images (test pre-processing), print the "
-                       "COCO table and per-class AP, write results.json and metrics.json into --out. "
-                       "With --ann and --results: score a COCO results file, no model needed.")
-    _add_model_group(p, "preset name or config file ('-' or left out: the config our .safetensors carry)",
-                     optional=True, weights_help="weights: .safetensors, training checkpoint .pt, MMDetection .pth or URL")
+    p = sub.add_parser(
+        "eval",
+        help="COCO box AP of weights on a dataset, or of an existing results file",
+        description="With a model: run it on the validation images (test pre-processing), print the "
+        "COCO table and per-class AP, write results.json and metrics.json into --out. "
+        "With --ann and --results: score a COCO results file, no model needed.",
+    )
+    _add_model_group(
+        p,
+        "preset name or config file ('-' or left out: the config our .safetensors carry)",
+        optional=True,
+        weights_help="weights: .safetensors, training checkpoint .pt, MMDetection .pth or URL",
+    )
     _add_data_group(p, train=False)
     p.add_argument("--out", help="folder for results.json and metrics.json")
     p.add_argument("--ann", help="ground-truth COCO JSON (with --results)")
@@ -559,17 +784,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.weights:
         raise ValueError("give --weights (or --ann and --results to score an existing results file)")
     ann, images = _val_paths(args)
-    run_eval(args.model, args.weights, ann, images, args.out, device=args.device, batch_size=args.batch_size,
-             workers=args.workers, overrides=args.overrides, config_file=args.config_file,
-             progress=False if args.no_progress else None, optimize=_optimize_arg(args))
+    run_eval(
+        args.model,
+        args.weights,
+        ann,
+        images,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overrides=args.overrides,
+        config_file=args.config_file,
+        progress=False if args.no_progress else None,
+        optimize=_optimize_arg(args),
+    )
     return 0
 
 
 # --------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="generate the synthetic dataset, train nasfpn_tiny on it (CPU), evaluate, draw",
-                       description="The embedded end-to-end run: synthetic shapes dataset -> training of the "
-                       "nasfpn_tiny preset -> COCO evaluation -> curves and pictures of detections in --out.")
+    p = sub.add_parser(
+        "demo",
+        help="generate the synthetic dataset, train nasfpn_tiny on it (CPU), evaluate, draw",
+        description="The embedded end-to-end run: synthetic shapes dataset -> training of the "
+        "nasfpn_tiny preset -> COCO evaluation -> curves and pictures of detections in --out.",
+    )
     p.add_argument("--out", default="nasfpn_demo", help="output folder (default ./nasfpn_demo)")
     p.add_argument("--minutes", type=float, default=10.0, help="wall-time budget for the whole demo (default 10)")
     _add_device(p)
@@ -582,35 +821,68 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nasfpn.apps.demo import run_demo
 
-    result = run_demo(args.out, minutes=args.minutes, device=args.device, seed=args.seed, overrides=args.overrides,
-                      progress=False if args.no_progress else None)
+    result = run_demo(
+        args.out,
+        minutes=args.minutes,
+        device=args.device,
+        seed=args.seed,
+        overrides=args.overrides,
+        progress=False if args.no_progress else None,
+    )
     return 0 if result.ok else 1
 
 
 # --------------------------------------------------------------------------- bench
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="measure inference, a training step or the input pipeline: latency, throughput, memory")
-    _add_model_group(p, _MODEL_HELP,
-                     weights_help="weights: our .safetensors, an MMDetection .pth, a training checkpoint, or a URL")
-    p.add_argument("--mode", default="infer", choices=["infer", "train", "data"],
-                   help="infer: images -> detections; train: forward + loss + backward + SGD step; "
-                        "data: JPEG decode + training transform per worker")
+    p = sub.add_parser(
+        "bench", help="measure inference, a training step or the input pipeline: latency, throughput, memory"
+    )
+    _add_model_group(
+        p, _MODEL_HELP, weights_help="weights: our .safetensors, an MMDetection .pth, a training checkpoint, or a URL"
+    )
+    p.add_argument(
+        "--mode",
+        default="infer",
+        choices=["infer", "train", "data"],
+        help="infer: images -> detections; train: forward + loss + backward + SGD step; "
+        "data: JPEG decode + training transform per worker",
+    )
     _add_device(p)
     p.add_argument("--batch", type=int, default=None, help="images per iteration (default: 1 for infer, 2 for train)")
     p.add_argument("--size", type=int, help="square image side (default: the config's image_size)")
-    p.add_argument("--precision", default="fp32", choices=_PRECISIONS,
-                   help="infer: weights and activations in this type; train: autocast (fp16 with a grad scaler)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC weights and activations (infer default: on; train default: off)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=_PRECISIONS,
+        help="infer: weights and activations in this type; train: autocast (fp16 with a grad scaler)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC weights and activations (infer default: on; train default: off)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the network (first call compiles)")
-    p.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="infer: fold BatchNorm into the convs (default: on)")
+    p.add_argument(
+        "--fuse-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="infer: fold BatchNorm into the convs (default: on)",
+    )
     p.add_argument("--plain", action="store_true", help="infer: the model as built, no fast path at all")
-    p.add_argument("--checkpoint-stacks", action=argparse.BooleanOptionalAction, default=None,
-                   help="train: recompute NAS-FPN stacks in the backward pass (default: the config's)")
-    p.add_argument("--pairs-per-image", type=int, default=1000,
-                   help="infer without --weights: shift the class bias so this many (anchor, class) pairs per "
-                        "image pass the score threshold, as with a trained model (default 1000)")
+    p.add_argument(
+        "--checkpoint-stacks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train: recompute NAS-FPN stacks in the backward pass (default: the config's)",
+    )
+    p.add_argument(
+        "--pairs-per-image",
+        type=int,
+        default=1000,
+        help="infer without --weights: shift the class bias so this many (anchor, class) pairs per "
+        "image pass the score threshold, as with a trained model (default 1000)",
+    )
     p.add_argument("--decoder", default="pil", choices=["pil", "torchvision"], help="data: JPEG decoder")
     p.add_argument("--images", type=int, default=32, help="data: generated 640x480 JPEGs (default 32)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
@@ -629,19 +901,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = _config(args)
     if args.mode == "infer":
-        result = bench_infer(cfg, args.device, args.batch or 1, args.size, args.precision, args.channels_last,
-                             args.compile, args.fuse_bn, args.plain, args.warmup, args.iters, args.weights,
-                             args.pairs_per_image)
+        result = bench_infer(
+            cfg,
+            args.device,
+            args.batch or 1,
+            args.size,
+            args.precision,
+            args.channels_last,
+            args.compile,
+            args.fuse_bn,
+            args.plain,
+            args.warmup,
+            args.iters,
+            args.weights,
+            args.pairs_per_image,
+        )
     elif args.mode == "train":
-        result = bench_train(cfg, args.device, args.batch or 2, args.size, args.precision, bool(args.channels_last),
-                             args.compile, args.checkpoint_stacks, args.warmup, args.iters)
+        result = bench_train(
+            cfg,
+            args.device,
+            args.batch or 2,
+            args.size,
+            args.precision,
+            bool(args.channels_last),
+            args.compile,
+            args.checkpoint_stacks,
+            args.warmup,
+            args.iters,
+        )
     else:
         result = bench_data(cfg, args.size, args.images, decoder=args.decoder, passes=args.iters)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
 
 
-COMMANDS = [_add_config, _add_info, _add_convert, _add_predict, _add_search, _add_export, _add_serve, _add_check_data, _add_train, _add_eval, _add_demo, _add_bench]
+COMMANDS = [
+    _add_config,
+    _add_info,
+    _add_convert,
+    _add_predict,
+    _add_search,
+    _add_export,
+    _add_serve,
+    _add_check_data,
+    _add_train,
+    _add_eval,
+    _add_demo,
+    _add_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

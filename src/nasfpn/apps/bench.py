@@ -78,8 +78,12 @@ def percentile(values: list[float], q: float) -> float:
 def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
     """``p50_ms``, ``p90_ms``, ``mean_ms`` and ``images_per_s`` (batch / p50) of per-iteration times."""
     p50 = percentile(seconds, 50)
-    return {"p50_ms": p50 * 1e3, "p90_ms": percentile(seconds, 90) * 1e3,
-            "mean_ms": statistics.fmean(seconds) * 1e3, "images_per_s": batch / p50}
+    return {
+        "p50_ms": p50 * 1e3,
+        "p90_ms": percentile(seconds, 90) * 1e3,
+        "mean_ms": statistics.fmean(seconds) * 1e3,
+        "images_per_s": batch / p50,
+    }
 
 
 # --------------------------------------------------------------------------- memory
@@ -87,8 +91,21 @@ def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
 
 class _MallInfo2(ctypes.Structure):
     # glibc's struct mallinfo2, returned by value: every field is needed for the layout.
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _load_mallinfo2() -> Callable[[], _MallInfo2] | None:
@@ -160,8 +177,9 @@ class PeakMemory:
         elif (rss := _rss_bytes()) is None:
             self.source = "ru_maxrss (process lifetime peak)"
         else:
-            self.source = (f"peak RSS (/proc/self/statm) and malloc in use (mallinfo2), "
-                           f"sampled every {self.interval_s * 1e3:g} ms")
+            self.source = (
+                f"peak RSS (/proc/self/statm) and malloc in use (mallinfo2), sampled every {self.interval_s * 1e3:g} ms"
+            )
             self._start = self._peak = (rss, _malloc_bytes())
             self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
             self._thread.start()
@@ -247,8 +265,14 @@ def synthetic_images(count: int, height: int, width: int, seed: int = 0) -> list
     return images
 
 
-def synthetic_targets(batch: int, size: int, boxes_per_image: int = 8, num_classes: int = 80,
-                      device: torch.device | str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
+def synthetic_targets(
+    batch: int,
+    size: int,
+    boxes_per_image: int = 8,
+    num_classes: int = 80,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Training targets: random boxes of 16 .. size/2 pixels inside ``size x size``, random labels."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -284,8 +308,9 @@ def calibrate_scores(model: RetinaNet, batch: torch.Tensor, score_thr: float, pa
 # --------------------------------------------------------------------------- inference
 
 
-def infer_step(runner: Any, images: list[np.ndarray], cfg: Config, size: int,
-               device: torch.device) -> Callable[[], dict[str, float]]:
+def infer_step(
+    runner: Any, images: list[np.ndarray], cfg: Config, size: int, device: torch.device
+) -> Callable[[], dict[str, float]]:
     """One end-to-end inference on ``images`` (uint8 HWC arrays) with ``runner`` (a ``RetinaNet`` or
     ``InferenceModel``), timed in parts: returns ``pre`` / ``net`` / ``post`` seconds and
     ``detections`` (the count over the batch)."""
@@ -310,10 +335,23 @@ def infer_step(runner: Any, images: list[np.ndarray], cfg: Config, size: int,
     return run
 
 
-def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | None = None, precision: str = "fp32",
-                channels_last: bool | None = None, compile: bool = False, fuse_bn: bool = True, plain: bool = False,
-                warmup: int = 3, iters: int = 10, weights: str | None = None, pairs_per_image: int = 1000,
-                memory: bool = True, model: RetinaNet | None = None) -> dict[str, Any]:
+def bench_infer(
+    cfg: Config,
+    device: str = "cpu",
+    batch: int = 1,
+    size: int | None = None,
+    precision: str = "fp32",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    fuse_bn: bool = True,
+    plain: bool = False,
+    warmup: int = 3,
+    iters: int = 10,
+    weights: str | None = None,
+    pairs_per_image: int = 1000,
+    memory: bool = True,
+    model: RetinaNet | None = None,
+) -> dict[str, Any]:
     """End-to-end inference from uint8 images to detections: pre-processing, network, post-processing.
 
     ``plain`` runs the model as built (eager, fp32, NCHW, BN unfolded); otherwise
@@ -361,21 +399,38 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
         total.append(t["pre"] + t["net"] + t["post"])
         num_dets = t["detections"]
     result: dict[str, Any] = {
-        "mode": "infer", "model": cfg.name, "device": str(dev), "batch": batch, "size": size,
-        "precision": "fp32" if plain else precision, "plain": plain,
+        "mode": "infer",
+        "model": cfg.name,
+        "device": str(dev),
+        "batch": batch,
+        "size": size,
+        "precision": "fp32" if plain else precision,
+        "plain": plain,
         "fuse_bn": fuse_bn and not plain,
-        "channels_last": (not plain) and (channels_last is None or channels_last), "compile": compile and not plain,
-        "warmup": warmup, "iters": iters, **latency_stats(total, batch),
-        "pre_ms": percentile(pre, 50) * 1e3, "net_ms": percentile(net, 50) * 1e3, "post_ms": percentile(post, 50) * 1e3,
-        "detections_per_image": num_dets / batch, "score_calibration": calibration,
-        "prepare_s": prepare_s, "first_call_s": first_s,
+        "channels_last": (not plain) and (channels_last is None or channels_last),
+        "compile": compile and not plain,
+        "warmup": warmup,
+        "iters": iters,
+        **latency_stats(total, batch),
+        "pre_ms": percentile(pre, 50) * 1e3,
+        "net_ms": percentile(net, 50) * 1e3,
+        "post_ms": percentile(post, 50) * 1e3,
+        "detections_per_image": num_dets / batch,
+        "score_calibration": calibration,
+        "prepare_s": prepare_s,
+        "first_call_s": first_s,
     }
     result["post_share"] = result["post_ms"] / (result["pre_ms"] + result["net_ms"] + result["post_ms"])
     if memory:
         with PeakMemory(dev) as mem:
             run()
-        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, alloc_peak_mb=mem.alloc_peak_mb,
-                      alloc_delta_mb=mem.alloc_delta_mb, memory_source=mem.source)
+        result.update(
+            peak_mb=mem.peak_mb,
+            peak_delta_mb=mem.delta_mb,
+            alloc_peak_mb=mem.alloc_peak_mb,
+            alloc_delta_mb=mem.alloc_delta_mb,
+            memory_source=mem.source,
+        )
     result["env"] = environment(dev)
     return result
 
@@ -383,9 +438,19 @@ def bench_infer(cfg: Config, device: str = "cpu", batch: int = 1, size: int | No
 # --------------------------------------------------------------------------- training
 
 
-def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | None = None, precision: str = "fp32",
-                channels_last: bool = False, compile: bool = False, checkpoint_stacks: bool | None = None,
-                warmup: int = 2, iters: int = 5, memory: bool = True) -> dict[str, Any]:
+def bench_train(
+    cfg: Config,
+    device: str = "cpu",
+    batch: int = 2,
+    size: int | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    checkpoint_stacks: bool | None = None,
+    warmup: int = 2,
+    iters: int = 5,
+    memory: bool = True,
+) -> dict[str, Any]:
     """The trainer's training step (``engine.step.train_step``) on a synthetic batch.
 
     The step is the one ``nasfpn train`` runs: forward under autocast, loss, backward, gradient
@@ -444,17 +509,34 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
     skipped_timed = skipped
     loss = step()
     result: dict[str, Any] = {
-        "mode": "train", "model": cfg.name, "device": str(dev), "batch": batch, "size": size, "precision": precision,
-        "channels_last": channels_last, "compile": compile, "checkpoint_stacks": model_cfg.neck.checkpoint_stacks,
-        "fused_sgd": bool(parts.optimizer.defaults.get("fused")), "grad_clip": t.grad_clip, "warmup": warmup,
-        "iters": iters, **latency_stats(times, batch), "first_call_s": first_s, "loss": loss,
+        "mode": "train",
+        "model": cfg.name,
+        "device": str(dev),
+        "batch": batch,
+        "size": size,
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": compile,
+        "checkpoint_stacks": model_cfg.neck.checkpoint_stacks,
+        "fused_sgd": bool(parts.optimizer.defaults.get("fused")),
+        "grad_clip": t.grad_clip,
+        "warmup": warmup,
+        "iters": iters,
+        **latency_stats(times, batch),
+        "first_call_s": first_s,
+        "loss": loss,
         "skipped_steps": skipped_timed,
     }
     if memory:
         with PeakMemory(dev) as mem:
             step()
-        result.update(peak_mb=mem.peak_mb, peak_delta_mb=mem.delta_mb, alloc_peak_mb=mem.alloc_peak_mb,
-                      alloc_delta_mb=mem.alloc_delta_mb, memory_source=mem.source)
+        result.update(
+            peak_mb=mem.peak_mb,
+            peak_delta_mb=mem.delta_mb,
+            alloc_peak_mb=mem.alloc_peak_mb,
+            alloc_delta_mb=mem.alloc_delta_mb,
+            memory_source=mem.source,
+        )
         if dev.type == "cpu":  # cross-check: the process lifetime peak (equal steps: the step peak)
             result["process_max_rss_mb"] = _max_rss_mb()
     result["env"] = environment(dev)
@@ -464,8 +546,9 @@ def bench_train(cfg: Config, device: str = "cpu", batch: int = 2, size: int | No
 # --------------------------------------------------------------------------- input pipeline
 
 
-def write_jpegs(folder: str | Path, count: int = 32, height: int = 480, width: int = 640, quality: int = 90,
-                seed: int = 0) -> list[Path]:
+def write_jpegs(
+    folder: str | Path, count: int = 32, height: int = 480, width: int = 640, quality: int = 90, seed: int = 0
+) -> list[Path]:
     """``count`` COCO-sized synthetic JPEGs in ``folder``."""
     from PIL import Image
 
@@ -500,8 +583,17 @@ def decode_pil(path: str | Path) -> torch.Tensor:
 DECODERS: dict[str, Callable[[str | Path], torch.Tensor]] = {"pil": decode_pil, "torchvision": decode_torchvision}
 
 
-def bench_data(cfg: Config, size: int | None = None, images: int = 32, height: int = 480, width: int = 640,
-               quality: int = 90, decoder: str = "pil", passes: int = 3, folder: str | Path | None = None) -> dict[str, Any]:
+def bench_data(
+    cfg: Config,
+    size: int | None = None,
+    images: int = 32,
+    height: int = 480,
+    width: int = 640,
+    quality: int = 90,
+    decoder: str = "pil",
+    passes: int = 3,
+    folder: str | Path | None = None,
+) -> dict[str, Any]:
     """Training input pipeline in one process (= one DataLoader worker), per image: decode a
     COCO-sized JPEG, the training transform (random resize, crop, flip), then the collate's
     normalise + pad to ``size x size``, each timed.
@@ -550,11 +642,19 @@ def bench_data(cfg: Config, size: int | None = None, images: int = 32, height: i
             tmp.cleanup()
     per_image = [x + y for x, y in zip(parts["decode"], parts["augment"])]
     return {
-        "mode": "data", "model": cfg.name, "size": size, "decoder": decoder, "images": images,
-        "image_hw": (height, width), "jpeg_quality": quality, "jpeg_kb": file_kb, "passes": passes,
+        "mode": "data",
+        "model": cfg.name,
+        "size": size,
+        "decoder": decoder,
+        "images": images,
+        "image_hw": (height, width),
+        "jpeg_quality": quality,
+        "jpeg_kb": file_kb,
+        "passes": passes,
         "images_per_s": len(per_image) / sum(per_image),
         "images_per_s_normalised": len(per_image) / (sum(per_image) + sum(parts["normalise"])),
-        "p50_ms": percentile(per_image, 50) * 1e3, "p90_ms": percentile(per_image, 90) * 1e3,
+        "p50_ms": percentile(per_image, 50) * 1e3,
+        "p90_ms": percentile(per_image, 90) * 1e3,
         **{f"{k}_ms": statistics.fmean(v) * 1e3 for k, v in parts.items()},
         "env": environment("cpu") | {"threads": 1},
     }
@@ -566,36 +666,60 @@ def bench_data(cfg: Config, size: int | None = None, images: int = 32, height: i
 def format_result(r: dict[str, Any]) -> str:
     """A few human-readable lines for one result of ``bench_*``."""
     env = r.get("env", {})
-    head = (f"{r['model']}  mode={r['mode']}  device={r.get('device', 'cpu')}  threads={env.get('threads')}  "
-            f"torch {env.get('torch')}  {env.get('cpu') if r.get('device', 'cpu') == 'cpu' else env.get('gpu')}")
+    head = (
+        f"{r['model']}  mode={r['mode']}  device={r.get('device', 'cpu')}  threads={env.get('threads')}  "
+        f"torch {env.get('torch')}  {env.get('cpu') if r.get('device', 'cpu') == 'cpu' else env.get('gpu')}"
+    )
     lines = [head]
     if r["mode"] == "data":
-        lines.append(f"decoder={r['decoder']}  {r['image_hw'][1]}x{r['image_hw'][0]} JPEG q{r['jpeg_quality']} "
-                     f"({r['jpeg_kb']:.0f} KB) -> train transform at {r['size']}")
-        lines.append(f"{r['images_per_s']:.1f} images/s per worker, decode + augment (mean {r['decode_ms']:.2f} + "
-                     f"{r['augment_ms']:.2f} ms; p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms)")
-        lines.append(f"{r['images_per_s_normalised']:.1f} images/s with the collate's normalise + pad "
-                     f"({r['normalise_ms']:.2f} ms)")
+        lines.append(
+            f"decoder={r['decoder']}  {r['image_hw'][1]}x{r['image_hw'][0]} JPEG q{r['jpeg_quality']} "
+            f"({r['jpeg_kb']:.0f} KB) -> train transform at {r['size']}"
+        )
+        lines.append(
+            f"{r['images_per_s']:.1f} images/s per worker, decode + augment (mean {r['decode_ms']:.2f} + "
+            f"{r['augment_ms']:.2f} ms; p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms)"
+        )
+        lines.append(
+            f"{r['images_per_s_normalised']:.1f} images/s with the collate's normalise + pad "
+            f"({r['normalise_ms']:.2f} ms)"
+        )
         return "\n".join(lines)
-    opts = [f"batch={r['batch']}", f"size={r['size']}", f"precision={r['precision']}",
-            f"channels_last={r['channels_last']}", f"compile={r['compile']}"]
+    opts = [
+        f"batch={r['batch']}",
+        f"size={r['size']}",
+        f"precision={r['precision']}",
+        f"channels_last={r['channels_last']}",
+        f"compile={r['compile']}",
+    ]
     if r["mode"] == "infer":
         opts += [f"fuse_bn={r['fuse_bn']}", "plain" if r["plain"] else "fast paths"]
     else:
-        opts += [f"checkpoint_stacks={r['checkpoint_stacks']}", f"fused_sgd={r['fused_sgd']}",
-                 f"grad_clip={r.get('grad_clip', 0.0):g}"]
+        opts += [
+            f"checkpoint_stacks={r['checkpoint_stacks']}",
+            f"fused_sgd={r['fused_sgd']}",
+            f"grad_clip={r.get('grad_clip', 0.0):g}",
+        ]
     lines.append("  ".join(opts))
-    lines.append(f"latency p50 {r['p50_ms']:.1f} ms  p90 {r['p90_ms']:.1f} ms  throughput {r['images_per_s']:.2f} images/s"
-                 f"  (first call {r['first_call_s']:.1f} s)")
+    lines.append(
+        f"latency p50 {r['p50_ms']:.1f} ms  p90 {r['p90_ms']:.1f} ms  throughput {r['images_per_s']:.2f} images/s"
+        f"  (first call {r['first_call_s']:.1f} s)"
+    )
     if r.get("skipped_steps"):
-        lines.append(f"warning: {r['skipped_steps']} of {r['iters']} timed steps were skipped (non-finite loss or gradient)")
+        lines.append(
+            f"warning: {r['skipped_steps']} of {r['iters']} timed steps were skipped (non-finite loss or gradient)"
+        )
     if r["mode"] == "infer":
-        lines.append(f"split p50: pre {r['pre_ms']:.1f} ms  net {r['net_ms']:.1f} ms  post {r['post_ms']:.1f} ms "
-                     f"({100 * r['post_share']:.1f}% post)  detections/image {r['detections_per_image']:.0f}")
+        lines.append(
+            f"split p50: pre {r['pre_ms']:.1f} ms  net {r['net_ms']:.1f} ms  post {r['post_ms']:.1f} ms "
+            f"({100 * r['post_share']:.1f}% post)  detections/image {r['detections_per_image']:.0f}"
+        )
     if r.get("peak_mb") is not None:
         what = "CUDA max allocated" if r.get("device", "cpu").startswith("cuda") else "peak RSS"
         delta = f" (+{r['peak_delta_mb']:.0f} MB during the step)" if r.get("peak_delta_mb") is not None else ""
         lines.append(f"peak memory: {what} {r['peak_mb']:.0f} MB{delta}")
         if r.get("alloc_peak_mb") is not None:
-            lines.append(f"peak malloc in use {r['alloc_peak_mb']:.0f} MB (+{r['alloc_delta_mb']:.0f} MB during the step)")
+            lines.append(
+                f"peak malloc in use {r['alloc_peak_mb']:.0f} MB (+{r['alloc_delta_mb']:.0f} MB during the step)"
+            )
     return "\n".join(lines)

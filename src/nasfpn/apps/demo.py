@@ -69,8 +69,12 @@ def _timing_dataset(cfg: Config, data):
     """The training set as ``_step_seconds`` reads it (loading and augmentation included)."""
     d = cfg.data
     scale_lo, scale_hi = d.scale_range
-    return CocoDataset(data.train_ann, data.train_images, TrainTransform(d.image_size, (scale_lo, scale_hi),
-                                                                        d.flip_prob), filter_empty=True)
+    return CocoDataset(
+        data.train_ann,
+        data.train_images,
+        TrainTransform(d.image_size, (scale_lo, scale_hi), d.flip_prob),
+        filter_empty=True,
+    )
 
 
 def _step_seconds(cfg: Config, device: torch.device, dataset, steps: int = 4) -> float:
@@ -133,15 +137,26 @@ def scale_schedule(cfg: Config, epochs: int, steps_per_epoch: int) -> Config:
     if epochs >= t.epochs:
         return cfg
     scale = epochs / t.epochs
-    milestones = tuple(sorted({max(1, min(epochs - 1, round(m * scale))) for m in t.milestones if m < t.epochs})) \
-        if epochs > 1 else ()
-    return replace(cfg, train=replace(t, epochs=epochs, milestones=milestones,
-                                      eval_interval=max(1, round(t.eval_interval * scale)),
-                                      warmup_iters=min(t.warmup_iters, steps_per_epoch)))
+    milestones = (
+        tuple(sorted({max(1, min(epochs - 1, round(m * scale))) for m in t.milestones if m < t.epochs}))
+        if epochs > 1
+        else ()
+    )
+    return replace(
+        cfg,
+        train=replace(
+            t,
+            epochs=epochs,
+            milestones=milestones,
+            eval_interval=max(1, round(t.eval_interval * scale)),
+            warmup_iters=min(t.warmup_iters, steps_per_epoch),
+        ),
+    )
 
 
-def plan_schedule(cfg: Config, num_train: int, step_seconds: float, budget_seconds: float,
-                  world_size: int = 1) -> tuple[Config, str]:
+def plan_schedule(
+    cfg: Config, num_train: int, step_seconds: float, budget_seconds: float, world_size: int = 1
+) -> tuple[Config, str]:
     """``cfg`` with as many of its epochs as fit in ``budget_seconds`` (milestones scaled alike)."""
     steps = iters_per_epoch(num_train, cfg.data.batch_size, world_size)
     # Evaluation passes, checkpoints and logging on top of the measured step.
@@ -158,8 +173,15 @@ def _decay_text(cfg: Config) -> str:
     return ", cosine lr decay" if cfg.train.lr_decay == "cosine" else f", lr milestones {list(cfg.train.milestones)}"
 
 
-def _draw_examples(weights: Path, ann_file: Path, image_dir: Path, out_dir: Path, device: torch.device,
-                   count: int = 12, score_thr: float = 0.3) -> list[Path]:
+def _draw_examples(
+    weights: Path,
+    ann_file: Path,
+    image_dir: Path,
+    out_dir: Path,
+    device: torch.device,
+    count: int = 12,
+    score_thr: float = 0.3,
+) -> list[Path]:
     """Detections on the first ``count`` validation images: one PNG each and a grid ``detections.png``."""
     det = load(None, weights=weights, device=device)
     images_info = load_coco_json(ann_file)["images"][:count]
@@ -171,8 +193,9 @@ def _draw_examples(weights: Path, ann_file: Path, image_dir: Path, out_dir: Path
         # Small images are enlarged so that the labels stay readable.
         zoom = max(1, 384 // max(image.shape[:2]))
         if zoom > 1:
-            image = np.asarray(Image.fromarray(image).resize((image.shape[1] * zoom, image.shape[0] * zoom),
-                                                             Image.Resampling.BILINEAR))
+            image = np.asarray(
+                Image.fromarray(image).resize((image.shape[1] * zoom, image.shape[0] * zoom), Image.Resampling.BILINEAR)
+            )
         drawn = draw_detections(image, res["boxes"] * zoom, res["labels"], res["scores"], det.class_names)
         path = out_dir / f"{Path(info['file_name']).stem}.png"
         drawn.save(path)
@@ -189,9 +212,17 @@ def _draw_examples(weights: Path, ann_file: Path, image_dir: Path, out_dir: Path
     return paths
 
 
-def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device: str = "cpu", seed: int = 0,
-             overrides: list[str] | None = None, progress: bool | None = None, num_train: int | None = None,
-             num_val: int | None = None, print_fn=print) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "nasfpn_demo",
+    minutes: float = 10.0,
+    device: str = "cpu",
+    seed: int = 0,
+    overrides: list[str] | None = None,
+    progress: bool | None = None,
+    num_train: int | None = None,
+    num_val: int | None = None,
+    print_fn=print,
+) -> DemoResult:
     """Generate data, train ``nasfpn_tiny``, evaluate and draw, within ``minutes`` of wall time."""
     start = time.time()
     out = Path(out_dir)
@@ -204,8 +235,10 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     if progress is None:
         progress = sys.stderr.isatty()
 
-    print_fn(f"[1/4] synthetic dataset: {num_train} train + {num_val} val images of "
-             f"{cfg.data.image_size}x{cfg.data.image_size} -> {out / 'data'}")
+    print_fn(
+        f"[1/4] synthetic dataset: {num_train} train + {num_val} val images of "
+        f"{cfg.data.image_size}x{cfg.data.image_size} -> {out / 'data'}"
+    )
     workers = max(1, min(4, torch.get_num_threads()))
     ds = generate_dataset(out / "data", num_train, num_val, image_size=cfg.data.image_size, seed=seed, workers=workers)
     print_fn(f"      ready in {time.time() - start:.0f} s ({len(ds.class_names)} classes: {', '.join(ds.class_names)})")
@@ -213,8 +246,9 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     budget = minutes * 60.0 - (time.time() - start) - _RESERVE_SECONDS
     data = DataPaths(ds.train_annotations, ds.train_images, ds.val_annotations, ds.val_images)
     threads = torch.get_num_threads()
-    cfg, step_s = _fastest_setup(cfg, dev, _timing_dataset(cfg, data),
-                                 user_amp=any(o.startswith("train.amp=") for o in overrides or []))
+    cfg, step_s = _fastest_setup(
+        cfg, dev, _timing_dataset(cfg, data), user_amp=any(o.startswith("train.amp=") for o in overrides or [])
+    )
     full = cfg
     cfg, plan = plan_schedule(full, num_train, step_s, budget)
     precision = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"
@@ -228,16 +262,18 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
         # Epoch 1 under the estimate, then the epochs that its real duration leaves room for.
         steps = iters_per_epoch(num_train, cfg.data.batch_size)
         time_left = minutes * 60.0 - (time.time() - start) - _RESERVE_SECONDS
-        result = train(cfg, data, run_dir, device=device, progress=progress, time_limit=max(time_left, 1.0),
-                       max_steps=steps)
+        result = train(
+            cfg, data, run_dir, device=device, progress=progress, time_limit=max(time_left, 1.0), max_steps=steps
+        )
         if result.status == "max_steps" and result.history:
             epoch_s = float(result.history[-1]["epoch_seconds"])
             time_left = minutes * 60.0 - (time.time() - start) - _RESERVE_SECONDS
             epochs = min(full.train.epochs, 1 + max(0, int(time_left // max(epoch_s, 1e-3))))
             cfg = scale_schedule(full, epochs, steps)
             print_fn(f"      epoch 1 took {epoch_s:.0f} s: {epochs} epochs in all{_decay_text(cfg)}")
-            result = train(cfg, data, run_dir, resume=True, device=device, progress=progress,
-                           time_limit=max(time_left, 1.0))
+            result = train(
+                cfg, data, run_dir, resume=True, device=device, progress=progress, time_limit=max(time_left, 1.0)
+            )
     finally:
         torch.set_num_threads(threads)
     metrics = result.best_metrics or result.last_metrics
@@ -251,8 +287,15 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     if metrics and cfg.train.amp != "none":
         # Evaluations during training ran under autocast; report what the saved weights give in fp32.
         det = load(None, weights=weights, device=dev)
-        fp32_metrics, _ = evaluate_model(det.model, det.config, ds.val_annotations, ds.val_images, dev,
-                                         batch_size=cfg.data.batch_size, progress=progress)
+        fp32_metrics, _ = evaluate_model(
+            det.model,
+            det.config,
+            ds.val_annotations,
+            ds.val_images,
+            dev,
+            batch_size=cfg.data.batch_size,
+            progress=progress,
+        )
         assert fp32_metrics is not None  # the demo is one process, rank 0
         metrics = fp32_metrics
         demo.metrics = dict(metrics)
@@ -267,6 +310,8 @@ def run_demo(out_dir: str | Path = "nasfpn_demo", minutes: float = 10.0, device:
     demo.wall_time = time.time() - start
     if metrics:
         reached = "reached" if metrics["AP50"] >= AP50_TARGET else "not reached"
-        print_fn(f"AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f} (target {AP50_TARGET} {reached}) "
-                 f"in {demo.wall_time / 60:.1f} min; curves {run_dir / 'loss.png'}, {run_dir / 'ap.png'}")
+        print_fn(
+            f"AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f} (target {AP50_TARGET} {reached}) "
+            f"in {demo.wall_time / 60:.1f} min; curves {run_dir / 'loss.png'}, {run_dir / 'ap.png'}"
+        )
     return demo

@@ -26,11 +26,21 @@ class EvalOutcome:
     metrics_path: Path | None
 
 
-def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, ann_file: str | Path,
-             image_dir: str | Path, out_dir: str | Path | None = None, device: str | None = None,
-             batch_size: int = 8, workers: int = 0, overrides: list[str] | None = None,
-             config_file: str | Path | None = None, progress: bool | None = None,
-             optimize: bool | dict[str, Any] = False, print_fn=print) -> EvalOutcome | None:
+def run_eval(
+    model_or_config: str | Path | Config | None,
+    weights: str | Path,
+    ann_file: str | Path,
+    image_dir: str | Path,
+    out_dir: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    overrides: list[str] | None = None,
+    config_file: str | Path | None = None,
+    progress: bool | None = None,
+    optimize: bool | dict[str, Any] = False,
+    print_fn=print,
+) -> EvalOutcome | None:
     """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
     ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
     ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0.
@@ -38,11 +48,18 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
 
     info = D.init_distributed(device)
     try:
-        det = load(model_or_config, weights=weights, device=info.device, overrides=overrides, optimize=optimize,
-                   config_file=config_file)
+        det = load(
+            model_or_config,
+            weights=weights,
+            device=info.device,
+            overrides=overrides,
+            optimize=optimize,
+            config_file=config_file,
+        )
         cfg = det.config
-        metrics, results = evaluate_model(det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers,
-                                          progress=progress)
+        metrics, results = evaluate_model(
+            det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers, progress=progress
+        )
         if not info.is_main:
             return None
         assert metrics is not None
@@ -51,8 +68,16 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
             out = Path(out_dir)
             results_path = out / "results.json"
             write_json_atomic(results, results_path)
-            metrics_path = write_metrics_json({"model": cfg.name, "weights": str(weights), "ann_file": str(ann_file),
-                                               "optimize": optimize, **metrics}, out / "metrics.json")
+            metrics_path = write_metrics_json(
+                {
+                    "model": cfg.name,
+                    "weights": str(weights),
+                    "ann_file": str(ann_file),
+                    "optimize": optimize,
+                    **metrics,
+                },
+                out / "metrics.json",
+            )
         print_fn(format_table(metrics))
         print_fn(f"{metrics['num_images']} images in {metrics['eval_seconds']:.1f} s")
         return EvalOutcome(metrics, results_path, metrics_path)
@@ -60,8 +85,9 @@ def run_eval(model_or_config: str | Path | Config | None, weights: str | Path, a
         D.cleanup(info)
 
 
-def score_results(ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None,
-                  print_fn=print) -> dict[str, Any]:
+def score_results(
+    ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None, print_fn=print
+) -> dict[str, Any]:
     """Score an existing COCO results file against ground truth (no model involved)."""
     metrics = evaluate_detections(ann_file, results_file)
     print_fn(format_table(metrics))

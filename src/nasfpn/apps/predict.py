@@ -17,8 +17,14 @@ if TYPE_CHECKING:
     from nasfpn.deploy.predictor import Predictor
 
 
-def load_detector(model: str | None, weights: str, device: str = "cpu", overrides: list[str] | None = None,
-                  config_file: str | None = None, optimize: bool | dict[str, Any] = False) -> Predictor:
+def load_detector(
+    model: str | None,
+    weights: str,
+    device: str = "cpu",
+    overrides: list[str] | None = None,
+    config_file: str | None = None,
+    optimize: bool | dict[str, Any] = False,
+) -> Predictor:
     """A PyTorch ``Detector`` or, for an ``.onnx`` file, an onnxruntime one with the same ``predict``.
 
     ``optimize``: PyTorch fast paths (``Detector``'s argument); an ONNX file has its own."""
@@ -33,10 +39,20 @@ def load_detector(model: str | None, weights: str, device: str = "cpu", override
     return load(model, weights=weights, device=device, overrides=overrides, optimize=optimize, config_file=config_file)
 
 
-def run_predict(model: str | None, sources: list[str], weights: str, out: str | Path, device: str = "cpu",
-                score_thr: float | None = None, batch_size: int = 4, vis: bool = True, vis_thr: float = 0.3,
-                overrides: list[str] | None = None, config_file: str | None = None,
-                optimize: bool | dict[str, Any] = False) -> list[str]:
+def run_predict(
+    model: str | None,
+    sources: list[str],
+    weights: str,
+    out: str | Path,
+    device: str = "cpu",
+    score_thr: float | None = None,
+    batch_size: int = 4,
+    vis: bool = True,
+    vis_thr: float = 0.3,
+    overrides: list[str] | None = None,
+    config_file: str | None = None,
+    optimize: bool | dict[str, Any] = False,
+) -> list[str]:
     """Detect objects in every image of ``sources``; returns the files that could not be read."""
     from nasfpn.data.io import ImageReadError, list_images, read_image
 
@@ -49,7 +65,7 @@ def run_predict(model: str | None, sources: list[str], weights: str, out: str | 
     used_names: set[str] = set()
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not sys.stderr.isatty()):
         batch_paths, images = [], []
-        for path in paths[start:start + batch_size]:
+        for path in paths[start : start + batch_size]:
             try:
                 images.append(read_image(path))
                 batch_paths.append(path)
@@ -62,18 +78,22 @@ def run_predict(model: str | None, sources: list[str], weights: str, out: str | 
         for path, image, res in zip(batch_paths, images, results):
             for box, score, label, cat in zip(res["boxes"], res["scores"], res["labels"], res["category_ids"]):
                 x1, y1, x2, y2 = (float(v) for v in box)
-                records.append({
-                    "file_name": str(path),
-                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                    "score": round(float(score), 5),
-                    "category_id": int(cat),
-                    "category_name": det.class_names[int(label)],
-                })
+                records.append(
+                    {
+                        "file_name": str(path),
+                        "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                        "score": round(float(score), 5),
+                        "category_id": int(cat),
+                        "category_name": det.class_names[int(label)],
+                    }
+                )
             if vis:
                 from nasfpn.data.vis import draw_detections
 
                 keep = res["scores"] >= vis_thr
-                picture = draw_detections(image, res["boxes"][keep], res["labels"][keep], res["scores"][keep], det.class_names)
+                picture = draw_detections(
+                    image, res["boxes"][keep], res["labels"][keep], res["scores"][keep], det.class_names
+                )
                 name = path.stem
                 k = 1
                 while name in used_names:
@@ -84,6 +104,8 @@ def run_predict(model: str | None, sources: list[str], weights: str, out: str | 
                 picture.save(vis_dir / f"{name}.jpg", quality=90)
     write_json_atomic(records, out / "predictions.json")
     n_ok = len(paths) - len(failed)
-    print(f"{n_ok} image(s), {len(records)} detection(s) -> {out / 'predictions.json'}"
-          + (f"; {len(failed)} unreadable: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{n_ok} image(s), {len(records)} detection(s) -> {out / 'predictions.json'}"
+        + (f"; {len(failed)} unreadable: {', '.join(failed)}" if failed else "")
+    )
     return failed

@@ -101,7 +101,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
-        raise ImageRejected(415, "the uploaded file is not an image (supported: JPEG, PNG, BMP, GIF, TIFF, WebP)") from None
+        raise ImageRejected(
+            415, "the uploaded file is not an image (supported: JPEG, PNG, BMP, GIF, TIFF, WebP)"
+        ) from None
     except Image.DecompressionBombError as e:
         raise ImageRejected(413, f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -125,9 +127,17 @@ class BodyLimit:
 
     async def _reply(self, send) -> None:
         body = json.dumps({"detail": f"upload larger than the limit of {self.max_bytes / 2**20:g} MB"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -295,15 +305,23 @@ def create_app(detector: Predictor, settings: ServeSettings | None = None, model
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "backend": backend, "classes": len(detector.class_names),
-                "max_batch": settings.max_batch, "batch_timeout_ms": settings.batch_timeout_ms,
-                "max_upload_mb": settings.max_upload_mb, **batcher.stats()}
+        return {
+            "status": "ok",
+            "model": name,
+            "backend": backend,
+            "classes": len(detector.class_names),
+            "max_batch": settings.max_batch,
+            "batch_timeout_ms": settings.batch_timeout_ms,
+            "max_upload_mb": settings.max_upload_mb,
+            **batcher.stats(),
+        }
 
     @app.post("/predict")
-    async def predict(file: Annotated[UploadFile, File(description="an image file")],
-                      score_thr: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
-                      score_thr_query: Annotated[float | None, Query(alias="score_thr", ge=0.0, le=1.0)] = None,
-                      ) -> dict[str, Any]:
+    async def predict(
+        file: Annotated[UploadFile, File(description="an image file")],
+        score_thr: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
+        score_thr_query: Annotated[float | None, Query(alias="score_thr", ge=0.0, le=1.0)] = None,
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         data = await file.read()
         try:
@@ -319,8 +337,13 @@ def create_app(detector: Predictor, settings: ServeSettings | None = None, model
         det = job.future.result()
         t2 = time.perf_counter()
         detections = [
-            {"box": [round(float(v), 3) for v in box], "score": round(float(score), 5), "label": int(label),
-             "category_id": int(cat), "name": detector.class_names[int(label)]}
+            {
+                "box": [round(float(v), 3) for v in box],
+                "score": round(float(score), 5),
+                "label": int(label),
+                "category_id": int(cat),
+                "name": detector.class_names[int(label)],
+            }
             for box, score, label, cat in zip(det["boxes"], det["scores"], det["labels"], det["category_ids"])
         ]
         return {
@@ -341,8 +364,14 @@ def create_app(detector: Predictor, settings: ServeSettings | None = None, model
     return app
 
 
-def run_server(detector: Predictor, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-               model_name: str | None = None, log_level: str = "info") -> None:
+def run_server(
+    detector: Predictor,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSettings | None = None,
+    model_name: str | None = None,
+    log_level: str = "info",
+) -> None:
     """Serve ``detector`` over HTTP until interrupted."""
     import uvicorn
 

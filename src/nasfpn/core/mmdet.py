@@ -36,7 +36,9 @@ def is_mmdet_state_dict(state: dict[str, object]) -> bool:
     return any(k.startswith("bbox_head.") for k in state) and any(k.startswith("backbone.") for k in state)
 
 
-def convert_state_dict(mmdet_state: dict[str, torch.Tensor], model_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+def convert_state_dict(
+    mmdet_state: dict[str, torch.Tensor], model_keys: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Rename an MMDetection state dict to nasfpn keys.
 
     Aliases of a shared conv must hold equal tensors (they are one tensor in MMDetection); the

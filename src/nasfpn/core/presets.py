@@ -124,8 +124,12 @@ def get_config(name_or_path: str | Path, overrides: list[str] | None = None, fil
     return apply_overrides(cfg, overrides, file)
 
 
-def resolve_config(model: str | Path | Config | None, overrides: list[str] | None = None,
-                   config_file: str | Path | None = None, file_config: dict[str, Any] | None = None) -> Config:
+def resolve_config(
+    model: str | Path | Config | None,
+    overrides: list[str] | None = None,
+    config_file: str | Path | None = None,
+    file_config: dict[str, Any] | None = None,
+) -> Config:
     """The config of every entry point (CLI, ``load``, predict, eval, ONNX runtime), by one rule.
 
     ``model`` is a ``Config``, a preset name or a YAML/JSON config file; ``None`` or ``"-"``
@@ -139,7 +143,9 @@ def resolve_config(model: str | Path | Config | None, overrides: list[str] | Non
     elif file_config is not None:
         cfg = config_from_dict(file_config)
     else:
-        raise ValueError("no config: name a preset (see `nasfpn config --list`) or a .yaml/.json config file, "
-                         "or pass weights that carry their config (our .safetensors or an exported .onnx)")
+        raise ValueError(
+            "no config: name a preset (see `nasfpn config --list`) or a .yaml/.json config file, "
+            "or pass weights that carry their config (our .safetensors or an exported .onnx)"
+        )
     # A given Config is returned as it is when nothing refines it.
     return apply_overrides(cfg, overrides, config_file) if overrides or config_file else cfg

@@ -105,8 +105,12 @@ def torch_load_safe(path: Path) -> Any:
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint or safetensors file: {e}") from e
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any] | None = None,
-                     extra: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    state: dict[str, torch.Tensor],
+    path: str | Path,
+    config: dict[str, Any] | None = None,
+    extra: dict[str, str] | None = None,
+) -> None:
     """Write weights (+ the resolved config as JSON metadata) atomically: temp file, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,8 +175,11 @@ def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], kind
         state = convert_state_dict(state, list(expected))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    misshaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or misshaped:
         lines = [f"weights {source} do not fit the model:"]
         if missing:

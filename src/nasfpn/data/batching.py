@@ -73,8 +73,9 @@ class ShapeBatchSampler(torch.utils.data.Sampler[list[int]]):
         return len(self.batches)
 
 
-def collate_eval_groups(samples: Sequence[Sample | None], mean: Sequence[float], std: Sequence[float],
-                        pad_divisor: int) -> list[tuple[torch.Tensor, list[ImageMeta], list[dict[str, Any]]]]:
+def collate_eval_groups(
+    samples: Sequence[Sample | None], mean: Sequence[float], std: Sequence[float], pad_divisor: int
+) -> list[tuple[torch.Tensor, list[ImageMeta], list[dict[str, Any]]]]:
     """``collate_eval`` per padded shape of the samples as read: a list of ``(images, metas, infos)``.
 
     With ``ShapeBatchSampler`` this is one group; it is more only when an annotation file states
@@ -82,5 +83,7 @@ def collate_eval_groups(samples: Sequence[Sample | None], mean: Sequence[float],
     """
     kept = [s for s in samples if s is not None]
     keys = [(round_up(s["img_shape"][0], pad_divisor), round_up(s["img_shape"][1], pad_divisor)) for s in kept]
-    return [collate_eval([kept[i] for i in members], mean, std, pad_divisor)
-            for members in group_by_shape(keys, max(1, len(kept)))]
+    return [
+        collate_eval([kept[i] for i in members], mean, std, pad_divisor)
+        for members in group_by_shape(keys, max(1, len(kept)))
+    ]

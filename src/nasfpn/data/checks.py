@@ -82,8 +82,10 @@ class DataCheckError(ValueError):
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
-        super().__init__(format_report(problems) + "\nfix the data, or skip invalid images/annotations "
-                         "(--skip-invalid) to train without them")
+        super().__init__(
+            format_report(problems) + "\nfix the data, or skip invalid images/annotations "
+            "(--skip-invalid) to train without them"
+        )
 
 
 def has_errors(problems: Iterable[Problem]) -> bool:
@@ -156,16 +158,27 @@ def _check_images(images: list[Any], out: list[Problem]) -> dict[int, dict[str, 
         assert image_id is not None  # a non-integer id is in ``wrong``
         if image_id in seen:
             first = valid.get(image_id, {}).get("file_name")
-            out.append(Problem("duplicate_image_id", f"image id {image_id} is used again (first by {first!r})",
-                               file_name, image_id=image_id))
+            out.append(
+                Problem(
+                    "duplicate_image_id",
+                    f"image id {image_id} is used again (first by {first!r})",
+                    file_name,
+                    image_id=image_id,
+                )
+            )
             continue
         seen.add(image_id)
         valid[image_id] = img
     return valid
 
 
-def _check_annotations(anns: list[Any], images: dict[int, dict[str, Any]], all_image_ids: set[int],
-                       category_ids: set[int], out: list[Problem]) -> None:
+def _check_annotations(
+    anns: list[Any],
+    images: dict[int, dict[str, Any]],
+    all_image_ids: set[int],
+    category_ids: set[int],
+    out: list[Problem],
+) -> None:
     seen: set[int] = set()
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
@@ -185,39 +198,72 @@ def _check_annotations(anns: list[Any], images: dict[int, dict[str, Any]], all_i
             out.append(Problem("bad_value", f"{where} id {ann['id']!r} is not an integer", file_name, None, image_id))
             continue
         if ann_id in seen:
-            out.append(Problem("duplicate_annotation_id", f"annotation id {ann_id} is used again", file_name,
-                               ann_id, image_id))
+            out.append(
+                Problem("duplicate_annotation_id", f"annotation id {ann_id} is used again", file_name, ann_id, image_id)
+            )
         seen.add(ann_id)
         if "image_id" in ann:
             if image_id is None:
-                out.append(Problem("bad_value", f"{where} image_id {ann['image_id']!r} is not an integer", None, ann_id))
+                out.append(
+                    Problem("bad_value", f"{where} image_id {ann['image_id']!r} is not an integer", None, ann_id)
+                )
             elif image_id not in all_image_ids:
-                out.append(Problem("unknown_image_id", f"image id {image_id} is not in 'images'", None, ann_id,
-                                   image_id))
+                out.append(
+                    Problem("unknown_image_id", f"image id {image_id} is not in 'images'", None, ann_id, image_id)
+                )
         if "category_id" in ann and not (_is_int(ann["category_id"]) and ann["category_id"] in category_ids):
-            out.append(Problem("unknown_category_id", f"category id {ann['category_id']!r} is not in 'categories'",
-                               file_name, ann_id, image_id))
+            out.append(
+                Problem(
+                    "unknown_category_id",
+                    f"category id {ann['category_id']!r} is not in 'categories'",
+                    file_name,
+                    ann_id,
+                    image_id,
+                )
+            )
         if "bbox" not in ann:
             continue
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
-            out.append(Problem("bad_coordinates", f"bbox {bbox!r} is not 4 finite numbers [x, y, w, h]", file_name,
-                               ann_id, image_id))
+            out.append(
+                Problem(
+                    "bad_coordinates",
+                    f"bbox {bbox!r} is not 4 finite numbers [x, y, w, h]",
+                    file_name,
+                    ann_id,
+                    image_id,
+                )
+            )
             continue
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
-            out.append(Problem("nonpositive_box", f"bbox {bbox} has width {w:g} and height {h:g}", file_name,
-                               ann_id, image_id))
+            out.append(
+                Problem("nonpositive_box", f"bbox {bbox} has width {w:g} and height {h:g}", file_name, ann_id, image_id)
+            )
             continue
         if img is None:
             continue
         width, height = int(img["width"]), int(img["height"])
         if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-            out.append(Problem("box_outside_image", f"bbox {bbox} lies outside the {width}x{height} image",
-                               file_name, ann_id, image_id))
+            out.append(
+                Problem(
+                    "box_outside_image",
+                    f"bbox {bbox} lies outside the {width}x{height} image",
+                    file_name,
+                    ann_id,
+                    image_id,
+                )
+            )
         elif x < 0 or y < 0 or x + w > width or y + h > height:
-            out.append(Problem("box_partly_outside", f"bbox {bbox} (x2={x + w:g}, y2={y + h:g}) crosses the border "
-                               f"of the {width}x{height} image", file_name, ann_id, image_id))
+            out.append(
+                Problem(
+                    "box_partly_outside",
+                    f"bbox {bbox} (x2={x + w:g}, y2={y + h:g}) crosses the border of the {width}x{height} image",
+                    file_name,
+                    ann_id,
+                    image_id,
+                )
+            )
 
 
 # --------------------------------------------------------------------------- image checks
@@ -238,13 +284,20 @@ def _check_image_file(image_dir: Path, img: dict[str, Any], verify: bool) -> Pro
     json_h, json_w = int(img["height"]), int(img["width"])
     if (h, w) != (json_h, json_w):
         hint = " (width and height swapped: EXIF orientation?)" if (h, w) == (json_w, json_h) else ""
-        return Problem("size_mismatch", f"JSON says {json_h}x{json_w} (HxW), the file is {h}x{w}{hint}",
-                       name, image_id=image_id)
+        return Problem(
+            "size_mismatch", f"JSON says {json_h}x{json_w} (HxW), the file is {h}x{w}{hint}", name, image_id=image_id
+        )
     return None
 
 
-def check_dataset(ann_file: str | Path, image_dir: str | Path, check_images: bool = True, verify: bool = False,
-                  workers: int | None = None, progress: bool = False) -> list[Problem]:
+def check_dataset(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    check_images: bool = True,
+    verify: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[Problem]:
     """Every problem of a COCO annotation file and, with ``check_images``, of its image files.
 
     ``verify`` decodes each image fully instead of reading its header (slower, finds truncation).
@@ -277,8 +330,9 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, check_images: boo
         workers = workers or min(32, (os.cpu_count() or 1) * 4)
         entries = list(images.values())
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results: Iterable[Problem | None] = pool.map(lambda img: _check_image_file(image_dir, img, verify),
-                                                          entries, chunksize=64)
+            results: Iterable[Problem | None] = pool.map(
+                lambda img: _check_image_file(image_dir, img, verify), entries, chunksize=64
+            )
             if progress:
                 results = tqdm(results, total=len(entries), desc="check images", unit="img")
             out.extend(p for p in results if p is not None)
@@ -309,9 +363,15 @@ def format_report(problems: Sequence[Problem], max_examples: int = 10) -> str:
     return "\n".join(lines)
 
 
-def validate_dataset(ann_file: str | Path, image_dir: str | Path, skip_invalid: bool = False,
-                     check_images: bool = True, verify: bool = False, workers: int | None = None,
-                     progress: bool = False) -> list[Problem]:
+def validate_dataset(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    skip_invalid: bool = False,
+    check_images: bool = True,
+    verify: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[Problem]:
     """Check a dataset before training: raise ``DataCheckError`` (the full report) on errors unless
     ``skip_invalid``; otherwise log the report and return the problems for ``CocoDataset(exclude=...)``.
     """

@@ -71,8 +71,9 @@ def _finite_box(bbox: Any) -> tuple[float, float, float, float] | None:
     if not isinstance(bbox, list) or len(bbox) != 4:
         return None
     x, y, w, h = bbox
-    if not (type(x) in _NUMBER_TYPES and type(y) in _NUMBER_TYPES and type(w) in _NUMBER_TYPES
-            and type(h) in _NUMBER_TYPES):
+    if not (
+        type(x) in _NUMBER_TYPES and type(y) in _NUMBER_TYPES and type(w) in _NUMBER_TYPES and type(h) in _NUMBER_TYPES
+    ):
         return None
     try:
         # A NaN or an infinity anywhere makes the sum non-finite (this runs once per annotation).
@@ -99,10 +100,20 @@ class CocoDataset(Dataset):
     epoch, or have the sampler yield ``(index, epoch)`` keys when workers persist across epochs.
     """
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path, transform: Transform | None = None, *,
-                 category_ids: Sequence[int] | None = None, filter_empty: bool = False, min_size: int = 0,
-                 exclude: Iterable[Problem] = (), seed: int = 0, on_read_error: str = "resample",
-                 max_read_retries: int = 10) -> None:
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        transform: Transform | None = None,
+        *,
+        category_ids: Sequence[int] | None = None,
+        filter_empty: bool = False,
+        min_size: int = 0,
+        exclude: Iterable[Problem] = (),
+        seed: int = 0,
+        on_read_error: str = "resample",
+        max_read_retries: int = 10,
+    ) -> None:
         if on_read_error not in READ_ERROR_POLICIES:
             raise ValueError(f"on_read_error must be one of {READ_ERROR_POLICIES}, got {on_read_error!r}")
         self.ann_file = Path(ann_file)
@@ -137,22 +148,34 @@ class CocoDataset(Dataset):
 
     # ----------------------------------------------------------------------- loading
 
-    def _load(self, data: dict[str, Any], bad_images: set[int], bad_annotations: set[int], filter_empty: bool,
-              min_size: int) -> None:
+    def _load(
+        self, data: dict[str, Any], bad_images: set[int], bad_annotations: set[int], filter_empty: bool, min_size: int
+    ) -> None:
         images: dict[int, dict[str, Any]] = {}
         duplicated: set[int] = set()
         skipped_images = 0
         for img in data["images"]:
-            if not (isinstance(img, dict) and isinstance(img.get("id"), int) and isinstance(img.get("file_name"), str)
-                    and is_image_size(img.get("width")) and is_image_size(img.get("height"))):
+            if not (
+                isinstance(img, dict)
+                and isinstance(img.get("id"), int)
+                and isinstance(img.get("file_name"), str)
+                and is_image_size(img.get("width"))
+                and is_image_size(img.get("height"))
+            ):
                 skipped_images += 1
                 continue
             if img["id"] in images:
                 duplicated.add(img["id"])
-            images[img["id"]] = {"file_name": img["file_name"], "width": int(img["width"]), "height": int(img["height"])}
+            images[img["id"]] = {
+                "file_name": img["file_name"],
+                "width": int(img["width"]),
+                "height": int(img["height"]),
+            }
         if duplicated - bad_images:
-            raise ValueError(f"{self.ann_file}: duplicate image ids {sorted(duplicated - bad_images)[:10]}; "
-                             "run `nasfpn check-data`, or skip invalid data")
+            raise ValueError(
+                f"{self.ann_file}: duplicate image ids {sorted(duplicated - bad_images)[:10]}; "
+                "run `nasfpn check-data`, or skip invalid data"
+            )
 
         per_image: dict[int, list[tuple[float, float, float, float, int]]] = {}
         malformed = 0
@@ -166,8 +189,12 @@ class CocoDataset(Dataset):
             image_id = ann.get("image_id")
             img = images.get(image_id) if isinstance(image_id, int) else None
             box = _finite_box(ann.get("bbox"))
-            if (not isinstance(image_id, int) or img is None or box is None
-                    or not isinstance(ann.get("category_id"), int)):
+            if (
+                not isinstance(image_id, int)
+                or img is None
+                or box is None
+                or not isinstance(ann.get("category_id"), int)
+            ):
                 malformed += 1
                 continue
             if ann.get("ignore", False) or ann.get("iscrowd", 0):
@@ -183,8 +210,13 @@ class CocoDataset(Dataset):
                 continue
             per_image.setdefault(image_id, []).append((x, y, x + w, y + h, label))
         if malformed or skipped_images:
-            logger.warning("%s: skipped %d malformed image entries and %d malformed annotations "
-                           "(run `nasfpn check-data` for details)", self.ann_file, skipped_images, malformed)
+            logger.warning(
+                "%s: skipped %d malformed image entries and %d malformed annotations "
+                "(run `nasfpn check-data` for details)",
+                self.ann_file,
+                skipped_images,
+                malformed,
+            )
 
         # Flat arrays rather than per-image Python objects: DataLoader workers share them cheaply.
         ids, names, sizes, starts, rows = [], [], [], [0], []
@@ -267,7 +299,11 @@ class CocoDataset(Dataset):
                 # Deterministic replacement: the draw comes from this sample's own generator.
                 candidate = int(torch.randint(0, len(self), (), generator=generator))
         else:
-            logger.warning("skipping sample %d: %d images in a row were unreadable (last: %s); check the image folder",
-                           index, self.max_read_retries + 1, self.image_path(candidate))
+            logger.warning(
+                "skipping sample %d: %d images in a row were unreadable (last: %s); check the image folder",
+                index,
+                self.max_read_retries + 1,
+                self.image_path(candidate),
+            )
             return None
         return self.transform(sample, generator) if self.transform is not None else sample

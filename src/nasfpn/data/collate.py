@@ -23,9 +23,14 @@ logger = logging.getLogger(__name__)
 TrainBatch = tuple[torch.Tensor, list[dict[str, Any]]]
 
 
-def collate_train(samples: Sequence[Sample | None], mean: Sequence[float], std: Sequence[float],
-                  pad_size: int | None = None, pad_divisor: int = 1,
-                  normalize: bool = True) -> TrainBatch | None:
+def collate_train(
+    samples: Sequence[Sample | None],
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_size: int | None = None,
+    pad_divisor: int = 1,
+    normalize: bool = True,
+) -> TrainBatch | None:
     """Batch ``TrainTransform`` outputs into ``(images, targets)``, or None without a readable sample.
 
     ``images`` is float32 ``(N, 3, H, W)`` normalised with 0 padding, or, with
@@ -46,13 +51,15 @@ def collate_train(samples: Sequence[Sample | None], mean: Sequence[float], std: 
     targets = []
     for s in kept:
         h, w = s["image"].shape[-2:]
-        targets.append({
-            "boxes": s["boxes"].float(),
-            "labels": s["labels"].long(),
-            "img_shape": (h, w),
-            "pad_shape": fixed or (round_up(h, pad_divisor), round_up(w, pad_divisor)),
-            "image_id": s["image_id"],
-        })
+        targets.append(
+            {
+                "boxes": s["boxes"].float(),
+                "labels": s["labels"].long(),
+                "img_shape": (h, w),
+                "pad_shape": fixed or (round_up(h, pad_divisor), round_up(w, pad_divisor)),
+                "image_id": s["image_id"],
+            }
+        )
     if normalize:
         return normalize_pad([s["image"] for s in kept], mean, std, pad_divisor, fixed), targets
     max_h = max(t["img_shape"][0] for t in targets)
@@ -69,8 +76,13 @@ def collate_train(samples: Sequence[Sample | None], mean: Sequence[float], std: 
 
 def train_collate(d: DataConfig) -> Callable[[Sequence[Sample | None]], TrainBatch | None]:
     """The ``collate_fn`` of training batches under data config ``d`` (picklable, for loader workers)."""
-    return functools.partial(collate_train, mean=d.mean, std=d.std,
-                             pad_size=d.image_size if d.train_pad_to_size else None, pad_divisor=d.pad_divisor)
+    return functools.partial(
+        collate_train,
+        mean=d.mean,
+        std=d.std,
+        pad_size=d.image_size if d.train_pad_to_size else None,
+        pad_divisor=d.pad_divisor,
+    )
 
 
 def loader_settings(device: torch.device | str, workers: int) -> dict[str, Any]:

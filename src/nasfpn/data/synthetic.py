@@ -77,7 +77,14 @@ from PIL import Image
 from nasfpn.core.fileio import write_json_atomic
 
 SHAPE_NAMES: tuple[str, ...] = (
-    "ellipse", "rectangle", "triangle", "star", "ring", "cross", "diamond", "crescent",
+    "ellipse",
+    "rectangle",
+    "triangle",
+    "star",
+    "ring",
+    "cross",
+    "diamond",
+    "crescent",
 )
 # Non-contiguous on purpose, like COCO's, so the label <-> category id mapping is exercised.
 SHAPE_CATEGORY_IDS: tuple[int, ...] = (1, 2, 4, 5, 7, 8, 11, 13)
@@ -455,8 +462,9 @@ def _render_and_save(args: tuple[SyntheticSpec, int, str, int, str]) -> list[dic
     return objects
 
 
-def _generate_split(spec: SyntheticSpec, seed: int, split: str, num: int, image_dir: Path, ann_path: Path,
-                    workers: int) -> None:
+def _generate_split(
+    spec: SyntheticSpec, seed: int, split: str, num: int, image_dir: Path, ann_path: Path, workers: int
+) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(spec, seed, split, i, str(image_dir / f"{i + 1:06d}.png")) for i in range(num)]
     # Images left from an earlier, larger run would sit unannotated next to the new ones.
@@ -491,8 +499,9 @@ def _generate_split(spec: SyntheticSpec, seed: int, split: str, num: int, image_
                     "visible": obj["visible"],
                 }
             )
-    categories = [{"id": cid, "name": name, "supercategory": "shape"}
-                  for cid, name in zip(spec.category_ids, spec.class_names)]
+    categories = [
+        {"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(spec.category_ids, spec.class_names)
+    ]
     write_json_atomic({"images": images, "annotations": annotations, "categories": categories}, ann_path, indent=None)
 
 

@@ -88,8 +88,10 @@ def to_uint8_chw(image: np.ndarray | torch.Tensor, index: int = 0) -> torch.Tens
             return image
         if image.is_floating_point():
             if image.numel() and (float(image.min()) < 0.0 or float(image.max()) > 1.0):
-                raise ValueError(f"image {index}: float tensors must hold values in [0, 1], "
-                                 f"got [{float(image.min()):.4g}, {float(image.max()):.4g}]")
+                raise ValueError(
+                    f"image {index}: float tensors must hold values in [0, 1], "
+                    f"got [{float(image.min()):.4g}, {float(image.max()):.4g}]"
+                )
             return (image.float() * 255.0).round_().to(torch.uint8)
         raise ValueError(f"image {index}: tensor dtype must be uint8 or floating point, got {image.dtype}")
     raise ValueError(f"image {index}: expected a numpy array or torch tensor, got {type(image).__name__}")
@@ -124,8 +126,9 @@ def resize_image(image: torch.Tensor, height: int, width: int, fast: bool = Fals
     if fast:
         hwc = image[None].contiguous(memory_format=torch.channels_last)
         return nnf.interpolate(hwc, size=(height, width), mode="bilinear", align_corners=False, antialias=False)[0]
-    out = nnf.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
-                          antialias=False)[0]
+    out = nnf.interpolate(
+        image[None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=False
+    )[0]
     return out.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -155,9 +158,14 @@ def resize_for_test(image: torch.Tensor, size: int) -> tuple[torch.Tensor, Image
     return resized, meta
 
 
-def normalize_pad(images: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float],
-                  pad_divisor: int = 1, pad_size: tuple[int, int] | None = None,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+def normalize_pad(
+    images: Sequence[torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_divisor: int = 1,
+    pad_size: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Stack uint8 ``(3, h_i, w_i)`` images into a float32 ``(N, 3, H, W)`` batch.
 
     Each image becomes ``(x - mean) / std`` (RGB, 0..255 units) and is placed top-left; the rest
@@ -185,9 +193,14 @@ def normalize_pad(images: Sequence[torch.Tensor], mean: Sequence[float], std: Se
     return batch
 
 
-def preprocess_batch(images: Sequence[np.ndarray | torch.Tensor], size: int, pad_divisor: int,
-                     mean: Sequence[float], std: Sequence[float],
-                     device: torch.device | str | None = None) -> tuple[torch.Tensor, list[ImageMeta]]:
+def preprocess_batch(
+    images: Sequence[np.ndarray | torch.Tensor],
+    size: int,
+    pad_divisor: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, list[ImageMeta]]:
     """Test-time pre-processing of RGB images, as MMDetection's crop-640 test pipeline.
 
     ``images``: uint8 ``(H, W, 3)`` arrays, uint8 ``(3, H, W)`` tensors or float ``(3, H, W)``
@@ -205,8 +218,11 @@ def preprocess_batch(images: Sequence[np.ndarray | torch.Tensor], size: int, pad
         im, meta = resize_for_test(chw, size)
         resized.append(im)
         h, w = meta.img_shape
-        metas.append(ImageMeta(meta.ori_shape, meta.img_shape, meta.scale_factor,
-                               (round_up(h, pad_divisor), round_up(w, pad_divisor))))
+        metas.append(
+            ImageMeta(
+                meta.ori_shape, meta.img_shape, meta.scale_factor, (round_up(h, pad_divisor), round_up(w, pad_divisor))
+            )
+        )
     return normalize_pad(resized, mean, std, pad_divisor, device=device), metas
 
 
@@ -221,8 +237,9 @@ class EvalTransform:
         return {**sample, "image": image, "img_shape": meta.img_shape, "scale_factor": meta.scale_factor}
 
 
-def collate_eval(samples: Sequence[Sample | None], mean: Sequence[float], std: Sequence[float],
-                 pad_divisor: int) -> tuple[torch.Tensor, list[ImageMeta], list[dict[str, Any]]]:
+def collate_eval(
+    samples: Sequence[Sample | None], mean: Sequence[float], std: Sequence[float], pad_divisor: int
+) -> tuple[torch.Tensor, list[ImageMeta], list[dict[str, Any]]]:
     """Batch ``EvalTransform`` outputs: ``(images (N,3,H,W) float32, metas, infos)``.
 
     ``None`` samples (unreadable images under ``on_read_error="skip"``) are dropped; ``infos``
@@ -235,8 +252,14 @@ def collate_eval(samples: Sequence[Sample | None], mean: Sequence[float], std: S
     metas = []
     for s in kept:
         h, w = s["img_shape"]
-        metas.append(ImageMeta(tuple(s["ori_shape"]), (h, w), tuple(s["scale_factor"]),
-                               (round_up(h, pad_divisor), round_up(w, pad_divisor))))
+        metas.append(
+            ImageMeta(
+                tuple(s["ori_shape"]),
+                (h, w),
+                tuple(s["scale_factor"]),
+                (round_up(h, pad_divisor), round_up(w, pad_divisor)),
+            )
+        )
     images = normalize_pad([s["image"] for s in kept], mean, std, pad_divisor)
     infos = [{"image_id": s["image_id"], "file_name": s["file_name"]} for s in kept]
     return images, metas, infos
@@ -258,8 +281,13 @@ class TrainTransform:
     - Flip with probability ``flip_prob``: ``x1' = W - x2``, ``x2' = W - x1``.
     """
 
-    def __init__(self, size: int = 640, scale_range: tuple[float, float] = (0.8, 1.2), flip_prob: float = 0.5,
-                 max_crop_tries: int = 10) -> None:
+    def __init__(
+        self,
+        size: int = 640,
+        scale_range: tuple[float, float] = (0.8, 1.2),
+        flip_prob: float = 0.5,
+        max_crop_tries: int = 10,
+    ) -> None:
         if scale_range[0] > scale_range[1] or scale_range[0] <= 0:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {scale_range}")
         if max_crop_tries < 1:
@@ -294,12 +322,20 @@ class TrainTransform:
             image = F.horizontal_flip(image)
             boxes = F.horizontal_flip(_boxes(boxes, crop_h, crop_w)).as_subclass(torch.Tensor)
 
-        return {**sample, "image": image, "boxes": boxes.contiguous(), "labels": labels,
-                "img_shape": (crop_h, crop_w), "scale_factor": (new_w / w, new_h / h), "flip": flip,
-                "crop_offset": (top, left)}
+        return {
+            **sample,
+            "image": image,
+            "boxes": boxes.contiguous(),
+            "labels": labels,
+            "img_shape": (crop_h, crop_w),
+            "scale_factor": (new_w / w, new_h / h),
+            "flip": flip,
+            "crop_offset": (top, left),
+        }
 
-    def _random_crop(self, boxes: torch.Tensor, h: int, w: int, crop_h: int, crop_w: int,
-                     generator: torch.Generator) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    def _random_crop(
+        self, boxes: torch.Tensor, h: int, w: int, crop_h: int, crop_w: int, generator: torch.Generator
+    ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
         """``(top, left, cropped boxes, keep mask)`` of a crop that keeps a box if there was one."""
         margin_h, margin_w = h - crop_h, w - crop_w
         had_boxes = bool(_positive_size(boxes).any())
@@ -336,8 +372,12 @@ def _offset_around(lo: float, hi: float, crop: int, margin: int, generator: torc
     return min(max(int((lo + hi - crop) / 2), 0), margin)
 
 
-def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    img_shapes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+def normalize_batch(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_shapes: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """``(x - mean) / std`` of a uint8 ``(N, 3, H, W)`` batch, with padding set to 0 afterwards.
 
     ``img_shapes`` gives the ``(h, w)`` of real pixels in each image (top-left); everything else

@@ -45,8 +45,10 @@ def draw_detections(
     labels_np = _as_numpy(labels).reshape(-1).astype(np.int64)
     scores_np = None if scores is None else _as_numpy(scores).reshape(-1).astype(np.float64)
     if len(labels_np) != len(boxes_np) or (scores_np is not None and len(scores_np) != len(boxes_np)):
-        raise ValueError(f"{len(boxes_np)} boxes but {len(labels_np)} labels / "
-                         f"{'no' if scores_np is None else len(scores_np)} scores")
+        raise ValueError(
+            f"{len(boxes_np)} boxes but {len(labels_np)} labels / "
+            f"{'no' if scores_np is None else len(scores_np)} scores"
+        )
 
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()

@@ -103,8 +103,9 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerances,
-                     report: ParityReport, where: str = "") -> None:
+def match_detections(
+    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerances, report: ParityReport, where: str = ""
+) -> None:
     """Pair each reference detection with an unused exported one of the same label within the
     tolerances (nearest box first), and add the outcome to ``report``."""
     rb, rs, rl = (np.asarray(ref[k], dtype=np.float64) for k in ("boxes", "scores", "labels"))
@@ -115,11 +116,20 @@ def match_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol
     for i in range(len(rs)):
         diff = np.abs(gb - rb[i]).max(axis=1) if len(gs) else np.zeros(0)
         scale = np.maximum(np.abs(rb[i]), 1.0)
-        fits = ((np.abs(gb - rb[i]) <= tol.box_atol + tol.box_rtol * scale).all(axis=1) & (gl == rl[i])
-                & (np.abs(gs - rs[i]) <= tol.score_atol) & ~used) if len(gs) else np.zeros(0, dtype=bool)
+        fits = (
+            (
+                (np.abs(gb - rb[i]) <= tol.box_atol + tol.box_rtol * scale).all(axis=1)
+                & (gl == rl[i])
+                & (np.abs(gs - rs[i]) <= tol.score_atol)
+                & ~used
+            )
+            if len(gs)
+            else np.zeros(0, dtype=bool)
+        )
         if not fits.any():
-            report.unmatched.append(f"{where}eager #{i} label {int(rl[i])} score {rs[i]:.5f} box "
-                                    f"[{', '.join(f'{v:.1f}' for v in rb[i])}]")
+            report.unmatched.append(
+                f"{where}eager #{i} label {int(rl[i])} score {rs[i]:.5f} box [{', '.join(f'{v:.1f}' for v in rb[i])}]"
+            )
             continue
         j = int(np.flatnonzero(fits)[np.argmin(diff[fits])])
         used[j] = True
@@ -155,8 +165,9 @@ def _eager(model: RetinaNet, batch: torch.Tensor, metas: list[ImageMeta], test_c
     return maps, [{k: v.numpy() for k, v in d.items()} for d in dets]
 
 
-def _program_detections(maps: Sequence[np.ndarray], model: RetinaNet, metas: list[ImageMeta],
-                        test_cfg: TestConfig) -> list[dict[str, np.ndarray]]:
+def _program_detections(
+    maps: Sequence[np.ndarray], model: RetinaNet, metas: list[ImageMeta], test_cfg: TestConfig
+) -> list[dict[str, np.ndarray]]:
     """Our post-processing applied to a program's head maps (cls p3..p7, deltas p3..p7)."""
     levels = len(model.anchor_generator.strides)
     tensors = [torch.from_numpy(np.ascontiguousarray(m)) for m in maps[: 2 * levels]]
@@ -174,11 +185,15 @@ def _runs(images: Sequence[np.ndarray], batch: int | None, dynamic_size: bool) -
     step = batch or len(images)
     if len(images) % step:
         images += [images[-1]] * (step - len(images) % step)
-    return [images[i:i + step] for i in range(0, len(images), step)]
+    return [images[i : i + step] for i in range(0, len(images), step)]
 
 
-def _add_map_difference(report: ParityReport, got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
-                        extra: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+def _add_map_difference(
+    report: ParityReport,
+    got: Sequence[np.ndarray],
+    ref: Sequence[np.ndarray],
+    extra: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+) -> None:
     """Largest head-map difference (and of ``extra`` pairs, e.g. anchors) into ``report``."""
     diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
     scale = max(1.0, max(float(np.abs(b).max()) for b in ref))
@@ -186,8 +201,14 @@ def _add_map_difference(report: ParityReport, got: Sequence[np.ndarray], ref: Se
     report.map_limit = max(report.map_limit, report.tolerances.map_atol * scale)
 
 
-def verify_export(path: str | Path, model: RetinaNet, config: Config, images: Sequence[np.ndarray] | None = None,
-                  tolerances: Tolerances | None = None, score_thr: float | None = None) -> ParityReport:
+def verify_export(
+    path: str | Path,
+    model: RetinaNet,
+    config: Config,
+    images: Sequence[np.ndarray] | None = None,
+    tolerances: Tolerances | None = None,
+    score_thr: float | None = None,
+) -> ParityReport:
     """Run the exported file and eager PyTorch on ``images`` (default: ``sample_images``) and compare.
 
     Returns the report; ``report.ok`` tells whether they agree.
@@ -224,8 +245,12 @@ def verify_export(path: str | Path, model: RetinaNet, config: Config, images: Se
             outputs = exported.session.run(None, {"images": batch.numpy()})
             levels = len(ref_maps) // 2
             anchors = model.anchors(([torch.from_numpy(m) for m in ref_maps[:levels]], []))
-            _add_map_difference(report, outputs[:2 * levels], ref_maps,
-                                [(a, b.numpy()) for a, b in zip(outputs[2 * levels:], anchors)])
+            _add_map_difference(
+                report,
+                outputs[: 2 * levels],
+                ref_maps,
+                [(a, b.numpy()) for a, b in zip(outputs[2 * levels :], anchors)],
+            )
         for i, (ref, got) in enumerate(zip(ref_dets, got_dets)):
             match_detections(ref, got, report.tolerances, report, where=f"image {report.images + i}: ")
         report.images += len(chunk)

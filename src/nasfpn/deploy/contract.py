@@ -94,9 +94,17 @@ def min_input_side(config: Config) -> int:
     return (top // d + 1) * d
 
 
-def export_metadata(config: Config, contract: str, fmt: str, batch: int | None, precision: str,
-                    class_names: Sequence[str], category_ids: Sequence[int], opset: int | None,
-                    dynamic_size: bool = False) -> dict[str, Any]:
+def export_metadata(
+    config: Config,
+    contract: str,
+    fmt: str,
+    batch: int | None,
+    precision: str,
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    opset: int | None,
+    dynamic_size: bool = False,
+) -> dict[str, Any]:
     """The metadata written into an exported file (see the module docstring)."""
     d = config.data
     return {
@@ -151,8 +159,9 @@ def input_padding(meta: dict[str, Any]) -> tuple[tuple[int, int] | None, int]:
     return (int(meta["input_hw"][0]), int(meta["input_hw"][1])), 0
 
 
-def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, input_hw: tuple[int, int] | None,
-                   min_side: int = 0):
+def prepare_inputs(
+    images: Sequence[np.ndarray | torch.Tensor], config: Config, input_hw: tuple[int, int] | None, min_side: int = 0
+):
     """Pre-process ``images`` as ``nasfpn.data`` does and pad to ``input_hw`` (a fixed-size file),
     or, for a dynamic-size file (``input_hw=None``), to ``pad_divisor`` as eager PyTorch does and
     at least ``min_side``.
@@ -167,13 +176,17 @@ def prepare_inputs(images: Sequence[np.ndarray | torch.Tensor], config: Config, 
     if batch.shape[-2] > h or batch.shape[-1] > w:
         raise ValueError(f"pre-processed batch {tuple(batch.shape[-2:])} exceeds the model input {h}x{w}")
     batch = torch.nn.functional.pad(batch, (0, w - batch.shape[-1], 0, h - batch.shape[-2]))
-    info = torch.tensor([[m.img_shape[0], m.img_shape[1], m.scale_factor[0], m.scale_factor[1]] for m in metas],
-                        dtype=torch.float32)
+    info = torch.tensor(
+        [[m.img_shape[0], m.img_shape[1], m.scale_factor[0], m.scale_factor[1]] for m in metas], dtype=torch.float32
+    )
     return batch, info, metas
 
 
-def end2end_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                       num_detections: np.ndarray) -> list[dict[str, np.ndarray]]:
+def end2end_detections(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, num_detections: np.ndarray
+) -> list[dict[str, np.ndarray]]:
     """The outputs of an ``end2end`` run as one dict per image, the padding rows dropped."""
-    return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
-            for i, n in enumerate(np.asarray(num_detections).tolist())]
+    return [
+        {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+        for i, n in enumerate(np.asarray(num_detections).tolist())
+    ]

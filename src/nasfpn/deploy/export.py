@@ -51,8 +51,9 @@ class ExportError(RuntimeError):
     """The export failed, or the exported file disagrees with eager PyTorch."""
 
 
-def _example_inputs(config: Config, contract: str, batch: int, device: torch.device,
-                    dynamic_size: bool = False) -> tuple[torch.Tensor, ...]:
+def _example_inputs(
+    config: Config, contract: str, batch: int, device: torch.device, dynamic_size: bool = False
+) -> tuple[torch.Tensor, ...]:
     h, w = export_input_hw(config)
     if dynamic_size:
         # Traced at a small non-square size: torch.export would take equal H and W for a rule.
@@ -90,9 +91,20 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract: str = "end2end", batch: int = 1,
-                dynamic_batch: bool = False, dynamic_size: bool = True, opset: int = 18, precision: str = "fp32",
-                class_names: Sequence[str] = (), category_ids: Sequence[int] = ()) -> dict[str, Any]:
+def export_onnx(
+    model: RetinaNet,
+    config: Config,
+    path: str | Path,
+    *,
+    contract: str = "end2end",
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    dynamic_size: bool = True,
+    opset: int = 18,
+    precision: str = "fp32",
+    class_names: Sequence[str] = (),
+    category_ids: Sequence[int] = (),
+) -> dict[str, Any]:
     """Write ``model`` as ONNX (``nasfpn.deploy.contract`` states the contracts); returns the metadata."""
     import onnx
 
@@ -127,15 +139,31 @@ def export_onnx(model: RetinaNet, config: Config, path: str | Path, *, contract:
             # The exporter notes that the dynamic axis of both inputs gets one name: intended.
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
             program = torch.onnx.export(
-                module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False, external_data=False,
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                verbose=False,
+                external_data=False,
                 custom_translation_table={torch.ops.nasfpn.multiclass_nms.default: multiclass_nms_onnx},
             )
         assert program is not None  # the dynamo exporter always returns one
         program.save(str(tmp), external_data=False)
         proto = onnx.load(str(tmp))
-        meta = export_metadata(config, contract, "onnx", None if dynamic_batch else batch, precision, class_names,
-                               category_ids, opset, dynamic_size)
+        meta = export_metadata(
+            config,
+            contract,
+            "onnx",
+            None if dynamic_batch else batch,
+            precision,
+            class_names,
+            category_ids,
+            opset,
+            dynamic_size,
+        )
         _set_metadata(proto, meta)
         if contract == "end2end":
             _make_input_optional(proto, "score_thr", np.array(config.model.test.score_thr, dtype=np.float32))
@@ -172,9 +200,16 @@ def _make_input_optional(proto, name: str, default: np.ndarray) -> None:
     proto.graph.initializer.append(numpy_helper.from_array(default, name))
 
 
-def export_torch_program(model: RetinaNet, config: Config, path: str | Path, *, batch: int = 1,
-                         dynamic_batch: bool = False, dynamic_size: bool = True,
-                         precision: str = "fp32") -> dict[str, Any]:
+def export_torch_program(
+    model: RetinaNet,
+    config: Config,
+    path: str | Path,
+    *,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    dynamic_size: bool = True,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """Save backbone + neck + head as a ``torch.export`` program (``.pt2``)."""
     if precision not in EXPORT_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {EXPORT_PRECISIONS}")
@@ -185,16 +220,28 @@ def export_torch_program(model: RetinaNet, config: Config, path: str | Path, *, 
     dims = _image_dims(config, dynamic_batch, dynamic_size)
     with torch.no_grad():
         program = torch.export.export(module, (images,), dynamic_shapes=(dims,) if dims else None, strict=False)
-    meta = export_metadata(config, "network", "torch-export", None if dynamic_batch else batch, precision, (), (), None,
-                           dynamic_size)
+    meta = export_metadata(
+        config, "network", "torch-export", None if dynamic_batch else batch, precision, (), (), None, dynamic_size
+    )
     with atomic_path(path) as tmp:
         torch.export.save(program, str(tmp), extra_files={PROGRAM_METADATA_FILE: json.dumps(meta)})
     return meta
 
 
-def export(detector: Detector, out: str | Path, fmt: str = "onnx", *, contract: str = "end2end", batch: int = 1,
-           dynamic_batch: bool = False, dynamic_size: bool = True, opset: int = 18, precision: str = "fp32",
-           verify: bool = True, images: Sequence[np.ndarray] | None = None) -> tuple[dict[str, Any], ParityReport | None]:
+def export(
+    detector: Detector,
+    out: str | Path,
+    fmt: str = "onnx",
+    *,
+    contract: str = "end2end",
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    dynamic_size: bool = True,
+    opset: int = 18,
+    precision: str = "fp32",
+    verify: bool = True,
+    images: Sequence[np.ndarray] | None = None,
+) -> tuple[dict[str, Any], ParityReport | None]:
     """Export a ``nasfpn.deploy.predictor.Detector`` and check the file against eager PyTorch.
 
     Raises ``ExportError`` with the comparison if they disagree (the file is kept for inspection).
@@ -203,12 +250,23 @@ def export(detector: Detector, out: str | Path, fmt: str = "onnx", *, contract: 
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
     model, config = detector.model.eval(), detector.config
     if fmt == "onnx":
-        meta = export_onnx(model, config, out, contract=contract, batch=batch, dynamic_batch=dynamic_batch,
-                           dynamic_size=dynamic_size, opset=opset, precision=precision, class_names=detector.class_names,
-                           category_ids=detector.category_ids)
+        meta = export_onnx(
+            model,
+            config,
+            out,
+            contract=contract,
+            batch=batch,
+            dynamic_batch=dynamic_batch,
+            dynamic_size=dynamic_size,
+            opset=opset,
+            precision=precision,
+            class_names=detector.class_names,
+            category_ids=detector.category_ids,
+        )
     else:
-        meta = export_torch_program(model, config, out, batch=batch, dynamic_batch=dynamic_batch,
-                                    dynamic_size=dynamic_size, precision=precision)
+        meta = export_torch_program(
+            model, config, out, batch=batch, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, precision=precision
+        )
     if not verify:
         return meta, None
     report = verify_export(out, model, config, images)

@@ -136,8 +136,9 @@ class InferenceModel(nn.Module):
     format) and returns float32 per-level maps, whatever ``precision`` runs inside.
     """
 
-    def __init__(self, model: RetinaNet, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 compile: bool = False) -> None:
+    def __init__(
+        self, model: RetinaNet, dtype: torch.dtype = torch.float32, channels_last: bool = False, compile: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
@@ -145,7 +146,9 @@ class InferenceModel(nn.Module):
         self.compiled = compile
         self._core = self._forward
         if compile:
-            options: dict[str, Any] | None = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
+            options: dict[str, Any] | None = (
+                {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
+            )
             self._core = torch.compile(self._forward, dynamic=False, options=options)
 
     # RetinaNet's attributes that callers use.
@@ -180,12 +183,19 @@ class InferenceModel(nn.Module):
         return self.model.anchors(outputs)
 
     @torch.no_grad()
-    def postprocess(self, outputs: Outputs, metas: list[ImageMeta], test_cfg: TestConfig | None = None) -> list[dict[str, torch.Tensor]]:
+    def postprocess(
+        self, outputs: Outputs, metas: list[ImageMeta], test_cfg: TestConfig | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         return self.model.postprocess(outputs, metas, test_cfg)
 
 
-def optimize_for_inference(model: RetinaNet, fuse_bn: bool = True, channels_last: bool | None = None,
-                           precision: str = "fp32", compile: bool = False) -> InferenceModel:
+def optimize_for_inference(
+    model: RetinaNet,
+    fuse_bn: bool = True,
+    channels_last: bool | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+) -> InferenceModel:
     """A new eval-only ``InferenceModel`` of ``model`` (which is left as it is).
 
     ``channels_last=None`` means on: it was faster on CPU (oneDNN) in every measurement

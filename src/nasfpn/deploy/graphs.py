@@ -23,8 +23,9 @@ from nasfpn.models.postprocess import detection_candidates
 
 
 @torch.library.custom_op("nasfpn::multiclass_nms", mutates_args=())
-def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, score_thr: torch.Tensor, max_per_class: int,
-                   iou_threshold: float) -> torch.Tensor:
+def multiclass_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, score_thr: torch.Tensor, max_per_class: int, iou_threshold: float
+) -> torch.Tensor:
     """ONNX ``NonMaxSuppression`` (center_point_box=0) in PyTorch.
 
     ``boxes`` float ``(B, M, 4)`` xyxy, ``scores`` float ``(B, C, M)``. Per image and class, the
@@ -66,9 +67,15 @@ def multiclass_nms_onnx(boxes, scores, score_thr, max_per_class: int, iou_thresh
 # --------------------------------------------------------------------------- graph post-processing
 
 
-def postprocess_fixed(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch.Tensor],
-                      anchors: Sequence[torch.Tensor], image_info: torch.Tensor, score_thr: torch.Tensor,
-                      num_classes: int, cfg: TestConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def postprocess_fixed(
+    cls_maps: Sequence[torch.Tensor],
+    reg_maps: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    image_info: torch.Tensor,
+    score_thr: torch.Tensor,
+    num_classes: int,
+    cfg: TestConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``models.postprocess.postprocess`` with fixed-size outputs, for export.
 
     ``image_info`` float ``(B, 4)`` = (img_h, img_w, scale_x, scale_y); ``score_thr`` a 0-d float
@@ -86,8 +93,9 @@ def postprocess_fixed(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch
         raise ValueError("export needs test.max_per_img > 0 (the outputs have a fixed size)")
     n = cls_maps[0].shape[0]
     inv = 1.0 / image_info[:, 2:4]  # (B, 2): 1/sx, 1/sy
-    boxes, scores, labels, valid = detection_candidates(cls_maps, reg_maps, anchors, image_info[:, :2],
-                                                        torch.cat([inv, inv], dim=1), num_classes, score_thr, cfg)
+    boxes, scores, labels, valid = detection_candidates(
+        cls_maps, reg_maps, anchors, image_info[:, :2], torch.cat([inv, inv], dim=1), num_classes, score_thr, cfg
+    )
     scores = torch.where(valid, scores, -1.0)
 
     # Class-aware NMS as NMS over classes: row c of (B, C, M) holds the scores of class-c boxes only.
@@ -158,14 +166,15 @@ class RawGraph(NetworkGraph):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         maps = super().forward(images)
-        return maps + tuple(self.anchors(maps[:len(maps) // 2]))
+        return maps + tuple(self.anchors(maps[: len(maps) // 2]))
 
 
 class EndToEndGraph(nn.Module):
     """``(images, image_info, score_thr)`` -> ``(boxes, scores, labels, num_detections)``."""
 
-    def __init__(self, model: RetinaNet, input_hw: tuple[int, int] | None, test_cfg: TestConfig,
-                 half: bool = False) -> None:
+    def __init__(
+        self, model: RetinaNet, input_hw: tuple[int, int] | None, test_cfg: TestConfig, half: bool = False
+    ) -> None:
         super().__init__()
         self.network = NetworkGraph(model, half)
         self.num_classes = model.num_classes
@@ -175,8 +184,15 @@ class EndToEndGraph(nn.Module):
     def forward(self, images: torch.Tensor, image_info: torch.Tensor, score_thr: torch.Tensor):
         maps = self.network(images)
         levels = len(maps) // 2
-        return postprocess_fixed(maps[:levels], maps[levels:], self.anchors(maps[:levels]), image_info, score_thr,
-                                 self.num_classes, self.test_cfg)
+        return postprocess_fixed(
+            maps[:levels],
+            maps[levels:],
+            self.anchors(maps[:levels]),
+            image_info,
+            score_thr,
+            self.num_classes,
+            self.test_cfg,
+        )
 
 
 def _anchors(model: RetinaNet, input_hw: tuple[int, int]) -> list[torch.Tensor]:

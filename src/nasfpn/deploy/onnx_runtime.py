@@ -39,13 +39,16 @@ def _check_compatible(meta: dict[str, Any], config: Config) -> None:
         if getattr(config.data, name) != getattr(stored.data, name):
             problems.append(f"data.{name} {getattr(config.data, name)} (file: {getattr(stored.data, name)})")
     if config.model.head.num_classes != stored.model.head.num_classes:
-        problems.append(f"model.head.num_classes {config.model.head.num_classes} "
-                        f"(file: {stored.model.head.num_classes})")
+        problems.append(
+            f"model.head.num_classes {config.model.head.num_classes} (file: {stored.model.head.num_classes})"
+        )
     if meta["contract"] == "end2end":
         for name in _BAKED_TEST_FIELDS:
             if getattr(config.model.test, name) != getattr(stored.model.test, name):
-                problems.append(f"model.test.{name} {getattr(config.model.test, name)} "
-                                f"(fixed in the graph: {getattr(stored.model.test, name)})")
+                problems.append(
+                    f"model.test.{name} {getattr(config.model.test, name)} "
+                    f"(fixed in the graph: {getattr(stored.model.test, name)})"
+                )
     if problems:
         raise ValueError("the config does not fit the exported model: " + "; ".join(problems))
 
@@ -72,9 +75,15 @@ class OnnxDetector:
     anything else raises ``ValueError``.
     """
 
-    def __init__(self, onnx_path: str | Path, model: str | Config | None = None, overrides: list[str] | None = None,
-                 config_file: str | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        model: str | Config | None = None,
+        overrides: list[str] | None = None,
+        config_file: str | None = None,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist")
@@ -95,7 +104,8 @@ class OnnxDetector:
 
     def _run_end2end(self, batch: np.ndarray, info: np.ndarray, score_thr: float) -> list[dict[str, np.ndarray]]:
         outputs = self.session.run(
-            None, {"images": batch, "image_info": info, "score_thr": np.array(score_thr, dtype=np.float32)})
+            None, {"images": batch, "image_info": info, "score_thr": np.array(score_thr, dtype=np.float32)}
+        )
         return end2end_detections(*outputs)
 
     def _run_raw(self, batch: np.ndarray, metas, score_thr: float) -> list[dict[str, np.ndarray]]:
@@ -119,8 +129,9 @@ class OnnxDetector:
         d = self.config.data
         return padded_input_shape(height, width, d.image_size, d.pad_divisor, self.min_side)
 
-    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
-                batch_size: int = 8) -> list[dict[str, Any]]:
+    def predict(
+        self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]:
         """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
 
         Returns one dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original

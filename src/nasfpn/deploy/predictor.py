@@ -38,8 +38,9 @@ class Predictor(Protocol):
         when these agree."""
         ...
 
-    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
-                batch_size: int = 8) -> list[dict[str, Any]]:
+    def predict(
+        self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]:
         """One dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original pixels,
         ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays."""
         ...
@@ -53,8 +54,13 @@ class Detector:
     ``model`` stays the plain RetinaNet (for export and saving).
     """
 
-    def __init__(self, model: RetinaNet, config: Config, device: str | torch.device = "cpu",
-                 optimize: bool | dict[str, Any] = False) -> None:
+    def __init__(
+        self,
+        model: RetinaNet,
+        config: Config,
+        device: str | torch.device = "cpu",
+        optimize: bool | dict[str, Any] = False,
+    ) -> None:
         self.model = model
         self.config = config
         self.device = torch.device(device)
@@ -65,8 +71,10 @@ class Detector:
         self.class_names = label_names(k, config.data.class_names)
         self.category_ids = label_category_ids(k, config.data.category_ids)
         if len(self.class_names) != k or len(self.category_ids) != k:
-            raise ValueError(f"config names {len(self.class_names)} classes / {len(self.category_ids)} category ids "
-                             f"for a head with {k} classes")
+            raise ValueError(
+                f"config names {len(self.class_names)} classes / {len(self.category_ids)} category ids "
+                f"for a head with {k} classes"
+            )
 
     def _make_runner(self):
         if not self.optimize:
@@ -94,8 +102,9 @@ class Detector:
         return padded_input_shape(height, width, d.image_size, d.pad_divisor)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None,
-                batch_size: int = 8) -> list[dict[str, Any]]:
+    def predict(
+        self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]:
         """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
 
         Returns one dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original
@@ -116,8 +125,9 @@ class Detector:
         cat_ids = np.asarray(self.category_ids, dtype=np.int64)
         out: list[dict[str, Any]] = [{}] * len(chw)
         for members in group_by_shape(keys, batch_size):
-            batch, metas = preprocess_batch([chw[i] for i in members], data.image_size, data.pad_divisor,
-                                            data.mean, data.std, self.device)
+            batch, metas = preprocess_batch(
+                [chw[i] for i in members], data.image_size, data.pad_divisor, data.mean, data.std, self.device
+            )
             dets = self._runner.postprocess(self._runner(batch), metas, test_cfg)
             for i, d in zip(members, dets):
                 labels = d["labels"].cpu().numpy()
@@ -130,9 +140,14 @@ class Detector:
         return out
 
 
-def load(name_or_config: str | Path | Config | None = None, weights: str | Path | None = None,
-         device: str | torch.device = "cpu", overrides: list[str] | None = None,
-         optimize: bool | dict[str, Any] = False, config_file: str | Path | None = None) -> Detector:
+def load(
+    name_or_config: str | Path | Config | None = None,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    overrides: list[str] | None = None,
+    optimize: bool | dict[str, Any] = False,
+    config_file: str | Path | None = None,
+) -> Detector:
     """Build a detector from a preset name, config file or ``Config``, then load ``weights``.
 
     ``weights`` may be our ``.safetensors`` (then the config may be omitted: the file carries

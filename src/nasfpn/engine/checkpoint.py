@@ -49,8 +49,13 @@ def rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": [version, list(mt), gauss],
-        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)), int(pos),
-                  int(has_gauss), float(cached)],
+        "numpy": [
+            str(name),
+            torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -82,7 +87,7 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in state.items():
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v.detach().cpu().clone()
     return out
 
@@ -101,6 +106,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a nasfpn training checkpoint")
     if obj.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {obj.get('version')} is not supported "
-                         f"(this nasfpn writes version {CHECKPOINT_VERSION})")
+        raise ValueError(
+            f"{path}: checkpoint version {obj.get('version')} is not supported "
+            f"(this nasfpn writes version {CHECKPOINT_VERSION})"
+        )
     return obj

@@ -30,7 +30,18 @@ from faster_coco_eval import COCO, COCOeval_faster
 from nasfpn.core.fileio import write_json_atomic
 
 STAT_KEYS: tuple[str, ...] = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
 )
 
 # (AP or AR, IoU label, area label, maxDets) for each key, in pycocotools' print order.
@@ -210,9 +221,7 @@ def results_from_predictions(
         scores = _to_numpy(pred["scores"]).astype(np.float64).reshape(-1)
         labels = _to_numpy(pred["labels"]).astype(np.int64).reshape(-1)
         if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(
-                f"prediction {i}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels"
-            )
+            raise ValueError(f"prediction {i}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
         for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
             try:
                 category_id = int(label_to_category_id[label])

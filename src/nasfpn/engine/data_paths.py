@@ -36,10 +36,18 @@ class DataPaths:
         """
         root = Path(root)
         layouts = [
-            (root / "annotations" / "instances_train2017.json", root / "train2017",
-             root / "annotations" / "instances_val2017.json", root / "val2017"),
-            (root / "annotations" / "instances_train.json", root / "train",
-             root / "annotations" / "instances_val.json", root / "val"),
+            (
+                root / "annotations" / "instances_train2017.json",
+                root / "train2017",
+                root / "annotations" / "instances_val2017.json",
+                root / "val2017",
+            ),
+            (
+                root / "annotations" / "instances_train.json",
+                root / "train",
+                root / "annotations" / "instances_val.json",
+                root / "val",
+            ),
         ]
         for train_ann, train_images, val_ann, val_images in layouts:
             if train_ann.is_file():
@@ -47,5 +55,7 @@ class DataPaths:
                 return cls(train_ann, train_images, val_ann if has_val else None, val_images if has_val else None)
             if not require_train and val_ann.is_file():
                 return cls(train_ann, train_images, val_ann, val_images)
-        raise ValueError(f"{root}: found neither COCO 2017 (annotations/instances_train2017.json + train2017/) nor "
-                         "annotations/instances_train.json + train/; pass --train-ann/--train-images instead")
+        raise ValueError(
+            f"{root}: found neither COCO 2017 (annotations/instances_train2017.json + train2017/) nor "
+            "annotations/instances_train.json + train/; pass --train-ann/--train-images instead"
+        )

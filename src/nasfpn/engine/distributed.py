@@ -74,8 +74,13 @@ def init_distributed(device: str | torch.device | None = None, timeout_minutes: 
     created = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            world_size=world,
+            rank=rank,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
         created = True
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -134,8 +139,9 @@ def iters_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> i
     return -(-num_samples // total)
 
 
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[tuple[int, int]]]:
+def epoch_batches(
+    num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[tuple[int, int]]]:
     """This rank's batches of ``epoch`` as dataset keys ``(index, epoch)``.
 
     The permutation is padded by repeating it from the start until every global batch is full.
@@ -149,7 +155,7 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     out = []
     for i in range(steps):
         start = i * total + rank * batch_size
-        out.append([(idx, epoch) for idx in padded[start:start + batch_size]])
+        out.append([(idx, epoch) for idx in padded[start : start + batch_size]])
     return out
 
 
@@ -200,8 +206,17 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     BatchNorm does. Outside training, or without a process group, it is a plain BatchNorm.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
@@ -244,8 +259,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_grou
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, process_group)
+        out = CPUSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group
+        )
         if module.affine:
             with torch.no_grad():
                 out.weight = module.weight

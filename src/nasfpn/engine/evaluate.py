@@ -37,8 +37,9 @@ from nasfpn.models.detector import Outputs
 class _Postprocessing(Protocol):
     """What evaluation calls besides the forward pass (``RetinaNet`` and its inference copies have it)."""
 
-    def postprocess(self, outputs: Outputs, metas: list[ImageMeta],
-                    test_cfg: TestConfig | None = None) -> list[dict[str, torch.Tensor]]: ...
+    def postprocess(
+        self, outputs: Outputs, metas: list[ImageMeta], test_cfg: TestConfig | None = None
+    ) -> list[dict[str, torch.Tensor]]: ...
 
 
 def _progress_enabled(progress: bool | None) -> bool:
@@ -46,9 +47,19 @@ def _progress_enabled(progress: bool | None) -> bool:
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device | str, batch_size: int = 8,
-                    workers: int = 0, rank: int = 0, world_size: int = 1, progress: bool | None = None,
-                    channels_last: bool = False, amp: str = "none") -> list[dict[str, Any]]:
+def predict_dataset(
+    model: nn.Module,
+    dataset,
+    cfg: Config,
+    device: torch.device | str,
+    batch_size: int = 8,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool | None = None,
+    channels_last: bool = False,
+    amp: str = "none",
+) -> list[dict[str, Any]]:
     """Detections of this rank's share of ``dataset`` (a ``CocoDataset`` with ``EvalTransform``).
 
     Returns one dict per image: ``image_id``, ``boxes`` (D, 4) xyxy original pixels, ``scores``,
@@ -65,8 +76,9 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
     # sizes actually read), so an image's detections do not depend on its batch neighbours.
     sizes = [tuple(dataset.json_sizes[i]) for i in indices]
     sampler = ShapeBatchSampler(sizes, batch_size, cfg.data.image_size, cfg.data.pad_divisor)
-    collate = functools.partial(collate_eval_groups, mean=cfg.data.mean, std=cfg.data.std,
-                                pad_divisor=cfg.data.pad_divisor)
+    collate = functools.partial(
+        collate_eval_groups, mean=cfg.data.mean, std=cfg.data.std, pad_divisor=cfg.data.pad_divisor
+    )
     loader = torch.utils.data.DataLoader(subset, batch_sampler=sampler, num_workers=workers, collate_fn=collate)
     out: list[dict[str, Any]] = []
     show = _progress_enabled(progress) and rank == 0
@@ -83,26 +95,43 @@ def predict_dataset(model: nn.Module, dataset, cfg: Config, device: torch.device
             outputs = ([m.float() for m in outputs[0]], [m.float() for m in outputs[1]])
             dets = model.postprocess(outputs, metas)
             for info, det in zip(infos, dets):
-                out.append({
-                    "image_id": info["image_id"],
-                    "boxes": det["boxes"].cpu().numpy(),
-                    "scores": det["scores"].cpu().numpy(),
-                    "labels": det["labels"].cpu().numpy(),
-                })
+                out.append(
+                    {
+                        "image_id": info["image_id"],
+                        "boxes": det["boxes"].cpu().numpy(),
+                        "scores": det["scores"].cpu().numpy(),
+                        "labels": det["labels"].cpu().numpy(),
+                    }
+                )
     model.train(was_training)
     return out
 
 
-def build_eval_dataset(ann_file: str | Path, image_dir: str | Path, cfg: Config,
-                       category_ids: tuple[int, ...] | None = None) -> CocoDataset:
-    return CocoDataset(ann_file, image_dir, EvalTransform(cfg.data.image_size),
-                       category_ids=list(category_ids) if category_ids else None, on_read_error="skip")
+def build_eval_dataset(
+    ann_file: str | Path, image_dir: str | Path, cfg: Config, category_ids: tuple[int, ...] | None = None
+) -> CocoDataset:
+    return CocoDataset(
+        ann_file,
+        image_dir,
+        EvalTransform(cfg.data.image_size),
+        category_ids=list(category_ids) if category_ids else None,
+        on_read_error="skip",
+    )
 
 
-def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_dir: str | Path,
-                   device: torch.device | str = "cpu", batch_size: int = 8, workers: int = 0,
-                   dataset=None, progress: bool | None = None, channels_last: bool = False,
-                   amp: str = "none") -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def evaluate_model(
+    model: nn.Module,
+    cfg: Config,
+    ann_file: str | Path,
+    image_dir: str | Path,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    workers: int = 0,
+    dataset=None,
+    progress: bool | None = None,
+    channels_last: bool = False,
+    amp: str = "none",
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """COCO box metrics of ``model`` on a dataset: ``(metrics, results)`` on rank 0, ``(None, [])``
     on other ranks.
 
@@ -116,8 +145,7 @@ def evaluate_model(model: nn.Module, cfg: Config, ann_file: str | Path, image_di
     cat_ids = label_category_ids(cfg.model.head.num_classes, cfg.data.category_ids)
     if dataset is None:
         dataset = build_eval_dataset(ann_file, image_dir, cfg, cat_ids)
-    preds = predict_dataset(model, dataset, cfg, device, batch_size, workers, rank, world, progress,
-                            channels_last, amp)
+    preds = predict_dataset(model, dataset, cfg, device, batch_size, workers, rank, world, progress, channels_last, amp)
     gathered = D.all_gather_object(preds)
     if rank != 0:
         return None, []

@@ -27,17 +27,20 @@ def fmt_time(seconds: float) -> str:
 
 def bad_step_message(step: int, result: StepResult, streak: int, total: int, limit: int) -> str:
     terms = ", ".join(f"{k}={v:.6g}" for k, v in result.losses().items())
-    return (f"step {step}: non-finite loss or gradient ({terms}, grad_norm={result.grad_norm:.6g}); update skipped "
-            f"({streak} in a row, {total} in total, stop after {limit} in a row)")
+    return (
+        f"step {step}: non-finite loss or gradient ({terms}, grad_norm={result.grad_norm:.6g}); update skipped "
+        f"({streak} in a row, {total} in total, stop after {limit} in a row)"
+    )
 
 
 def epoch_message(row: dict[str, Any], epochs: int, metrics: dict[str, Any] | None, elapsed: float) -> str:
     """The line printed after an epoch (or a stopped part of one), from its ``metrics.csv`` row."""
-    metric_text = (f" | AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} AP75 {metrics['AP75']:.3f}"
-                   if metrics else "")
+    metric_text = f" | AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} AP75 {metrics['AP75']:.3f}" if metrics else ""
     loss_text = f"loss {row['loss']:.4f}" if row["loss"] is not None else "no applied steps"
-    return (f"epoch {row['epoch']}/{epochs}{'' if row['complete'] else ' (partial)'}: {loss_text} "
-            f"lr {row['lr']:.4g} ({row['epoch_seconds']:.0f} s){metric_text} | elapsed {fmt_time(elapsed)}")
+    return (
+        f"epoch {row['epoch']}/{epochs}{'' if row['complete'] else ' (partial)'}: {loss_text} "
+        f"lr {row['lr']:.4g} ({row['epoch_seconds']:.0f} s){metric_text} | elapsed {fmt_time(elapsed)}"
+    )
 
 
 class Console:
@@ -66,12 +69,20 @@ class Console:
     def start_epoch(self, epoch: int, epochs: int, done: int, total: int) -> None:
         """Before the first step of ``epoch`` (``done`` of its ``total`` steps already done)."""
         if self.progress and self.is_main:
-            self._bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="it",
-                             dynamic_ncols=True, leave=True)
+            self._bar = tqdm(
+                total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="it", dynamic_ncols=True, leave=True
+            )
         self._last = time.time()
 
-    def step(self, result: StepResult | None, epoch: int, step: int, iter_in_epoch: int, iters_per_epoch: int,
-             steps_left: int) -> None:
+    def step(
+        self,
+        result: StepResult | None,
+        epoch: int,
+        step: int,
+        iter_in_epoch: int,
+        iters_per_epoch: int,
+        steps_left: int,
+    ) -> None:
         """After a step (``step`` steps done in all; ``result`` None: the batch had no readable image)."""
         now = time.time()
         self._step_times.append(now - self._last)
@@ -82,16 +93,20 @@ class Console:
         if self._bar is not None:
             recent = self._step_times[-_ETA_WINDOW:]
             remaining = steps_left * (sum(recent) / len(recent))
-            self._bar.set_postfix_str(f"loss {result.loss:.4f} cls {result.loss_cls:.4f} "
-                                      f"box {result.loss_bbox:.4f} lr {result.lr:.3g} "
-                                      f"eta {fmt_time(remaining)}", refresh=False)
+            self._bar.set_postfix_str(
+                f"loss {result.loss:.4f} cls {result.loss_cls:.4f} "
+                f"box {result.loss_bbox:.4f} lr {result.lr:.3g} "
+                f"eta {fmt_time(remaining)}",
+                refresh=False,
+            )
             self._bar.update(1)
         elif step % _PRINT_EVERY == 0:
-            self.log(f"epoch {epoch + 1} step {iter_in_epoch}/{iters_per_epoch}: loss {result.loss:.4f} "
-                     f"(cls {result.loss_cls:.4f}, box {result.loss_bbox:.4f}) lr {result.lr:.4g}")
+            self.log(
+                f"epoch {epoch + 1} step {iter_in_epoch}/{iters_per_epoch}: loss {result.loss:.4f} "
+                f"(cls {result.loss_cls:.4f}, box {result.loss_bbox:.4f}) lr {result.lr:.4g}"
+            )
 
     def end_epoch(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-

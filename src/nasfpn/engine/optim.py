@@ -67,8 +67,9 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     if decay:
         groups.append({"name": "decay", "params": decay, "weight_decay": weight_decay, "param_names": decay_names})
     if no_decay:
-        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": norm_weight_decay,
-                       "param_names": no_decay_names})
+        groups.append(
+            {"name": "no_decay", "params": no_decay, "weight_decay": norm_weight_decay, "param_names": no_decay_names}
+        )
     return groups
 
 

@@ -133,9 +133,16 @@ class RunFiles:
 
 def step_record(result: StepResult, step: int, epoch: int, iter_in_epoch: int) -> dict[str, Any]:
     """The ``log.jsonl`` line of a step."""
-    return {"step": step, "epoch": epoch, "iter": iter_in_epoch, "lr": result.lr,
-            **{k: getattr(result, k) for k in LOSS_KEYS}, "num_pos": result.num_pos,
-            "grad_norm": result.grad_norm, "skipped": not result.applied}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "iter": iter_in_epoch,
+        "lr": result.lr,
+        **{k: getattr(result, k) for k in LOSS_KEYS},
+        "num_pos": result.num_pos,
+        "grad_norm": result.grad_norm,
+        "skipped": not result.applied,
+    }
 
 
 # --------------------------------------------------------------------------- curves

@@ -54,8 +54,16 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, lr: float, iters_per_epoch: int) -> LRSchedule:
-        return cls(lr, iters_per_epoch, cfg.warmup_iters, cfg.warmup_ratio, tuple(cfg.milestones), cfg.gamma,
-                   cfg.lr_decay, cfg.epochs * iters_per_epoch)
+        return cls(
+            lr,
+            iters_per_epoch,
+            cfg.warmup_iters,
+            cfg.warmup_ratio,
+            tuple(cfg.milestones),
+            cfg.gamma,
+            cfg.lr_decay,
+            cfg.epochs * iters_per_epoch,
+        )
 
     def warmup_factor(self, step: int) -> float:
         if self.warmup_iters <= 0:

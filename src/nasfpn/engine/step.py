@@ -124,8 +124,10 @@ def move_batch(batch: Batch, device: torch.device, channels_last: bool = False) 
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    targets = [{**t, "boxes": t["boxes"].to(device, non_blocking=True),
-                "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
+    targets = [
+        {**t, "boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True)}
+        for t in targets
+    ]
     return images, targets
 
 
@@ -152,16 +154,21 @@ class StepParts:
     settings: StepSettings
 
 
-def build_step_parts(model: RetinaNet, t: TrainConfig, lr: float, deep_supervision: bool = False,
-                     world_size: int = 1) -> StepParts:
+def build_step_parts(
+    model: RetinaNet, t: TrainConfig, lr: float, deep_supervision: bool = False, world_size: int = 1
+) -> StepParts:
     """The parts of the trainer's step for ``model`` (on its device) under train config ``t``:
     ``TrainStep`` with ``t.amp``, SGD with the trainer's parameter groups, the scaler, the buffer
     backup and the step settings."""
     loss_module = TrainStep(model, t.amp, deep_supervision)
     device = next(model.parameters()).device
-    return StepParts(loss_module=loss_module, optimizer=build_optimizer(model, t, lr),
-                     scaler=torch.amp.GradScaler(device.type, enabled=t.amp == "fp16"),
-                     backup=BufferBackup(model), settings=StepSettings.from_config(t, world_size))
+    return StepParts(
+        loss_module=loss_module,
+        optimizer=build_optimizer(model, t, lr),
+        scaler=torch.amp.GradScaler(device.type, enabled=t.amp == "fp16"),
+        backup=BufferBackup(model),
+        settings=StepSettings.from_config(t, world_size),
+    )
 
 
 def train_step(parts: StepParts, batch: Batch, lr: float, stop: Callable[[], bool] | None = None) -> StepResult:
@@ -189,9 +196,13 @@ def train_step(parts: StepParts, batch: Batch, lr: float, stop: Callable[[], boo
     if not scaler.is_enabled():  # with fp16 an overflow is the scaler's business
         bad = bad | ~torch.isfinite(grad_norm)
     # Every rank sends the same names, "stop" included, so the all-reduce lines up.
-    shared = {**{k: terms[i] for i, k in enumerate(LOSS_KEYS)}, "num_pos": losses["num_pos"],
-              "grad_norm": grad_norm, "bad": bad,
-              "stop": torch.tensor(float(stop is not None and stop()), device=terms.device)}
+    shared = {
+        **{k: terms[i] for i, k in enumerate(LOSS_KEYS)},
+        "num_pos": losses["num_pos"],
+        "grad_norm": grad_norm,
+        "bad": bad,
+        "stop": torch.tensor(float(stop is not None and stop()), device=terms.device),
+    }
     vals = reduce_named(shared, settings.world_size)  # the one host sync of the step
     world = settings.world_size
     applied = vals["bad"] == 0
@@ -203,5 +214,9 @@ def train_step(parts: StepParts, batch: Batch, lr: float, stop: Callable[[], boo
         optimizer.zero_grad(set_to_none=True)
         if scaler.is_enabled():
             scaler.update()
-    return StepResult(applied=applied, lr=lr, **{k: vals[k] / world for k in (*LOSS_KEYS, "num_pos", "grad_norm")},
-                      stop=vals["stop"] > 0)
+    return StepResult(
+        applied=applied,
+        lr=lr,
+        **{k: vals[k] / world for k in (*LOSS_KEYS, "num_pos", "grad_norm")},
+        stop=vals["stop"] > 0,
+    )

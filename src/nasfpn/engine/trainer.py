@@ -89,10 +89,21 @@ Stop = tuple[str, str]
 """Why a run stops early: ``(status, message)``."""
 
 
-def train(cfg: Config, data: DataPaths, out_dir: str | Path, resume: bool = False, device: str | None = None, *,
-          checkpoint_interval: int = 0, skip_invalid: bool = False, quiet: bool = False,
-          progress: bool | None = None, max_steps: int | None = None, time_limit: float | None = None,
-          check_images: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    data: DataPaths,
+    out_dir: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+    *,
+    checkpoint_interval: int = 0,
+    skip_invalid: bool = False,
+    quiet: bool = False,
+    progress: bool | None = None,
+    max_steps: int | None = None,
+    time_limit: float | None = None,
+    check_images: bool = True,
+) -> TrainResult:
     """Train ``cfg`` on ``data``, writing everything into ``out_dir``; returns a ``TrainResult``.
 
     ``cfg``: the model / data / schedule (``model.head.num_classes``, ``data.class_names`` and
@@ -113,8 +124,21 @@ def train(cfg: Config, data: DataPaths, out_dir: str | Path, resume: bool = Fals
     info = D.init_distributed(device)
     restore = set_determinism(cfg.train.deterministic, info.device)
     try:
-        return _Run(cfg, data, Path(out_dir), resume, info, checkpoint_interval, skip_invalid, quiet, progress,
-                    max_steps, time_limit, check_images, start_time).run()
+        return _Run(
+            cfg,
+            data,
+            Path(out_dir),
+            resume,
+            info,
+            checkpoint_interval,
+            skip_invalid,
+            quiet,
+            progress,
+            max_steps,
+            time_limit,
+            check_images,
+            start_time,
+        ).run()
     finally:
         restore()
         D.cleanup(info)
@@ -126,8 +150,11 @@ def _classes_from_dataset(cfg: Config, dataset) -> Config:
     return replace(
         cfg,
         model=replace(m, head=replace(m.head, num_classes=dataset.num_classes)),
-        data=replace(cfg.data, class_names=tuple(dataset.class_names),
-                     category_ids=tuple(int(c) for c in dataset.label_to_category_id)),
+        data=replace(
+            cfg.data,
+            class_names=tuple(dataset.class_names),
+            category_ids=tuple(int(c) for c in dataset.label_to_category_id),
+        ),
     )
 
 
@@ -158,8 +185,9 @@ class _EpochCounts:
             self.skipped += 1
 
 
-def _epoch_row(epoch: int, step_log: list[dict[str, Any]], fallback: _EpochCounts, step: int, lr: float,
-               complete: bool) -> dict[str, Any]:
+def _epoch_row(
+    epoch: int, step_log: list[dict[str, Any]], fallback: _EpochCounts, step: int, lr: float, complete: bool
+) -> dict[str, Any]:
     """The ``metrics.csv`` row of ``epoch`` (0-based): means over every step of the epoch, also
     those before a resume (from ``log.jsonl``); ``fallback`` counts this call's steps only, for
     ranks that could not read the log."""
@@ -167,17 +195,42 @@ def _epoch_row(epoch: int, step_log: list[dict[str, Any]], fallback: _EpochCount
     good = [r for r in done if not r.get("skipped")]
     if len(good) < fallback.applied:  # the log was not available (another rank): this call's steps
         good = []
-    means = {k: (sum(r[k] for r in good) / len(good) if good else
-                 (fallback.sums[k] / fallback.applied if fallback.applied else None)) for k in LOSS_KEYS}
-    return {"epoch": epoch + 1, "step": step, "lr": lr, **means,
-            "skipped_steps": max(fallback.skipped, len(done) - len(good)),
-            "epoch_seconds": round(time.time() - fallback.start, 2), "complete": complete}
+    means = {
+        k: (
+            sum(r[k] for r in good) / len(good)
+            if good
+            else (fallback.sums[k] / fallback.applied if fallback.applied else None)
+        )
+        for k in LOSS_KEYS
+    }
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "lr": lr,
+        **means,
+        "skipped_steps": max(fallback.skipped, len(done) - len(good)),
+        "epoch_seconds": round(time.time() - fallback.start, 2),
+        "complete": complete,
+    }
 
 
 class _Run:
-    def __init__(self, cfg: Config, data: DataPaths, out_dir: Path, resume: bool, info: D.DistInfo,
-                 checkpoint_interval: int, skip_invalid: bool, quiet: bool, progress: bool | None,
-                 max_steps: int | None, time_limit: float | None, check_images: bool, start_time: float) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        data: DataPaths,
+        out_dir: Path,
+        resume: bool,
+        info: D.DistInfo,
+        checkpoint_interval: int,
+        skip_invalid: bool,
+        quiet: bool,
+        progress: bool | None,
+        max_steps: int | None,
+        time_limit: float | None,
+        check_images: bool,
+        start_time: float,
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.out_dir = out_dir
@@ -210,22 +263,32 @@ class _Run:
         self.step_log = self.files.start_log(self.step if ckpt is not None else None)
         self.streak = 0  # non-finite steps in a row
         self.last_metrics: dict[str, Any] = next(
-            (dict(r.get("metrics", {})) for r in reversed(self.history) if r.get("AP") is not None), {})
+            (dict(r.get("metrics", {})) for r in reversed(self.history) if r.get("AP") is not None), {}
+        )
         self._describe(requested, resumed=ckpt is not None)
 
     def _describe(self, requested: Config, resumed: bool) -> None:
         cfg, log, world = self.cfg, self.console.log, self.info.world_size
         if cfg.model.head.num_classes != requested.model.head.num_classes:
             names = cfg.data.class_names
-            log(f"classes: {cfg.model.head.num_classes} from {self.data.train_ann} "
-                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
-        log(f"lr = base_lr {cfg.train.base_lr:g} x total batch {cfg.data.batch_size * world} ({cfg.data.batch_size} x "
-            f"{world} process{'es' if world > 1 else ''}) / base batch {cfg.train.base_batch_size} = {self.lr:.6g}")
-        decay = ("cosine decay to 0" if cfg.train.lr_decay == "cosine" else
-                 f"lr x{cfg.train.gamma:g} at epochs {', '.join(map(str, cfg.train.milestones)) or '-'}")
-        log(f"{len(self.train_ds)} training images, {self.iters_per_epoch} steps per epoch, "
+            log(
+                f"classes: {cfg.model.head.num_classes} from {self.data.train_ann} "
+                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+            )
+        log(
+            f"lr = base_lr {cfg.train.base_lr:g} x total batch {cfg.data.batch_size * world} ({cfg.data.batch_size} x "
+            f"{world} process{'es' if world > 1 else ''}) / base batch {cfg.train.base_batch_size} = {self.lr:.6g}"
+        )
+        decay = (
+            "cosine decay to 0"
+            if cfg.train.lr_decay == "cosine"
+            else f"lr x{cfg.train.gamma:g} at epochs {', '.join(map(str, cfg.train.milestones)) or '-'}"
+        )
+        log(
+            f"{len(self.train_ds)} training images, {self.iters_per_epoch} steps per epoch, "
             f"{cfg.train.epochs} epochs = {self.iters_per_epoch * cfg.train.epochs} steps; warm-up "
-            f"{cfg.train.warmup_iters} steps, {decay}; device {self.device}" + (f" x {world}" if world > 1 else ""))
+            f"{cfg.train.warmup_iters} steps, {decay}; device {self.device}" + (f" x {world}" if world > 1 else "")
+        )
         late = [m for m in cfg.train.milestones if m >= cfg.train.epochs and cfg.train.lr_decay == "step"]
         if late:
             log(f"note: lr milestones {late} lie beyond the last epoch ({cfg.train.epochs}) and never apply")
@@ -237,9 +300,12 @@ class _Run:
         (the batch list is read in this process at each new pass, so it can change from epoch to
         epoch)."""
         batch_list = D.BatchList([])
-        loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=batch_list,
-                                             collate_fn=train_collate(self.cfg.data),
-                                             **loader_settings(self.device, self.cfg.data.workers))
+        loader = torch.utils.data.DataLoader(
+            self.train_ds,
+            batch_sampler=batch_list,
+            collate_fn=train_collate(self.cfg.data),
+            **loader_settings(self.device, self.cfg.data.workers),
+        )
         return loader, batch_list
 
     def _check_data(self) -> tuple[list, list]:
@@ -247,13 +313,19 @@ class _Run:
         result: Any = None
         if self.info.is_main:
             try:
-                train_problems = validate_dataset(self.data.train_ann, self.data.train_images, self.skip_invalid,
-                                                  check_images=self.check_images, progress=self.console.progress)
+                train_problems = validate_dataset(
+                    self.data.train_ann,
+                    self.data.train_images,
+                    self.skip_invalid,
+                    check_images=self.check_images,
+                    progress=self.console.progress,
+                )
                 val_problems = []
                 if self.val_data is not None:
                     val_ann, val_images = self.val_data
-                    val_problems = validate_dataset(val_ann, val_images, True,
-                                                    check_images=self.check_images, progress=self.console.progress)
+                    val_problems = validate_dataset(
+                        val_ann, val_images, True, check_images=self.check_images, progress=self.console.progress
+                    )
                 result = ("ok", train_problems, val_problems)
             except DataCheckError as e:
                 result = ("error", str(e), [])
@@ -261,21 +333,28 @@ class _Run:
         if result[0] == "error":
             raise ValueError(f"training data {self.data.train_ann} has problems:\n{result[1]}")
         if result[1]:
-            self.console.log(f"data check: {len(result[1])} problem(s) in the training data; "
-                             f"{'skipping the invalid items' if self.skip_invalid else 'warnings only'}")
+            self.console.log(
+                f"data check: {len(result[1])} problem(s) in the training data; "
+                f"{'skipping the invalid items' if self.skip_invalid else 'warnings only'}"
+            )
         if result[2]:
-            self.console.log(f"data check: {len(result[2])} problem(s) in the validation data "
-                             "(unreadable images are skipped)")
+            self.console.log(
+                f"data check: {len(result[2])} problem(s) in the validation data (unreadable images are skipped)"
+            )
         return result[1], result[2]
 
     def _datasets(self, train_problems: list) -> None:
         d = self.cfg.data
         scale_lo, scale_hi = d.scale_range
         self.train_ds = CocoDataset(
-            self.data.train_ann, self.data.train_images,
+            self.data.train_ann,
+            self.data.train_images,
             TrainTransform(d.image_size, (scale_lo, scale_hi), d.flip_prob),
-            category_ids=list(d.category_ids) or None, filter_empty=True, exclude=train_problems,
-            seed=self.cfg.train.seed, on_read_error="resample",
+            category_ids=list(d.category_ids) or None,
+            filter_empty=True,
+            exclude=train_problems,
+            seed=self.cfg.train.seed,
+            on_read_error="resample",
         )
         if len(self.train_ds) == 0:
             raise ValueError(f"{self.data.train_ann}: no training image with a usable box")
@@ -289,8 +368,10 @@ class _Run:
         path = self.out_dir / "last.pt"
         if not self.resume:
             if self.info.is_main and path.is_file():
-                raise ValueError(f"{self.out_dir} already holds a run (last.pt); resume it (--resume) "
-                                 "or choose another output folder")
+                raise ValueError(
+                    f"{self.out_dir} already holds a run (last.pt); resume it (--resume) "
+                    "or choose another output folder"
+                )
             return None
         if not path.is_file():
             self.console.log(f"no checkpoint in {self.out_dir}: starting a new run")
@@ -300,8 +381,9 @@ class _Run:
         diff = _dict_diff(config_to_dict(saved.model), config_to_dict(self.cfg.model))
         if diff:
             raise ValueError(f"{path} was trained with another model config:\n  " + "\n  ".join(diff))
-        changed = _dict_diff(config_to_dict(saved.train), config_to_dict(self.cfg.train)) + \
-            _dict_diff(config_to_dict(saved.data), config_to_dict(self.cfg.data))
+        changed = _dict_diff(config_to_dict(saved.train), config_to_dict(self.cfg.train)) + _dict_diff(
+            config_to_dict(saved.data), config_to_dict(self.cfg.data)
+        )
         if changed:
             self.console.log("resuming with changed settings:\n  " + "\n  ".join(changed))
         return ckpt
@@ -328,18 +410,25 @@ class _Run:
         self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
         self.iters_per_epoch = D.iters_per_epoch(len(self.train_ds), cfg.data.batch_size, self.info.world_size)
         self.schedule = LRSchedule.from_config(cfg.train, self.lr, self.iters_per_epoch)
-        self.parts = build_step_parts(model, cfg.train, self.schedule(0), cfg.model.head.deep_supervision,
-                                      self.info.world_size)
+        self.parts = build_step_parts(
+            model, cfg.train, self.schedule(0), cfg.model.head.deep_supervision, self.info.world_size
+        )
         self.optimizer, self.scaler = self.parts.optimizer, self.parts.scaler
         if self.info.distributed:
             # Buffers (BN running statistics) stay per rank during training, as in mmengine's DDP
             # wrapper; with sync_bn they are identical anyway.
             ddp = nn.parallel.DistributedDataParallel
-            no_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                       else {"broadcast_buffers": False})
-            self.parts.loss_module = ddp(self.parts.loss_module,
-                                         device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                         find_unused_parameters=False, **no_sync)
+            no_sync: dict[str, Any] = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.parts.loss_module = ddp(
+                self.parts.loss_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False,
+                **no_sync,
+            )
 
         self.step = 0
         self.epoch = 0
@@ -362,8 +451,10 @@ class _Run:
             self.elapsed_before = float(counters.get("wall_time", 0.0))
             set_rng_state(ckpt["rng"])
             if ckpt["data"]["iters_per_epoch"] != self.iters_per_epoch:
-                raise ValueError(f"the checkpoint was written with {ckpt['data']['iters_per_epoch']} steps per epoch, "
-                                 f"this run has {self.iters_per_epoch} (batch size, world size or data changed)")
+                raise ValueError(
+                    f"the checkpoint was written with {ckpt['data']['iters_per_epoch']} steps per epoch, "
+                    f"this run has {self.iters_per_epoch} (batch size, world size or data changed)"
+                )
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -384,8 +475,9 @@ class _Run:
     def _train_epoch(self, loader: torch.utils.data.DataLoader, batch_list: D.BatchList, epoch: int) -> Stop | None:
         """The remaining steps of ``epoch``; returns why the run stops, if it does before the epoch's end."""
         cfg = self.cfg
-        batch_list.batches = D.epoch_batches(len(self.train_ds), cfg.data.batch_size, cfg.train.seed,
-                                             epoch, self.info.rank, self.info.world_size)[self.iter_in_epoch:]
+        batch_list.batches = D.epoch_batches(
+            len(self.train_ds), cfg.data.batch_size, cfg.train.seed, epoch, self.info.rank, self.info.world_size
+        )[self.iter_in_epoch :]
         self.counts = _EpochCounts()
         self.console.start_epoch(epoch, cfg.train.epochs, self.iter_in_epoch, self.iters_per_epoch)
         self.model.train()
@@ -394,8 +486,11 @@ class _Run:
                 stop = self._step(batch, epoch)
                 if stop is not None:
                     return stop
-                if (self.checkpoint_interval and self.step % self.checkpoint_interval == 0
-                        and self.iter_in_epoch < self.iters_per_epoch):  # an epoch's end saves anyway
+                if (
+                    self.checkpoint_interval
+                    and self.step % self.checkpoint_interval == 0
+                    and self.iter_in_epoch < self.iters_per_epoch
+                ):  # an epoch's end saves anyway
                     self.save(weights=False)
         finally:
             self.console.end_epoch()
@@ -422,11 +517,19 @@ class _Run:
                 limit = self.cfg.train.max_bad_steps
                 self.console.warn(bad_step_message(step, result, self.streak, self.skipped_total, limit))
                 if self.streak >= limit:
-                    return "diverged", (f"training stopped: {self.streak} non-finite losses in a row (last at step "
-                                        f"{step}); the last good checkpoint is {self.out_dir / 'last.pt'}. "
-                                        "Lower the learning rate, enable --grad-clip, or check the data.")
-        self.console.step(result, epoch, self.step, self.iter_in_epoch, self.iters_per_epoch,
-                          self.iters_per_epoch * self.cfg.train.epochs - self.step)
+                    return "diverged", (
+                        f"training stopped: {self.streak} non-finite losses in a row (last at step "
+                        f"{step}); the last good checkpoint is {self.out_dir / 'last.pt'}. "
+                        "Lower the learning rate, enable --grad-clip, or check the data."
+                    )
+        self.console.step(
+            result,
+            epoch,
+            self.step,
+            self.iter_in_epoch,
+            self.iters_per_epoch,
+            self.iters_per_epoch * self.cfg.train.epochs - self.step,
+        )
         if self.max_steps is not None and self.step >= self.max_steps:
             return "max_steps", f"stopped after max_steps={self.max_steps}"
         if result is not None and result.stop:
@@ -435,8 +538,7 @@ class _Run:
 
     def _over_time(self) -> bool:
         # Rank 0's clock decides; the step shares the answer with the other ranks.
-        return (self.time_limit is not None and self.info.is_main
-                and time.time() - self.start_time > self.time_limit)
+        return self.time_limit is not None and self.info.is_main and time.time() - self.start_time > self.time_limit
 
     def _end_epoch(self, epoch: int, stopped: bool) -> None:
         """After the steps of ``epoch`` (all of them, or up to a stop): evaluation, the epoch's
@@ -446,8 +548,9 @@ class _Run:
         if complete:
             self.epoch += 1
             self.iter_in_epoch = 0
-        evaluate_now = stopped or (complete and ((epoch + 1) % max(1, train_cfg.eval_interval) == 0
-                                                 or epoch + 1 == train_cfg.epochs))  # a stopped run reports too
+        evaluate_now = stopped or (
+            complete and ((epoch + 1) % max(1, train_cfg.eval_interval) == 0 or epoch + 1 == train_cfg.epochs)
+        )  # a stopped run reports too
         if not (complete or evaluate_now):
             return
         metrics = self.evaluate() if evaluate_now else None
@@ -477,11 +580,17 @@ class _Run:
         if status == "diverged":
             self.console.warn(message)
         elif status == "completed":
-            self.console.log(f"done: {self.epoch} epochs, {self.step} steps in {fmt_time(self.elapsed())}"
-                             + (f"; best AP {self.best['AP']:.3f} (epoch {self.best['epoch']})" if self.best else ""))
+            self.console.log(
+                f"done: {self.epoch} epochs, {self.step} steps in {fmt_time(self.elapsed())}"
+                + (f"; best AP {self.best['AP']:.3f} (epoch {self.best['epoch']})" if self.best else "")
+            )
         main = self.info.is_main
         result = TrainResult(
-            out_dir=self.out_dir, status=status, message=message, epochs=self.epoch, steps=self.step,
+            out_dir=self.out_dir,
+            status=status,
+            message=message,
+            epochs=self.epoch,
+            steps=self.step,
             wall_time=time.time() - self.start_time,
             last_metrics=self.last_metrics if main else {},
             best_metrics=dict(self.best) if main else {},
@@ -491,10 +600,19 @@ class _Run:
             config=self.cfg,
             model=self.model,
         )
-        self.files.summary({"status": status, "message": message, "epochs": result.epochs, "steps": result.steps,
-                            "wall_time": result.wall_time, "skipped_steps": result.skipped_steps,
-                            "best_epoch": result.best_epoch, "best": result.best_metrics,
-                            "last": result.last_metrics})
+        self.files.summary(
+            {
+                "status": status,
+                "message": message,
+                "epochs": result.epochs,
+                "steps": result.steps,
+                "wall_time": result.wall_time,
+                "skipped_steps": result.skipped_steps,
+                "best_epoch": result.best_epoch,
+                "best": result.best_metrics,
+                "last": result.last_metrics,
+            }
+        )
         return result
 
     # ------------------------------------------------------------------ hooks: checkpoints, evaluation
@@ -507,10 +625,19 @@ class _Run:
             return None
         assert self.val_data is not None  # val_ds is built from it
         val_ann, val_images = self.val_data
-        metrics, _ = evaluate_model(self.model, self.cfg, val_ann, val_images, self.device,
-                                    self.cfg.data.batch_size, self.cfg.data.workers, dataset=self.val_ds,
-                                    progress=self.console.progress, channels_last=self.cfg.train.channels_last,
-                                    amp=self.cfg.train.amp)
+        metrics, _ = evaluate_model(
+            self.model,
+            self.cfg,
+            val_ann,
+            val_images,
+            self.device,
+            self.cfg.data.batch_size,
+            self.cfg.data.workers,
+            dataset=self.val_ds,
+            progress=self.console.progress,
+            channels_last=self.cfg.train.channels_last,
+            amp=self.cfg.train.amp,
+        )
         return metrics
 
     def _state(self) -> dict[str, Any]:
@@ -523,9 +650,13 @@ class _Run:
             "epoch": self.epoch,
             "iter_in_epoch": self.iter_in_epoch,
             "rng": rng_state(),
-            "data": {"seed": self.cfg.train.seed, "batch_size": self.cfg.data.batch_size,
-                     "world_size": self.info.world_size, "iters_per_epoch": self.iters_per_epoch,
-                     "num_train_images": len(self.train_ds)},
+            "data": {
+                "seed": self.cfg.train.seed,
+                "batch_size": self.cfg.data.batch_size,
+                "world_size": self.info.world_size,
+                "iters_per_epoch": self.iters_per_epoch,
+                "num_train_images": len(self.train_ds),
+            },
             "history": self.history,
             "best": self.best,
             "counters": {"skipped_steps": self.skipped_total, "wall_time": self.elapsed()},

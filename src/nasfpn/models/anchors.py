@@ -25,12 +25,18 @@ def level_anchors(base: torch.Tensor, h: int, w: int, stride: int) -> torch.Tens
 
 
 class AnchorGenerator:
-    def __init__(self, strides: tuple[int, ...] = (8, 16, 32, 64, 128), octave_base_scale: float = 4.0,
-                 scales_per_octave: int = 3, ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> None:
+    def __init__(
+        self,
+        strides: tuple[int, ...] = (8, 16, 32, 64, 128),
+        octave_base_scale: float = 4.0,
+        scales_per_octave: int = 3,
+        ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+    ) -> None:
         self.strides = tuple(int(s) for s in strides)
         # Scales in float64, then one cast to float32 (as numpy -> torch.Tensor in MMDetection).
-        scales = torch.tensor([octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)],
-                              dtype=torch.float64).float()
+        scales = torch.tensor(
+            [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)], dtype=torch.float64
+        ).float()
         ratios_t = torch.tensor(ratios, dtype=torch.float32)
         h_ratios = torch.sqrt(ratios_t)
         w_ratios = 1 / h_ratios
@@ -51,13 +57,17 @@ class AnchorGenerator:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        out = [level_anchors(base, h, w, s).to(device) for (h, w), s, base in zip(key[0], self.strides, self.base_anchors)]
+        out = [
+            level_anchors(base, h, w, s).to(device) for (h, w), s, base in zip(key[0], self.strides, self.base_anchors)
+        ]
         if len(self._cache) > 64:
             self._cache.clear()
         self._cache[key] = out
         return out
 
-    def valid_flags(self, sizes: list[tuple[int, int]], pad_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    def valid_flags(
+        self, sizes: list[tuple[int, int]], pad_hw: tuple[int, int], device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Bool ``(sum H*W*A,)``: the anchor's cell lies inside the padded image ``pad_hw``.
 
         An image smaller than the batch tensor has no valid anchors beyond its own padding.

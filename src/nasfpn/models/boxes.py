@@ -36,8 +36,12 @@ def encode(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
 
 
-def decode(anchors: torch.Tensor, deltas: torch.Tensor, max_shape: tuple[int, int] | torch.Tensor | None = None,
-           wh_ratio_clip: float = 16 / 1000) -> torch.Tensor:
+def decode(
+    anchors: torch.Tensor,
+    deltas: torch.Tensor,
+    max_shape: tuple[int, int] | torch.Tensor | None = None,
+    wh_ratio_clip: float = 16 / 1000,
+) -> torch.Tensor:
     """Boxes from ``deltas`` applied to ``anchors`` (``(..., 4)``), dw/dh clamped to |log(wh_ratio_clip)|.
 
     ``max_shape`` (H, W) clips the result to the image; a tensor ``(..., 2)`` clips per row.
@@ -56,7 +60,12 @@ def decode(anchors: torch.Tensor, deltas: torch.Tensor, max_shape: tuple[int, in
         else:
             h, w = max_shape
             boxes = torch.stack(
-                [boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h), boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)],
+                [
+                    boxes[..., 0].clamp(0, w),
+                    boxes[..., 1].clamp(0, h),
+                    boxes[..., 2].clamp(0, w),
+                    boxes[..., 3].clamp(0, h),
+                ],
                 dim=-1,
             )
     return boxes
@@ -68,14 +77,21 @@ class MaxIoUAssigner:
     (``match_low_quality``, ties included) if that max is >= ``min_pos_iou``.
     """
 
-    def __init__(self, pos_iou_thr: float = 0.5, neg_iou_thr: float = 0.5, min_pos_iou: float = 0.0,
-                 match_low_quality: bool = True) -> None:
+    def __init__(
+        self,
+        pos_iou_thr: float = 0.5,
+        neg_iou_thr: float = 0.5,
+        min_pos_iou: float = 0.0,
+        match_low_quality: bool = True,
+    ) -> None:
         self.pos_iou_thr = pos_iou_thr
         self.neg_iou_thr = neg_iou_thr
         self.min_pos_iou = min_pos_iou
         self.match_low_quality = match_low_quality
 
-    def __call__(self, anchors: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, anchors: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """int64 ``(num_anchors,)``: gt index, ``BACKGROUND`` or ``IGNORE`` (also for invalid anchors).
 
         Written without data-dependent indexing, so a training step needs no host-device sync.

@@ -31,8 +31,17 @@ Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 class RetinaNet(nn.Module):
-    def __init__(self, backbone: ResNet, neck: nn.Module, head: RetinaHead, anchor_generator: AnchorGenerator,
-                 loss: RetinaLoss, test_cfg: TestConfig, deep_supervision: bool = False, exit_stack: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: ResNet,
+        neck: nn.Module,
+        head: RetinaHead,
+        anchor_generator: AnchorGenerator,
+        loss: RetinaLoss,
+        test_cfg: TestConfig,
+        deep_supervision: bool = False,
+        exit_stack: int = 0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
@@ -44,8 +53,11 @@ class RetinaNet(nn.Module):
         self.deep_supervision = deep_supervision and isinstance(neck, NASFPN)
         if exit_stack and not (isinstance(neck, NASFPN) and 0 < exit_stack <= len(neck.fpn_stages)):
             stacks = len(neck.fpn_stages) if isinstance(neck, NASFPN) else 0
-            raise ValueError(f"exit_stack={exit_stack}: a NAS-FPN with {stacks} stacks exits after 1..{stacks} (0: all)"
-                             if stacks else f"exit_stack={exit_stack} needs a NAS-FPN neck")
+            raise ValueError(
+                f"exit_stack={exit_stack}: a NAS-FPN with {stacks} stacks exits after 1..{stacks} (0: all)"
+                if stacks
+                else f"exit_stack={exit_stack} needs a NAS-FPN neck"
+            )
         self.exit_stack = exit_stack
         """Anytime detection: ``forward`` stops after this many stacks unless told otherwise (0: all)."""
 
@@ -100,12 +112,18 @@ class RetinaNet(nn.Module):
                 self.anchor_generator.valid_flags(sizes, tuple(t.get("pad_shape") or unbounded), cls_maps[0].device)
                 for t in targets
             ]
-        return self.criterion(cls_maps, reg_maps, anchors, [t["boxes"] for t in targets], [t["labels"] for t in targets], valid)
+        return self.criterion(
+            cls_maps, reg_maps, anchors, [t["boxes"] for t in targets], [t["labels"] for t in targets], valid
+        )
 
     @torch.no_grad()
-    def postprocess(self, outputs: Outputs, metas: list[ImageMeta], test_cfg: TestConfig | None = None) -> list[dict[str, torch.Tensor]]:
+    def postprocess(
+        self, outputs: Outputs, metas: list[ImageMeta], test_cfg: TestConfig | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         cls_maps, reg_maps = outputs
-        return postprocess(cls_maps, reg_maps, self.anchors(outputs), metas, self.num_classes, test_cfg or self.test_cfg)
+        return postprocess(
+            cls_maps, reg_maps, self.anchors(outputs), metas, self.num_classes, test_cfg or self.test_cfg
+        )
 
 
 def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet:
@@ -123,9 +141,23 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
     a = cfg.anchors
     anchor_generator = AnchorGenerator(a.strides, a.octave_base_scale, a.scales_per_octave, a.ratios)
     h = cfg.head
-    head = RetinaHead(n.channels, h.num_classes, anchor_generator.num_anchors, h.stacked_convs, h.feat_channels,
-                      h.separate_bn, len(a.strides), h.prior_prob)
+    head = RetinaHead(
+        n.channels,
+        h.num_classes,
+        anchor_generator.num_anchors,
+        h.stacked_convs,
+        h.feat_channels,
+        h.separate_bn,
+        len(a.strides),
+        h.prior_prob,
+    )
     lc = cfg.loss
-    loss = RetinaLoss(h.num_classes, MaxIoUAssigner(lc.pos_iou_thr, lc.neg_iou_thr, lc.min_pos_iou, lc.match_low_quality),
-                      lc.focal_alpha, lc.focal_gamma, lc.cls_weight, lc.box_weight)
+    loss = RetinaLoss(
+        h.num_classes,
+        MaxIoUAssigner(lc.pos_iou_thr, lc.neg_iou_thr, lc.min_pos_iou, lc.match_low_quality),
+        lc.focal_alpha,
+        lc.focal_gamma,
+        lc.cls_weight,
+        lc.box_weight,
+    )
     return RetinaNet(backbone, neck, head, anchor_generator, loss, cfg.test, h.deep_supervision, n.exit_stack)

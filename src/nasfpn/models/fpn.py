@@ -33,7 +33,9 @@ class FPN(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
         p6 = self.fpn_convs[3](feats[-1])
         p7 = self.fpn_convs[4](torch.relu(p6))

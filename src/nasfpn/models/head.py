@@ -16,9 +16,17 @@ from torch import nn
 
 
 class RetinaHead(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, num_anchors: int, stacked_convs: int = 4,
-                 feat_channels: int = 256, separate_bn: bool = True, num_levels: int = 5,
-                 prior_prob: float = 0.01) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        num_anchors: int,
+        stacked_convs: int = 4,
+        feat_channels: int = 256,
+        separate_bn: bool = True,
+        num_levels: int = 5,
+        prior_prob: float = 0.01,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_anchors = num_anchors

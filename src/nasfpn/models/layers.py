@@ -15,7 +15,9 @@ class ConvBN(nn.Module):
     MMDetection's ConvModule, so its state-dict keys map one to one.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, norm: bool = True, relu: bool = False) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, norm: bool = True, relu: bool = False
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=not norm)
         self.bn = nn.BatchNorm2d(out_ch) if norm else None

@@ -22,8 +22,15 @@ def flatten_levels(maps: list[torch.Tensor], width: int) -> torch.Tensor:
 
 
 class RetinaLoss:
-    def __init__(self, num_classes: int, assigner: MaxIoUAssigner, alpha: float = 0.25, gamma: float = 2.0,
-                 cls_weight: float = 1.0, box_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        assigner: MaxIoUAssigner,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        cls_weight: float = 1.0,
+        box_weight: float = 1.0,
+    ) -> None:
         self.num_classes = num_classes
         self.assigner = assigner
         self.alpha = alpha
@@ -32,8 +39,13 @@ class RetinaLoss:
         self.box_weight = box_weight
 
     @torch.no_grad()
-    def targets(self, anchors: torch.Tensor, gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
-                valid: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def targets(
+        self,
+        anchors: torch.Tensor,
+        gt_boxes: list[torch.Tensor],
+        gt_labels: list[torch.Tensor],
+        valid: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image assignment -> (labels ``(N, A)`` with K for background and -1 for ignored,
         box targets ``(N, A, 4)`` float32, positive mask ``(N, A)``, avg_factor as a 0-d tensor)."""
         labels, box_targets, positives = [], [], []
@@ -56,9 +68,15 @@ class RetinaLoss:
         avg_factor = pos.sum(dim=1).clamp(min=1).sum().float()
         return torch.stack(labels), torch.stack(box_targets), pos, avg_factor
 
-    def __call__(self, cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anchors: list[torch.Tensor],
-                 gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
-                 valid: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        cls_maps: list[torch.Tensor],
+        reg_maps: list[torch.Tensor],
+        anchors: list[torch.Tensor],
+        gt_boxes: list[torch.Tensor],
+        gt_labels: list[torch.Tensor],
+        valid: list[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Losses for one batch: ``loss_cls``, ``loss_bbox`` (totals), ``loss``, and per-level
         ``loss_cls_levels`` / ``loss_bbox_levels`` ``(L,)``; ``avg_factor`` and ``num_pos`` for logging."""
         counts = [a.shape[0] for a in anchors]

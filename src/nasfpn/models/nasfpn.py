@@ -125,7 +125,9 @@ class Genotype:
                 continue
             m = re.fullmatch(r"(\w+)\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*->\s*(\d+)(\s+noconv)?", part)
             if not m:
-                raise ValueError(f"cannot parse genotype cell {part!r}; expected e.g. 'sum(5,1)->4' or 'out 7,8,10,13,12'")
+                raise ValueError(
+                    f"cannot parse genotype cell {part!r}; expected e.g. 'sum(5,1)->4' or 'out 7,8,10,13,12'"
+                )
             op, a, b, level, noconv = m.groups()
             cells.append(Cell(op, (int(a), int(b)), int(level), out_conv=noconv is None))
         if outputs is None:
@@ -135,7 +137,9 @@ class Genotype:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "cells": [{"op": c.op, "inputs": list(c.inputs), "level": c.level, "out_conv": c.out_conv} for c in self.cells],
+                "cells": [
+                    {"op": c.op, "inputs": list(c.inputs), "level": c.level, "out_conv": c.out_conv} for c in self.cells
+                ],
                 "outputs": list(self.outputs),
             }
         )
@@ -143,7 +147,9 @@ class Genotype:
     @classmethod
     def from_json(cls, text: str) -> Genotype:
         data = json.loads(text)
-        cells = tuple(Cell(c["op"], tuple(c["inputs"]), int(c["level"]), bool(c.get("out_conv", True))) for c in data["cells"])
+        cells = tuple(
+            Cell(c["op"], tuple(c["inputs"]), int(c["level"]), bool(c.get("out_conv", True))) for c in data["cells"]
+        )
         return cls(cells, tuple(data["outputs"])).validate()
 
 
@@ -251,8 +257,14 @@ class PyramidStage(nn.Module):
 class NASFPN(nn.Module):
     """Laterals (1x1 conv + BN) on C3..C5, P6/P7 by 1x1 conv + BN + 2x2 max-pool, then N stages."""
 
-    def __init__(self, in_channels: list[int], channels: int = 256, genotype: Genotype = NASFPN_GENOTYPE,
-                 stacks: int = 7, checkpoint_stacks: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: list[int],
+        channels: int = 256,
+        genotype: Genotype = NASFPN_GENOTYPE,
+        stacks: int = 7,
+        checkpoint_stacks: bool = False,
+    ) -> None:
         super().__init__()
         if len(in_channels) != 3:
             raise ValueError(f"NAS-FPN expects C3, C4, C5 (3 inputs), got {len(in_channels)}")
@@ -278,15 +290,20 @@ class NASFPN(nn.Module):
         """P3..P7 after each of the first ``stacks`` stages (for deep supervision / anytime exits)."""
         p = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         if min(p[-1].shape[-2:]) < 4:
-            raise ValueError(f"input too small for NAS-FPN: C5 is {tuple(p[-1].shape[-2:])}, P6/P7 need it at least 4x4 "
-                             "(images of at least 128x128, padded to a multiple of 128)")
+            raise ValueError(
+                f"input too small for NAS-FPN: C5 is {tuple(p[-1].shape[-2:])}, P6/P7 need it at least 4x4 "
+                "(images of at least 128x128, padded to a multiple of 128)"
+            )
         for down in self.extra_downsamples:
             p.append(down(p[-1]))
         outs = []
         for stage in self.fpn_stages[: stacks or len(self.fpn_stages)]:
             if self.checkpoint_stacks and self.training and torch.is_grad_enabled():
                 p = checkpoint(
-                    stage, p, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, stage),
+                    stage,
+                    p,
+                    use_reentrant=False,
+                    context_fn=functools.partial(_checkpoint_contexts, stage),
                 )
             else:
                 p = stage(p)
@@ -294,7 +311,9 @@ class NASFPN(nn.Module):
         return outs
 
 
-def _checkpoint_contexts(stage: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def _checkpoint_contexts(
+    stage: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """``checkpoint``'s ``context_fn`` for ``stage``: nothing around the forward pass, BN statistics
     frozen around the recomputation."""
     return contextlib.nullcontext(), _frozen_bn_statistics(stage)

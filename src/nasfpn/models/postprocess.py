@@ -30,8 +30,14 @@ def _best_logit_per_anchor(cls: torch.Tensor, num_classes: int) -> torch.Tensor:
     return cls.reshape(n, -1, num_classes, h * w).amax(dim=2).transpose(1, 2).reshape(n, -1)  # (N, A, HW) -> (N, HW*A)
 
 
-def select_topk(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
-                num_classes: int, score_thr: float | torch.Tensor, nms_pre: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_topk(
+    cls_maps: Sequence[torch.Tensor],
+    reg_maps: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    num_classes: int,
+    score_thr: float | torch.Tensor,
+    nms_pre: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best ``nms_pre`` (anchor, class) pairs of every level and image, in one pass per level.
 
     Returns ``scores (N, M)``, ``labels (N, M)``, ``deltas (N, M, 4)``, ``anchors (N, M, 4)`` and a
@@ -71,10 +77,16 @@ def select_topk(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch.Tenso
     return scores, torch.cat(labels_all, 1), torch.cat(deltas_all, 1), torch.cat(anchors_all, 1), scores > score_thr
 
 
-def detection_candidates(cls_maps: Sequence[torch.Tensor], reg_maps: Sequence[torch.Tensor],
-                         anchors: Sequence[torch.Tensor], img_hw: torch.Tensor, inv_scale: torch.Tensor,
-                         num_classes: int, score_thr: float | torch.Tensor,
-                         cfg: TestConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def detection_candidates(
+    cls_maps: Sequence[torch.Tensor],
+    reg_maps: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    img_hw: torch.Tensor,
+    inv_scale: torch.Tensor,
+    num_classes: int,
+    score_thr: float | torch.Tensor,
+    cfg: TestConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Everything before NMS, shared by ``postprocess`` and the exported graphs.
 
     ``img_hw (N, 2)``: the resized image size (boxes are clipped to it); ``inv_scale (N, 4)``:
@@ -97,15 +109,24 @@ def class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Ten
     return batched_nms(boxes, scores, groups, iou)
 
 
-def postprocess(cls_maps: list[torch.Tensor], reg_maps: list[torch.Tensor], anchors: list[torch.Tensor],
-                metas: list[ImageMeta], num_classes: int, cfg: TestConfig) -> list[dict[str, torch.Tensor]]:
+def postprocess(
+    cls_maps: list[torch.Tensor],
+    reg_maps: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    metas: list[ImageMeta],
+    num_classes: int,
+    cfg: TestConfig,
+) -> list[dict[str, torch.Tensor]]:
     """Detections per image: ``boxes (D, 4)`` xyxy in original pixels, ``scores (D,)``, ``labels (D,)``."""
     n = cls_maps[0].shape[0]
     device = cls_maps[0].device
     img_hw = torch.tensor([m.img_shape for m in metas], device=device, dtype=torch.float32)  # (N, 2)
-    inv = torch.tensor([[1 / m.scale_factor[0], 1 / m.scale_factor[1]] * 2 for m in metas], device=device, dtype=torch.float32)
-    boxes, scores, labels, keep = detection_candidates(cls_maps, reg_maps, anchors, img_hw, inv, num_classes,
-                                                       cfg.score_thr, cfg)
+    inv = torch.tensor(
+        [[1 / m.scale_factor[0], 1 / m.scale_factor[1]] * 2 for m in metas], device=device, dtype=torch.float32
+    )
+    boxes, scores, labels, keep = detection_candidates(
+        cls_maps, reg_maps, anchors, img_hw, inv, num_classes, cfg.score_thr, cfg
+    )
 
     image_idx = torch.arange(n, device=device)[:, None].expand_as(labels)
     boxes, scores, labels, image_idx = boxes[keep], scores[keep].float(), labels[keep], image_idx[keep]

@@ -95,8 +95,10 @@ class RegularizedEvolution(Controller):
     def __init__(self, space: SearchSpace, seed: int = 0, population_size: int = 10, sample_size: int = 3) -> None:
         super().__init__(space, seed)
         if population_size < 1 or not 1 <= sample_size <= population_size:
-            raise ValueError(f"need population_size >= 1 and 1 <= sample_size <= population_size, "
-                             f"got {population_size}, {sample_size}")
+            raise ValueError(
+                f"need population_size >= 1 and 1 <= sample_size <= population_size, "
+                f"got {population_size}, {sample_size}"
+            )
         self.population_size = population_size
         self.sample_size = sample_size
         self.rng = np.random.default_rng(seed)
@@ -197,7 +199,7 @@ class PolicyNetwork(nn.Module):
         logits = next(steps)
         for t in range(len(self.choices)):
             log_p = torch.log_softmax(logits, dim=-1)
-            logps.append(log_p.gather(1, values[:, t: t + 1]).squeeze(1))
+            logps.append(log_p.gather(1, values[:, t : t + 1]).squeeze(1))
             ents.append(-(log_p.exp() * log_p).sum(-1))
             try:
                 logits = steps.send(values[:, t])
@@ -219,9 +221,18 @@ class PPOController(Controller):
 
     kind = "ppo"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, hidden: int = 64, lr: float = 3e-3,
-                 batch_size: int = 8, epochs: int = 4, clip: float = 0.2, entropy_weight: float = 1e-3,
-                 baseline_decay: float = 0.8) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        seed: int = 0,
+        hidden: int = 64,
+        lr: float = 3e-3,
+        batch_size: int = 8,
+        epochs: int = 4,
+        clip: float = 0.2,
+        entropy_weight: float = 1e-3,
+        baseline_decay: float = 0.8,
+    ) -> None:
         super().__init__(space, seed)
         if batch_size < 1 or epochs < 1:
             raise ValueError(f"need batch_size >= 1 and epochs >= 1, got {batch_size}, {epochs}")
@@ -277,8 +288,11 @@ class PPOController(Controller):
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
-        self.last_stats = {"loss": float(loss.detach()), "entropy": float(entropy.detach().mean()),
-                           "mean_advantage": float(adv.mean())}
+        self.last_stats = {
+            "loss": float(loss.detach()),
+            "entropy": float(entropy.detach().mean()),
+            "mean_advantage": float(adv.mean()),
+        }
         self.buffer = []
         self.updates += 1
 

@@ -62,8 +62,9 @@ class Executor(Protocol):
 
 
 # --------------------------------------------------------------------------- one trial
-def evaluate_trial(evaluator: Callable[..., dict], genotype_text: str, trial_dir: str, device: str = "cpu",
-                   threads: int | None = None) -> dict[str, Any]:
+def evaluate_trial(
+    evaluator: Callable[..., dict], genotype_text: str, trial_dir: str, device: str = "cpu", threads: int | None = None
+) -> dict[str, Any]:
     """Run ``evaluator`` on one node-form genotype; never raises: a failure comes back as
     ``{"status": "failed", "error": ...}``."""
     if threads:
@@ -75,8 +76,12 @@ def evaluate_trial(evaluator: Callable[..., dict], genotype_text: str, trial_dir
         reward = float(out["reward"])
         if not math.isfinite(reward):
             raise FloatingPointError(f"non-finite reward {reward}")
-        result: dict[str, Any] = {"status": "ok", "reward": reward, "metrics": dict(out.get("metrics") or {}),
-                                  "cost": dict(out.get("cost") or {})}
+        result: dict[str, Any] = {
+            "status": "ok",
+            "reward": reward,
+            "metrics": dict(out.get("metrics") or {}),
+            "cost": dict(out.get("cost") or {}),
+        }
     except Exception as e:  # any trial failure is data, not a reason to stop the search
         if "out of memory" in str(e).lower() and torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -166,8 +171,12 @@ class ProcessExecutor:
 
     def _start(self, w: _Worker) -> None:
         parent, child = self.ctx.Pipe()
-        w.process = self.ctx.Process(target=_worker_main, args=(child, self.evaluator, w.device, self.threads, os.getpid()),
-                                     daemon=True, name=f"nasfpn-search-{w.device}")
+        w.process = self.ctx.Process(
+            target=_worker_main,
+            args=(child, self.evaluator, w.device, self.threads, os.getpid()),
+            daemon=True,
+            name=f"nasfpn-search-{w.device}",
+        )
         w.process.start()
         child.close()
         w.conn = parent
@@ -195,8 +204,7 @@ class ProcessExecutor:
             if result is None and not w.process.is_alive():
                 code = w.process.exitcode
                 why = " (killed: out of memory?)" if code in (-9, 137) else ""
-                result = {"status": "failed", "error": f"worker process died with exit code {code}{why}",
-                          "cost": {}}
+                result = {"status": "failed", "error": f"worker process died with exit code {code}{why}", "cost": {}}
                 w.conn.close()
                 w.process = None
             if result is not None and w.task is not None:
@@ -228,8 +236,14 @@ class RayExecutor:
     failed trial. Each task asks Ray for ``threads`` CPUs (default: the cluster's CPUs shared by the
     trials in flight) and ``gpus_per_trial`` GPUs (default: 1 if the cluster has GPUs)."""
 
-    def __init__(self, evaluator: Callable[..., dict], workers: int, address: str | None = "local",
-                 threads: int | None = None, gpus_per_trial: float | None = None) -> None:
+    def __init__(
+        self,
+        evaluator: Callable[..., dict],
+        workers: int,
+        address: str | None = "local",
+        threads: int | None = None,
+        gpus_per_trial: float | None = None,
+    ) -> None:
         import ray  # optional (``pip install nasfpn[search]``): only Ray searches need it
 
         self.ray = ray
@@ -294,9 +308,14 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def build_executor(evaluator: Callable[..., dict], backend: str = "process", workers: int = 1,
-                   ray_address: str | None = None, threads: int | None = None,
-                   devices: list[str] | None = None) -> Executor:
+def build_executor(
+    evaluator: Callable[..., dict],
+    backend: str = "process",
+    workers: int = 1,
+    ray_address: str | None = None,
+    threads: int | None = None,
+    devices: list[str] | None = None,
+) -> Executor:
     """An executor for ``backend`` (``process``, ``ray`` or ``inline``); CPU workers share the
     cores evenly unless ``threads`` is given."""
     if backend == "inline":
@@ -309,5 +328,3 @@ def build_executor(evaluator: Callable[..., dict], backend: str = "process", wor
     if backend == "ray":
         return RayExecutor(evaluator, workers or 1, ray_address, threads)
     raise ValueError(f"unknown backend {backend!r}; use 'process', 'ray' or 'inline'")
-
-

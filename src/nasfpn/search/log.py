@@ -85,8 +85,9 @@ class TrialLog:
         self.records.append(record)
         if controller is not None:
             with atomic_path(self.snapshot_path) as tmp:
-                torch.save({"events": len(self.records), "kind": controller.kind,
-                            "controller": controller.state_dict()}, tmp)
+                torch.save(
+                    {"events": len(self.records), "kind": controller.kind, "controller": controller.state_dict()}, tmp
+                )
 
     def restore(self, controller: Controller) -> None:
         """Bring ``controller`` to the end of the log: load its snapshot, then replay the lines
@@ -95,8 +96,9 @@ class TrialLog:
         if self.snapshot_path.is_file() and self.records:
             snap = torch.load(self.snapshot_path, weights_only=True)
             if snap["kind"] != controller.kind:
-                raise ValueError(f"{self.snapshot_path} belongs to a {snap['kind']!r} controller, "
-                                 f"not {controller.kind!r}")
+                raise ValueError(
+                    f"{self.snapshot_path} belongs to a {snap['kind']!r} controller, not {controller.kind!r}"
+                )
             events = min(int(snap["events"]), len(self.records))
             controller.load_state_dict(snap["controller"])
         _replay(controller, self.records[events:])
@@ -109,9 +111,11 @@ def _replay(controller: Controller, records: list[dict[str, Any]]) -> None:
         if r["status"] == "running":
             g = controller.propose()
             if g.to_string() != r["genotype"]:
-                raise RuntimeError(f"resume: replaying trial {r['trial']}, the controller proposed {g.to_string()!r} "
-                                   f"but the log has {r['genotype']!r}; was the search restarted with other "
-                                   "controller settings or seed?")
+                raise RuntimeError(
+                    f"resume: replaying trial {r['trial']}, the controller proposed {g.to_string()!r} "
+                    f"but the log has {r['genotype']!r}; was the search restarted with other "
+                    "controller settings or seed?"
+                )
         elif r["status"] in RESULT_STATUSES:
             controller.observe(PaperGenotype.from_string(r["genotype"]), controller_reward(r))
 
@@ -165,9 +169,13 @@ def summarize(records: list[dict[str, Any]], spec: SearchSpec | None = None) -> 
         "failed": sum(r["status"] == "failed" for r in results),
         "cached": sum(r["status"] == "cached" for r in results),
         "unique_architectures": unique[-1] if unique else 0,
-        "best": None if best is None else {k: best.get(k) for k in ("trial", "reward", "genotype", "node_genotype", "metrics", "cost")},
+        "best": None
+        if best is None
+        else {k: best.get(k) for k in ("trial", "reward", "genotype", "node_genotype", "metrics", "cost")},
         "baselines": {name: r.get("reward") for name, r in baseline_results(records).items()},
-        "trial_wall_s": {"mean": sum(walls) / len(walls), "median": walls[len(walls) // 2], "max": walls[-1]} if walls else None,
+        "trial_wall_s": {"mean": sum(walls) / len(walls), "median": walls[len(walls) // 2], "max": walls[-1]}
+        if walls
+        else None,
         "span_s": round(max(times) - min(times), 1) if times else 0.0,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }

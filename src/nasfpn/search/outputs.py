@@ -46,21 +46,40 @@ def write_outputs(out_dir: str | Path, spec: SearchSpec, records: list[dict[str,
         return summary
     paper = PaperGenotype.from_string(best["genotype"])
     node = Genotype.from_string(best["node_genotype"])
-    write_text_atomic(path=out_dir / "best.json", text=json.dumps({
-        "trial": best["trial"], "reward": best["reward"], "metrics": best.get("metrics", {}), "cost": best.get("cost", {}),
-        "genotype": paper.to_string(), "genotype_json": paper.to_dict(),
-        "node_genotype": node.to_string(), "node_genotype_json": json.loads(node.to_json()),
-    }, indent=1))
+    write_text_atomic(
+        path=out_dir / "best.json",
+        text=json.dumps(
+            {
+                "trial": best["trial"],
+                "reward": best["reward"],
+                "metrics": best.get("metrics", {}),
+                "cost": best.get("cost", {}),
+                "genotype": paper.to_string(),
+                "genotype_json": paper.to_dict(),
+                "node_genotype": node.to_string(),
+                "node_genotype_json": json.loads(node.to_json()),
+            },
+            indent=1,
+        ),
+    )
     base_text = "".join(f"{name:>8}: {value:.4f}\n" for name, value in sorted(baselines.items()))
-    write_text_atomic(path=out_dir / "best.txt", text=
-                 f"best trial {best['trial']} of {summary['trials_finished']} ({spec.controller}), reward {best['reward']:.4f}\n"
-                 f"paper form: {paper.to_string()}\nnode form:  {node.to_string()}\n"
-                 + (f"baselines on the same proxy task:\n{base_text}" if base_text else ""))
+    write_text_atomic(
+        path=out_dir / "best.txt",
+        text=f"best trial {best['trial']} of {summary['trials_finished']} ({spec.controller}), reward {best['reward']:.4f}\n"
+        f"paper form: {paper.to_string()}\nnode form:  {node.to_string()}\n"
+        + (f"baselines on the same proxy task:\n{base_text}" if base_text else ""),
+    )
     cfg = full_size_config(node, spec.full_preset)
-    write_text_atomic(path=out_dir / "best_config.yaml", text=f"# {spec.full_preset} with the pyramid found by `nasfpn search` "
-                 f"(trial {best['trial']}, proxy reward {best['reward']:.4f}).\n" + config_to_yaml(cfg))
-    plots.plot_cell_graph(paper, out_dir / "best_cell.png", f"best of {spec.controller} (trial {best['trial']}, "
-                          f"reward {best['reward']:.3f})\n{paper.to_string()}")
+    write_text_atomic(
+        path=out_dir / "best_config.yaml",
+        text=f"# {spec.full_preset} with the pyramid found by `nasfpn search` "
+        f"(trial {best['trial']}, proxy reward {best['reward']:.4f}).\n" + config_to_yaml(cfg),
+    )
+    plots.plot_cell_graph(
+        paper,
+        out_dir / "best_cell.png",
+        f"best of {spec.controller} (trial {best['trial']}, reward {best['reward']:.3f})\n{paper.to_string()}",
+    )
     return summary
 
 
@@ -83,22 +102,35 @@ def compare_searches(dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
             if r.get("reward") is not None:
                 baselines.setdefault(base, r["reward"])
         s = summarize(records, spec)
-        rows.append({"search": name, "dir": str(d), "trials": s["trials_finished"], "trained": s["ok"],
-                     "cached": s["cached"], "failed": s["failed"], "unique": s["unique_architectures"],
-                     "best_reward": s["best"]["reward"] if s["best"] else None,
-                     "best_trial": s["best"]["trial"] if s["best"] else None,
-                     "best_genotype": s["best"]["genotype"] if s["best"] else None,
-                     "span_s": s["span_s"],
-                     "trial_wall_s": s["trial_wall_s"]["mean"] if s["trial_wall_s"] else None})
+        rows.append(
+            {
+                "search": name,
+                "dir": str(d),
+                "trials": s["trials_finished"],
+                "trained": s["ok"],
+                "cached": s["cached"],
+                "failed": s["failed"],
+                "unique": s["unique_architectures"],
+                "best_reward": s["best"]["reward"] if s["best"] else None,
+                "best_trial": s["best"]["trial"] if s["best"] else None,
+                "best_genotype": s["best"]["genotype"] if s["best"] else None,
+                "span_s": s["span_s"],
+                "trial_wall_s": s["trial_wall_s"]["mean"] if s["trial_wall_s"] else None,
+            }
+        )
     plots.plot_best_so_far(runs, out_dir / "compare_best.png", baselines)
     plots.plot_unique(runs, out_dir / "compare_unique.png")
-    lines = ["| search | trials | trained | repeats | failed | unique | best reward (trial) | mean trial s | span min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| search | trials | trained | repeats | failed | unique | best reward (trial) | mean trial s | span min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         best = f"{r['best_reward']:.4f} ({r['best_trial']})" if r["best_reward"] is not None else "-"
         wall = f"{r['trial_wall_s']:.0f}" if r["trial_wall_s"] is not None else "-"
-        lines.append(f"| {r['search']} | {r['trials']} | {r['trained']} | {r['cached']} | {r['failed']} | {r['unique']} | "
-                     f"{best} | {wall} | {r['span_s'] / 60:.1f} |")
+        lines.append(
+            f"| {r['search']} | {r['trials']} | {r['trained']} | {r['cached']} | {r['failed']} | {r['unique']} | "
+            f"{best} | {wall} | {r['span_s'] / 60:.1f} |"
+        )
     for name, value in sorted(baselines.items()):
         lines.append(f"| baseline {name} | | | | | | {value:.4f} | | |")
     lines += ["", "Best genotypes (paper form):", ""]

@@ -35,11 +35,12 @@ def running_best(rewards: list[float | None]) -> list[float | None]:
 def rolling_mean(rewards: list[float | None], window: int = 10) -> list[float]:
     """Mean of the last ``window`` rewards (failed trials count as 0, as the controller sees them)."""
     values = [r if r is not None else 0.0 for r in rewards]
-    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
 
 
-def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "",
-                 baselines: dict[str, float] | None = None) -> Path:
+def plot_rewards(
+    records: list[dict[str, Any]], path: str | Path, title: str = "", baselines: dict[str, float] | None = None
+) -> Path:
     """Reward of every trial (failed ones as crosses at 0) with the running best, the mean of the
     last 10 trials, and baseline genotypes' rewards as horizontal lines."""
     results = trial_results(records)
@@ -50,14 +51,22 @@ def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "
     if ok:
         ax.scatter([t for t, _ in ok], [r for _, r in ok], s=14, color="#3182bd", label="trial")
     if cached:
-        ax.scatter([t for t, _ in cached], [r for _, r in cached], s=14, facecolors="none", edgecolors="#3182bd",
-                   label="repeat (cached)")
+        ax.scatter(
+            [t for t, _ in cached],
+            [r for _, r in cached],
+            s=14,
+            facecolors="none",
+            edgecolors="#3182bd",
+            label="repeat (cached)",
+        )
     if failed:
         ax.scatter(failed, [0.0] * len(failed), marker="x", color="#de2d26", label="failed")
     best = running_best([r["reward"] for r in results])
     xs = [r["trial"] for r in results]
     if any(b is not None for b in best):
-        ax.step(xs, [b if b is not None else float("nan") for b in best], where="post", color="black", label="best so far")
+        ax.step(
+            xs, [b if b is not None else float("nan") for b in best], where="post", color="black", label="best so far"
+        )
         ax.plot(xs, rolling_mean([r["reward"] for r in results]), color="grey", label="mean of last 10")
     for i, (name, value) in enumerate(sorted((baselines or {}).items())):
         ax.axhline(value, linestyle="--", color=f"C{i + 3}", label=f"{name} ({value:.3f})")
@@ -87,8 +96,9 @@ def plot_unique(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: 
     return _save(fig, path)
 
 
-def plot_best_so_far(runs: dict[str, list[dict[str, Any]]], path: str | Path, baselines: dict[str, float] | None = None,
-                     title: str = "") -> Path:
+def plot_best_so_far(
+    runs: dict[str, list[dict[str, Any]]], path: str | Path, baselines: dict[str, float] | None = None, title: str = ""
+) -> Path:
     """Several searches side by side: running best reward (left) and mean reward of the last 10
     trials (right), with the baselines."""
     fig, (ax, ax_mean) = plt.subplots(1, 2, figsize=(12, 4))
@@ -124,9 +134,21 @@ def plot_cell_graph(genotype: PaperGenotype, path: str | Path, title: str = "") 
     n_mid = genotype.num_intermediate
 
     def arrow(a: int, b: int, style: str, colour: str, rad: float) -> None:
-        ax.add_patch(FancyArrowPatch(pos[a], pos[b], arrowstyle="-|>", mutation_scale=10, linestyle=style,
-                                     color=colour, lw=1.2, shrinkA=13, shrinkB=13,
-                                     connectionstyle=f"arc3,rad={rad}", zorder=1))
+        ax.add_patch(
+            FancyArrowPatch(
+                pos[a],
+                pos[b],
+                arrowstyle="-|>",
+                mutation_scale=10,
+                linestyle=style,
+                color=colour,
+                lw=1.2,
+                shrinkA=13,
+                shrinkB=13,
+                connectionstyle=f"arc3,rad={rad}",
+                zorder=1,
+            )
+        )
 
     for k, cell in enumerate(genotype.cells):
         node = NUM_INPUTS + k
@@ -144,22 +166,35 @@ def plot_cell_graph(genotype: PaperGenotype, path: str | Path, title: str = "") 
     for k, cell in enumerate(genotype.cells):
         node = NUM_INPUTS + k
         output = k >= n_mid
-        ax.scatter(*pos[node], s=700, color=OP_COLOURS.get(cell.op, "white"), edgecolors="black",
-                   linewidths=2.5 if output else 0.8, zorder=2)
+        ax.scatter(
+            *pos[node],
+            s=700,
+            color=OP_COLOURS.get(cell.op, "white"),
+            edgecolors="black",
+            linewidths=2.5 if output else 0.8,
+            zorder=2,
+        )
         ax.annotate(f"{pool_name(node)}\n{cell.op}", pos[node], ha="center", va="center", fontsize=7, zorder=3)
         if output:
-            ax.annotate(f"out P{cell.level}", (pos[node][0], pos[node][1] + 0.42), ha="center", fontsize=7,
-                        fontweight="bold")
-    ax.set_yticks(list(LEVELS), [f"P{lv} (/{2 ** lv})" for lv in LEVELS])
+            ax.annotate(
+                f"out P{cell.level}", (pos[node][0], pos[node][1] + 0.42), ha="center", fontsize=7, fontweight="bold"
+            )
+    ax.set_yticks(list(LEVELS), [f"P{lv} (/{2**lv})" for lv in LEVELS])
     ax.set_xticks(range(n + 1), ["inputs"] + [pool_name(NUM_INPUTS + k) for k in range(n)])
     ax.set_xlim(-0.6, n + 0.6)
     ax.set_ylim(LEVELS[0] - 0.6, LEVELS[-1] + 0.7)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    handles = [Line2D([], [], marker="o", linestyle="", markersize=9, markerfacecolor=c, markeredgecolor="black", label=op)
-               for op, c in OP_COLOURS.items() if any(cell.op == op for cell in genotype.cells)]
-    handles += [Line2D([], [], color="#444444", label="input 1"), Line2D([], [], color="#444444", linestyle="--", label="input 2"),
-                Line2D([], [], color="#999999", linestyle=":", label="unconsumed, summed in")]
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markersize=9, markerfacecolor=c, markeredgecolor="black", label=op)
+        for op, c in OP_COLOURS.items()
+        if any(cell.op == op for cell in genotype.cells)
+    ]
+    handles += [
+        Line2D([], [], color="#444444", label="input 1"),
+        Line2D([], [], color="#444444", linestyle="--", label="input 2"),
+        Line2D([], [], color="#999999", linestyle=":", label="unconsumed, summed in"),
+    ]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or genotype.to_string(), fontsize=8)
     return _save(fig, path)
@@ -172,4 +207,3 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

@@ -43,8 +43,9 @@ PAPER_HELD_OUT = 7392
 
 
 # --------------------------------------------------------------------------- held-out split
-def split_held_out(ann_file: str | Path, out_dir: str | Path, held_out: int | float = PAPER_HELD_OUT,
-                   seed: int = 0) -> tuple[Path, Path]:
+def split_held_out(
+    ann_file: str | Path, out_dir: str | Path, held_out: int | float = PAPER_HELD_OUT, seed: int = 0
+) -> tuple[Path, Path]:
     """Carve a held-out part out of a COCO train json, deterministically.
 
     ``held_out``: a number of images, or a fraction in (0, 1). Images are drawn by a seeded
@@ -58,8 +59,10 @@ def split_held_out(ann_file: str | Path, out_dir: str | Path, held_out: int | fl
     n = len(ids)
     k = round(held_out * n) if isinstance(held_out, float) and 0 < held_out < 1 else int(held_out)
     if not 0 < k < n:
-        raise ValueError(f"{ann_file}: cannot hold out {held_out} of {n} images; need 0 < held-out < {n} "
-                         "(a count, or a fraction in (0, 1))")
+        raise ValueError(
+            f"{ann_file}: cannot hold out {held_out} of {n} images; need 0 < held-out < {n} "
+            "(a count, or a fraction in (0, 1))"
+        )
     order = np.random.default_rng(seed).permutation(n)
     held = {ids[i] for i in order[:k]}
     parts = {}
@@ -119,8 +122,13 @@ class ProxySettings:
             raise ValueError(f"proxy seeds must be >= 1, got {self.seeds}")
 
 
-def proxy_config(genotype: Genotype, settings: ProxySettings, num_classes: int,
-                 class_names: tuple[str, ...] = (), category_ids: tuple[int, ...] = ()) -> Config:
+def proxy_config(
+    genotype: Genotype,
+    settings: ProxySettings,
+    num_classes: int,
+    class_names: tuple[str, ...] = (),
+    category_ids: tuple[int, ...] = (),
+) -> Config:
     """The training config of one proxy trial."""
     s = settings
     return Config(
@@ -131,12 +139,25 @@ def proxy_config(genotype: Genotype, settings: ProxySettings, num_classes: int,
             head=HeadConfig(num_classes=num_classes, stacked_convs=s.head_convs, feat_channels=s.width),
             anchors=AnchorConfig(octave_base_scale=s.anchor_scale),
         ),
-        data=DataConfig(image_size=s.image_size, pad_divisor=128, batch_size=s.batch_size, workers=0,
-                        class_names=tuple(class_names), category_ids=tuple(category_ids)),
-        train=TrainConfig(epochs=s.epochs, base_lr=s.lr, base_batch_size=s.batch_size,
-                          warmup_iters=s.warmup_iters, milestones=(max(1, s.epochs - 1),),
-                          eval_interval=s.epochs, seed=s.seed,
-                          amp="none" if s.precision == "fp32" else s.precision, channels_last=s.precision != "fp32"),
+        data=DataConfig(
+            image_size=s.image_size,
+            pad_divisor=128,
+            batch_size=s.batch_size,
+            workers=0,
+            class_names=tuple(class_names),
+            category_ids=tuple(category_ids),
+        ),
+        train=TrainConfig(
+            epochs=s.epochs,
+            base_lr=s.lr,
+            base_batch_size=s.batch_size,
+            warmup_iters=s.warmup_iters,
+            milestones=(max(1, s.epochs - 1),),
+            eval_interval=s.epochs,
+            seed=s.seed,
+            amp="none" if s.precision == "fp32" else s.precision,
+            channels_last=s.precision != "fp32",
+        ),
     )
 
 
@@ -161,13 +182,27 @@ class ProxyTask:
     the default proxy, several GB per search."""
 
     @classmethod
-    def from_files(cls, train_ann: str | Path, images: str | Path, heldout_ann: str | Path,
-                   heldout_images: str | Path | None = None, settings: ProxySettings | None = None,
-                   keep_weights: bool = False) -> ProxyTask:
+    def from_files(
+        cls,
+        train_ann: str | Path,
+        images: str | Path,
+        heldout_ann: str | Path,
+        heldout_images: str | Path | None = None,
+        settings: ProxySettings | None = None,
+        keep_weights: bool = False,
+    ) -> ProxyTask:
         """A task whose classes are those of the train annotation file (sorted by category id)."""
         cats = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in load_coco_json(train_ann)["categories"])
-        return cls(str(train_ann), str(images), str(heldout_ann), str(heldout_images) if heldout_images else None,
-                   settings or ProxySettings(), tuple(n for _, n in cats), tuple(i for i, _ in cats), keep_weights)
+        return cls(
+            str(train_ann),
+            str(images),
+            str(heldout_ann),
+            str(heldout_images) if heldout_images else None,
+            settings or ProxySettings(),
+            tuple(n for _, n in cats),
+            tuple(i for i, _ in cats),
+            keep_weights,
+        )
 
     def config(self, genotype: Genotype, seed_index: int = 0) -> Config:
         settings = replace(self.settings, seed=self.settings.seed + seed_index)
@@ -182,9 +217,13 @@ class ProxyTask:
         n = self.settings.seeds
         # One run: in the trial folder itself. Several: one folder per seed, each run's metrics
         # kept in it, so that a search stopped mid-trial trains only the runs it had not finished.
-        runs = [self._run(self.config(genotype, k), trial_dir if n == 1 else trial_dir / f"seed{k}", device)
-                for k in range(n)]
-        metrics: dict[str, Any] = {k: sum(r[k] for r in runs) / n for k in ("AP", "AP50", "AP75") if all(k in r for r in runs)}
+        runs = [
+            self._run(self.config(genotype, k), trial_dir if n == 1 else trial_dir / f"seed{k}", device)
+            for k in range(n)
+        ]
+        metrics: dict[str, Any] = {
+            k: sum(r[k] for r in runs) / n for k in ("AP", "AP50", "AP75") if all(k in r for r in runs)
+        }
         if n > 1:
             metrics["AP_per_seed"] = [r["AP"] for r in runs]
         cost["train_s"] = round(sum(r["train_s"] for r in runs), 2)
@@ -195,8 +234,12 @@ class ProxyTask:
         done = run_dir / "proxy_result.json"
         if done.is_file():
             return json.loads(done.read_text())
-        data = DataPaths(train_ann=self.train_ann, train_images=self.images, val_ann=self.heldout_ann,
-                         val_images=self.heldout_images or self.images)
+        data = DataPaths(
+            train_ann=self.train_ann,
+            train_images=self.images,
+            val_ann=self.heldout_ann,
+            val_images=self.heldout_images or self.images,
+        )
         # A run that was going when the search stopped continues from its last checkpoint.
         resume = (run_dir / "last.pt").is_file()
         result = train(cfg, data, out_dir=run_dir, resume=resume, device=device, quiet=True, check_images=False)
@@ -219,8 +262,11 @@ def full_size_config(genotype: Genotype, preset: str = "retinanet_r50_nasfpn_cro
     done (``nasfpn train best_config.yaml``)."""
     cfg = get_config(preset)
     name = cfg.name.replace("nasfpn", "nasfpn_searched", 1) if "nasfpn" in cfg.name else f"{cfg.name}_searched"
-    return replace(cfg, name=name, model=replace(cfg.model, neck=replace(cfg.model.neck, kind="nasfpn",
-                                                                          genotype=genotype.to_string())))
+    return replace(
+        cfg,
+        name=name,
+        model=replace(cfg.model, neck=replace(cfg.model.neck, kind="nasfpn", genotype=genotype.to_string())),
+    )
 
 
 # --------------------------------------------------------------------------- a cheap stand-in
@@ -271,7 +317,9 @@ class FakeEvaluator:
             raise RuntimeError("simulated training failure")
         if u < self.fail_rate + self.crash_rate and os.getpid() != self.creator_pid:
             os._exit(3)
-        reward = genotype_similarity(genotype, Genotype.from_string(self.target)) + self.noise * _unit_hash(text, "noise")
+        reward = genotype_similarity(genotype, Genotype.from_string(self.target)) + self.noise * _unit_hash(
+            text, "noise"
+        )
         n_levels = len({c.level for c in genotype.cells} & set(LEVELS))
         return {"reward": reward, "metrics": {"AP": reward}, "cost": {"cells": len(genotype.cells), "levels": n_levels}}
 
@@ -280,19 +328,32 @@ class FakeEvaluator:
 def _find_layout(root: Path) -> tuple[Path, Path]:
     """``(train annotations, train images)`` of a dataset folder: our synthetic layout
     (``annotations/instances_train.json`` + ``train/``) or COCO 2017's."""
-    for ann, images in ((root / "annotations" / "instances_train.json", root / "train"),
-                        (root / "annotations" / "instances_train2017.json", root / "train2017")):
+    for ann, images in (
+        (root / "annotations" / "instances_train.json", root / "train"),
+        (root / "annotations" / "instances_train2017.json", root / "train2017"),
+    ):
         if ann.is_file() and images.is_dir():
             return ann, images
-    raise ValueError(f"{root}: no annotations/instances_train.json + train/ (or COCO's instances_train2017.json + "
-                     "train2017/); give --train-ann and --train-images instead")
+    raise ValueError(
+        f"{root}: no annotations/instances_train.json + train/ (or COCO's instances_train2017.json + "
+        "train2017/); give --train-ann and --train-images instead"
+    )
 
 
-def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = None, data: str | Path | None = None,
-                       train_ann: str | Path | None = None, train_images: str | Path | None = None,
-                       heldout_ann: str | Path | None = None, heldout_images: str | Path | None = None,
-                       held_out: int | float | str = "auto", split_seed: int = 0, synthetic_images: int = 400,
-                       synthetic_size: int | None = None, keep_weights: bool = False) -> ProxyTask:
+def prepare_proxy_task(
+    work_dir: str | Path,
+    settings: ProxySettings | None = None,
+    data: str | Path | None = None,
+    train_ann: str | Path | None = None,
+    train_images: str | Path | None = None,
+    heldout_ann: str | Path | None = None,
+    heldout_images: str | Path | None = None,
+    held_out: int | float | str = "auto",
+    split_seed: int = 0,
+    synthetic_images: int = 400,
+    synthetic_size: int | None = None,
+    keep_weights: bool = False,
+) -> ProxyTask:
     """The proxy task of a search: its data located, generated or split under ``work_dir``.
 
     ``data``: a dataset folder, or ``"synthetic"`` for the embedded dataset (``synthetic_images``
@@ -304,8 +365,13 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
     settings = settings or ProxySettings()
     work_dir = Path(work_dir)
     if data is not None and str(data) == "synthetic":
-        ds = generate_dataset(work_dir / "data", num_train=synthetic_images, num_val=0,
-                              image_size=synthetic_size or settings.image_size, seed=0)
+        ds = generate_dataset(
+            work_dir / "data",
+            num_train=synthetic_images,
+            num_val=0,
+            image_size=synthetic_size or settings.image_size,
+            seed=0,
+        )
         train_ann, train_images = ds.train_annotations, ds.train_images
     elif data is not None:
         train_ann, train_images = _find_layout(Path(data))
@@ -318,5 +384,11 @@ def prepare_proxy_task(work_dir: str | Path, settings: ProxySettings | None = No
         elif isinstance(held_out, str):
             held_out = float(held_out) if "." in held_out else int(held_out)
         train_ann, heldout_ann = split_held_out(train_ann, work_dir / "split", held_out, split_seed)
-    return ProxyTask.from_files(Path(train_ann).resolve(), Path(train_images).resolve(), Path(heldout_ann).resolve(),
-                                Path(heldout_images).resolve() if heldout_images else None, settings, keep_weights)
+    return ProxyTask.from_files(
+        Path(train_ann).resolve(),
+        Path(train_images).resolve(),
+        Path(heldout_ann).resolve(),
+        Path(heldout_images).resolve() if heldout_images else None,
+        settings,
+        keep_weights,
+    )

@@ -86,8 +86,9 @@ class _SearchState:
     running: set[Key] = field(default_factory=set)
 
 
-def _resume_state(controller: Controller, log: TrialLog, baselines: dict[str, Genotype], reuse: bool,
-                  say: Callable[[str], None]) -> _SearchState:
+def _resume_state(
+    controller: Controller, log: TrialLog, baselines: dict[str, Genotype], reuse: bool, say: Callable[[str], None]
+) -> _SearchState:
     """The state after the records already in ``log``: baselines not yet evaluated and trials
     that were in flight when the search stopped go first."""
     records = log.records
@@ -98,16 +99,18 @@ def _resume_state(controller: Controller, log: TrialLog, baselines: dict[str, Ge
     for r in finished.values():
         if r["status"] == "ok":
             cache.setdefault(PaperGenotype.from_string(r["genotype"]).canonical().to_string(), r)
-    todo: list[tuple[Key, str]] = [(("baseline", name), g.to_string()) for name, g in baselines.items()
-                                   if name not in base_done]
+    todo: list[tuple[Key, str]] = [
+        (("baseline", name), g.to_string()) for name, g in baselines.items() if name not in base_done
+    ]
     rerun = sorted(set(proposed) - set(finished))
     if rerun:
         say(f"resume: running again trial(s) {', '.join(map(str, rerun))}, in flight when the search stopped")
     todo += [(("trial", t), proposed[t]["node_genotype"]) for t in rerun]
     if records:
         say(f"resume: {len(finished)} finished trial(s), {len(base_done)} baseline(s) kept from {log.path}")
-    return _SearchState(controller, log, baselines, reuse, say, proposed, cache, todo,
-                        next_trial=max(proposed, default=-1) + 1)
+    return _SearchState(
+        controller, log, baselines, reuse, say, proposed, cache, todo, next_trial=max(proposed, default=-1) + 1
+    )
 
 
 # --------------------------------------------------------------------------- the events
@@ -119,15 +122,29 @@ def _propose(state: _SearchState) -> tuple[Key, str] | None:
     state.next_trial += 1
     text = g.lower().to_string()
     now = round(time.time(), 3)
-    state.proposed[tid] = {"trial": tid, "status": "running", "genotype": g.to_string(), "node_genotype": text,
-                           "time": now}
+    state.proposed[tid] = {
+        "trial": tid,
+        "status": "running",
+        "genotype": g.to_string(),
+        "node_genotype": text,
+        "time": now,
+    }
     state.log.append(state.proposed[tid], state.controller)
     hit = state.cache.get(g.canonical().to_string()) if state.reuse else None
     if hit is None:
         return ("trial", tid), text
-    rec = {"trial": tid, "status": "cached", "genotype": g.to_string(), "node_genotype": text,
-           "reward": hit["reward"], "metrics": hit.get("metrics", {}), "cost": {**hit.get("cost", {}), "wall_s": 0.0},
-           "source_trial": hit["trial"], "started": now, "finished": now}
+    rec = {
+        "trial": tid,
+        "status": "cached",
+        "genotype": g.to_string(),
+        "node_genotype": text,
+        "reward": hit["reward"],
+        "metrics": hit.get("metrics", {}),
+        "cost": {**hit.get("cost", {}), "wall_s": 0.0},
+        "source_trial": hit["trial"],
+        "started": now,
+        "finished": now,
+    }
     state.controller.observe(g, rec["reward"])
     state.log.append(rec, state.controller)
     state.say(f"trial {tid:4d} cached  reward {rec['reward']:.4f} (= trial {hit['trial']})  {g}")
@@ -159,18 +176,31 @@ def _finish(state: _SearchState, key: Key, result: dict[str, Any]) -> None:
     if rec["status"] == "ok":
         state.cache.setdefault(g.canonical().to_string(), rec)
         best = best_result(state.log.records) or rec  # never None: this trial just finished ok
-        state.say(f"trial {name:4d} ok      reward {rec['reward']:.4f} (best {best['reward']:.4f})  "
-                  f"{rec['cost'].get('wall_s', 0):.0f}s  {g}")
+        state.say(
+            f"trial {name:4d} ok      reward {rec['reward']:.4f} (best {best['reward']:.4f})  "
+            f"{rec['cost'].get('wall_s', 0):.0f}s  {g}"
+        )
     else:
         state.say(f"trial {name:4d} failed  {rec.get('error', '')}")
 
 
 # --------------------------------------------------------------------------- the loop
-def run_search(controller: Controller, evaluator: Callable[..., dict], out_dir: str | Path, trials: int,
-               workers: int = 1, backend: str = "process", ray_address: str | None = None,
-               threads: int | None = None, devices: list[str] | None = None, resume: bool = False,
-               reuse: bool = True, baselines: dict[str, Genotype] | None = None,
-               log: Callable[[str], None] | None = _progress, executor: Executor | None = None) -> SearchResult:
+def run_search(
+    controller: Controller,
+    evaluator: Callable[..., dict],
+    out_dir: str | Path,
+    trials: int,
+    workers: int = 1,
+    backend: str = "process",
+    ray_address: str | None = None,
+    threads: int | None = None,
+    devices: list[str] | None = None,
+    resume: bool = False,
+    reuse: bool = True,
+    baselines: dict[str, Genotype] | None = None,
+    log: Callable[[str], None] | None = _progress,
+    executor: Executor | None = None,
+) -> SearchResult:
     """Run (or, with ``resume``, continue) a search of ``trials`` controller trials; see the
     module docstring. Returns every log record, the best trial and the baseline results."""
     t0 = time.time()
@@ -178,8 +208,10 @@ def run_search(controller: Controller, evaluator: Callable[..., dict], out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     trial_log = TrialLog(out_dir)
     if trial_log.records and not resume:
-        raise ValueError(f"{trial_log.path} already holds a search; pass resume=True (--resume) to continue it, "
-                         "or choose another output folder")
+        raise ValueError(
+            f"{trial_log.path} already holds a search; pass resume=True (--resume) to continue it, "
+            "or choose another output folder"
+        )
     trial_log.restore(controller)
     state = _resume_state(controller, trial_log, baselines or {}, reuse, log or _silent)
 
@@ -205,9 +237,17 @@ def run_search(controller: Controller, evaluator: Callable[..., dict], out_dir: 
 
 
 # --------------------------------------------------------------------------- a whole search
-def search(spec: SearchSpec, out_dir: str | Path, workers: int = 1, backend: str = "process",
-           ray_address: str | None = None, resume: bool = False, devices: list[str] | None = None,
-           threads: int | None = None, log: Callable[[str], None] | None = _progress) -> SearchResult:
+def search(
+    spec: SearchSpec,
+    out_dir: str | Path,
+    workers: int = 1,
+    backend: str = "process",
+    ray_address: str | None = None,
+    resume: bool = False,
+    devices: list[str] | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = _progress,
+) -> SearchResult:
     """Run the search ``spec`` describes in ``out_dir`` and write its outputs (``write_outputs``).
     With ``resume``, ``spec`` must match the saved ``search.json`` except for ``trials``."""
     out_dir = Path(out_dir)
@@ -216,14 +256,28 @@ def search(spec: SearchSpec, out_dir: str | Path, workers: int = 1, backend: str
         saved = SearchSpec.from_file(spec_path).to_dict()
         differ = sorted(k for k, v in spec.to_dict().items() if k != "trials" and saved.get(k) != v)
         if differ:
-            raise ValueError(f"resume: {', '.join(differ)} differ from {spec_path}; a search resumes with its own settings")
+            raise ValueError(
+                f"resume: {', '.join(differ)} differ from {spec_path}; a search resumes with its own settings"
+            )
     elif not resume and (out_dir / LOG_NAME).is_file():
         raise ValueError(f"{out_dir} already holds a search; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.to_dict(), spec_path)
     baselines = {"nasfpn": NASFPN_GENOTYPE, "fpn": FPN_GENOTYPE} if spec.baselines else None
-    result = run_search(spec.build_controller(), spec.build_evaluator(), out_dir, spec.trials, workers, backend,
-                        ray_address, threads, devices, resume, spec.reuse, baselines, log)
+    result = run_search(
+        spec.build_controller(),
+        spec.build_evaluator(),
+        out_dir,
+        spec.trials,
+        workers,
+        backend,
+        ray_address,
+        threads,
+        devices,
+        resume,
+        spec.reuse,
+        baselines,
+        log,
+    )
     write_outputs(out_dir, spec, result.records)
     return result
-

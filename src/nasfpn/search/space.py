@@ -100,7 +100,7 @@ class PaperGenotype:
     @property
     def output_order(self) -> tuple[int, ...]:
         """Levels of the five output cells, in the order they are built (``(3, 4, 5, 7, 6)``)."""
-        return tuple(c.level for c in self.cells[self.num_intermediate:])
+        return tuple(c.level for c in self.cells[self.num_intermediate :])
 
     def pool_level(self, index: int) -> int:
         return LEVELS[index] if index < NUM_INPUTS else self.cells[index - NUM_INPUTS].level
@@ -109,8 +109,9 @@ class PaperGenotype:
     def validate(self) -> PaperGenotype:
         """Raise ``ValueError`` with the reason if this is not a valid pyramid network."""
         if len(self.cells) < NUM_OUTPUTS:
-            raise ValueError(f"a pyramid needs at least {NUM_OUTPUTS} cells (the last five output P3..P7), "
-                             f"got {len(self.cells)}")
+            raise ValueError(
+                f"a pyramid needs at least {NUM_OUTPUTS} cells (the last five output P3..P7), got {len(self.cells)}"
+            )
         n_mid = self.num_intermediate
         for k, cell in enumerate(self.cells):
             where = f"cell c{k} ({cell})"
@@ -121,15 +122,18 @@ class PaperGenotype:
             a, b = cell.inputs
             for x in (a, b):
                 if not 0 <= x < NUM_INPUTS + k:
-                    raise ValueError(f"{where}: input {pool_name(x) if x >= 0 else x} is not in the pool yet "
-                                     f"(pool: P3..P7" + (f", c0..c{k - 1})" if k else ")"))
+                    raise ValueError(
+                        f"{where}: input {pool_name(x) if x >= 0 else x} is not in the pool yet "
+                        f"(pool: P3..P7" + (f", c0..c{k - 1})" if k else ")")
+                    )
             if a == b:
                 raise ValueError(f"{where}: the two inputs must be different features")
             if cell.level not in LEVELS:
                 raise ValueError(f"{where}: output level P{cell.level} is not one of P3..P7")
             if k < n_mid and cell.level not in INTERMEDIATE_LEVELS:
-                raise ValueError(f"{where}: intermediate cells output at P4..P7 (never P3, stride 8), "
-                                 f"got P{cell.level}")
+                raise ValueError(
+                    f"{where}: intermediate cells output at P4..P7 (never P3, stride 8), got P{cell.level}"
+                )
         order = self.output_order
         if sorted(order) != list(LEVELS):
             taken = [f"P{lv}" for lv in order]
@@ -170,8 +174,10 @@ class PaperGenotype:
                 previous = NUM_INPUTS + len(cells) - 1
                 cells.append(Cell("sum", (node_of[j], previous), cell.level, out_conv=m == len(summed) - 1))
             node_of.append(NUM_INPUTS + len(cells) - 1)
-        out_cell = {cell.level: NUM_INPUTS + self.num_intermediate + i
-                    for i, cell in enumerate(self.cells[self.num_intermediate:])}
+        out_cell = {
+            cell.level: NUM_INPUTS + self.num_intermediate + i
+            for i, cell in enumerate(self.cells[self.num_intermediate :])
+        }
         outputs = tuple(node_of[out_cell[level]] for level in LEVELS)
         return Genotype(tuple(cells), outputs).validate()  # type: ignore[arg-type]
 
@@ -187,18 +193,21 @@ class PaperGenotype:
             try:
                 inputs = tuple(paper_of_node[x] for x in cell.inputs)
             except KeyError as e:
-                raise ValueError(f"not in the paper's form: node cell {i} ({cell}) reads node {e.args[0]}, "
-                                 "which lies inside a merged output cell") from None
+                raise ValueError(
+                    f"not in the paper's form: node cell {i} ({cell}) reads node {e.args[0]}, "
+                    "which lies inside a merged output cell"
+                ) from None
             last, conv = NUM_INPUTS + i, cell.out_conv
             while not conv:  # an output cell and the sums that add its unconsumed features
                 i += 1
                 if i >= len(genotype.cells):
-                    raise ValueError(f"not in the paper's form: node {last} has no out conv and nothing "
-                                     "sums into it")
+                    raise ValueError(f"not in the paper's form: node {last} has no out conv and nothing sums into it")
                 s = genotype.cells[i]
                 if s.op != "sum" or s.level != cell.level or s.inputs[1] != last:
-                    raise ValueError(f"not in the paper's form: node cell {i} ({s}) should be "
-                                     f"sum(feature, {last})->{cell.level}, adding an unconsumed feature to node {last}")
+                    raise ValueError(
+                        f"not in the paper's form: node cell {i} ({s}) should be "
+                        f"sum(feature, {last})->{cell.level}, adding an unconsumed feature to node {last}"
+                    )
                 last, conv = NUM_INPUTS + i, s.out_conv
             cells.append(PaperCell(cell.op, inputs, cell.level))  # type: ignore[arg-type]
             paper_of_node[last] = NUM_INPUTS + len(cells) - 1
@@ -206,8 +215,10 @@ class PaperGenotype:
         paper = cls(tuple(cells)).validate()
         lowered = paper.lower()
         if lowered != genotype:
-            raise ValueError(f"genotype {genotype.to_string()!r} is not in the paper's form: the closest paper "
-                             f"genotype {paper.to_string()!r} lowers to {lowered.to_string()!r}")
+            raise ValueError(
+                f"genotype {genotype.to_string()!r} is not in the paper's form: the closest paper "
+                f"genotype {paper.to_string()!r} lowers to {lowered.to_string()!r}"
+            )
         return paper
 
     def canonical(self) -> PaperGenotype:
@@ -244,8 +255,9 @@ class PaperGenotype:
         return cls(tuple(cells)).validate()
 
     def to_dict(self) -> dict:
-        return {"cells": [{"op": c.op, "inputs": [pool_name(x) for x in c.inputs], "level": c.level}
-                          for c in self.cells]}
+        return {
+            "cells": [{"op": c.op, "inputs": [pool_name(x) for x in c.inputs], "level": c.level} for c in self.cells]
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -334,8 +346,12 @@ class SearchSpace:
         n_mid = self.num_cells - NUM_OUTPUTS
         for k in range(self.num_cells):
             level_choices = len(INTERMEDIATE_LEVELS) if k < n_mid else NUM_OUTPUTS - (k - n_mid)
-            decisions += [Decision(k, "input1", NUM_INPUTS + k), Decision(k, "input2", NUM_INPUTS + k - 1),
-                          Decision(k, "level", level_choices), Decision(k, "op", len(self.ops))]
+            decisions += [
+                Decision(k, "input1", NUM_INPUTS + k),
+                Decision(k, "input2", NUM_INPUTS + k - 1),
+                Decision(k, "level", level_choices),
+                Decision(k, "op", len(self.ops)),
+            ]
         object.__setattr__(self, "_decisions", tuple(decisions))
 
     @classmethod
@@ -399,7 +415,7 @@ class SearchSpace:
         free = list(LEVELS)
         cells = []
         for k in range(self.num_cells):
-            a, b, level, op = values[4 * k: 4 * k + 4]
+            a, b, level, op = values[4 * k : 4 * k + 4]
             b = b + (b >= a)
             if k < n_mid:
                 lv = INTERMEDIATE_LEVELS[level]
