@@ -151,3 +151,27 @@ def test_default_labels_are_one_rule_for_predict_and_eval():
     tiny = PRESETS["nasfpn_tiny"]
     det = load(replace(tiny, model=replace(tiny.model, head=replace(tiny.model.head, num_classes=3))))
     assert det.category_ids == (1, 2, 3) and det.class_names == ("class_0", "class_1", "class_2")
+
+
+def test_training_crop_is_its_own_setting_defaulting_to_the_test_size():
+    from nasfpn.data.collate import train_collate
+
+    cfg = PRESETS["retinanet_r50_nasfpn_crop640_50e"]
+    assert cfg.data.crop_size is None and cfg.data.train_crop == cfg.data.image_size == 640
+    smaller = apply_overrides(cfg, ["data.crop_size=512"])
+    assert smaller.data.train_crop == 512 and smaller.data.image_size == 640
+    # Configs saved before the setting existed read as before.
+    data = config_to_dict(cfg)
+    del data["data"]["crop_size"]
+    assert config_from_dict(data).data.train_crop == 640
+    # The training collate pads to the crop.
+    import torch
+
+    sample = {
+        "image": torch.zeros(3, 100, 80, dtype=torch.uint8),
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "image_id": 1,
+    }
+    images, _ = train_collate(smaller.data)([sample])
+    assert tuple(images.shape[-2:]) == (512, 512)

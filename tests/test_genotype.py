@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype, resize_to
+from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Cell, Genotype, parse_genotype, resize_to
 
 
 def test_discovered_architecture_reproduces_mmdetection_cell_names():
@@ -25,7 +25,7 @@ def test_discovered_architecture_reproduces_mmdetection_cell_names():
     assert [c.out_conv for c in NASFPN_GENOTYPE.cells].count(False) == 2
 
 
-@pytest.mark.parametrize("g", [NASFPN_GENOTYPE, FPN_GENOTYPE])
+@pytest.mark.parametrize("g", [NASFPN_GENOTYPE, FPN_CELLS_GENOTYPE])
 def test_text_and_json_round_trip(g):
     assert Genotype.from_string(g.to_string()) == g
     assert Genotype.from_json(g.to_json()) == g

@@ -13,7 +13,7 @@ from nasfpn.search.controllers import (
     build_controller,
     uniform_entropy,
 )
-from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperGenotype, SearchSpace
+from nasfpn.search.space import FPN_CELLS_PAPER, NASFPN_PAPER, PaperGenotype, SearchSpace
 
 SPACE = SearchSpace()
 KINDS = ["random", "evolution", "ppo"]
@@ -112,7 +112,7 @@ def test_ppo_accepts_foreign_genotypes_and_out_of_order_results():
 def test_random_search_ignores_rewards_but_checks_genotypes():
     rs = RandomSearch(SPACE, 0)
     with pytest.raises(ValueError, match="8 cells"):
-        rs.observe(FPN_PAPER, 1.0)
+        rs.observe(FPN_CELLS_PAPER, 1.0)
 
 
 def test_unknown_controller():

@@ -33,5 +33,5 @@ def test_compare_searches_writes_one_row_per_search(tmp_path):
         assert row["trials"] == 4 and row["best_reward"] == s["best"]["reward"]
         assert row["unique"] == unique_counts(read_log(d / LOG_NAME))[-1]
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    assert text.count("\n| random") == 2 and "| baseline nasfpn |" in text and "| baseline fpn |" in text
+    assert text.count("\n| random") == 2 and "| baseline nasfpn |" in text and "| baseline fpn_cells |" in text
     assert (tmp_path / "cmp" / "compare_best.png").is_file() and (tmp_path / "cmp" / "compare_unique.png").is_file()

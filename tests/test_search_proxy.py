@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nasfpn.cli import main
-from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, parse_genotype
+from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, parse_genotype
 from nasfpn.search.proxy import (
     PAPER_HELD_OUT,
     FakeEvaluator,
@@ -58,9 +58,9 @@ def test_proxy_config_and_full_size_config():
     assert cfg.model.neck.stacks == s.stacks and cfg.model.neck.channels == s.width
     assert parse_genotype(cfg.model.neck.genotype) == NASFPN_GENOTYPE
     assert cfg.data.image_size == 128 and cfg.train.epochs == s.epochs and cfg.train.eval_interval == s.epochs
-    full = full_size_config(FPN_GENOTYPE)
+    full = full_size_config(FPN_CELLS_GENOTYPE)
     assert full.name == "retinanet_r50_nasfpn_searched_crop640_50e"
-    assert parse_genotype(full.model.neck.genotype) == FPN_GENOTYPE
+    assert parse_genotype(full.model.neck.genotype) == FPN_CELLS_GENOTYPE
     assert full.model.neck.stacks == 7 and full.model.backbone.depth == 50
 
 
@@ -78,8 +78,8 @@ def test_prepare_proxy_task_on_synthetic_data(tmp_path):
 def test_fake_evaluator_prefers_the_published_architecture(tmp_path):
     fake = FakeEvaluator(noise=0.0)
     assert fake(NASFPN_GENOTYPE, tmp_path)["reward"] == 1.0
-    assert fake(FPN_GENOTYPE, tmp_path)["reward"] < 0.5
-    assert genotype_similarity(FPN_GENOTYPE, FPN_GENOTYPE) == 1.0
+    assert fake(FPN_CELLS_GENOTYPE, tmp_path)["reward"] < 0.5
+    assert genotype_similarity(FPN_CELLS_GENOTYPE, FPN_CELLS_GENOTYPE) == 1.0
 
 
 def test_cli_search_and_resume(tmp_path, capsys):

@@ -56,8 +56,8 @@ def test_inline_search_logs_failures_and_writes_outputs(tmp_path):
             assert r["cost"]["wall_s"] >= 0 and r["started"] <= r["finished"]
     assert result.best["status"] in ("ok", "cached")
     assert result.best["reward"] == max(r["reward"] for r in result.results if r["reward"] is not None)
-    assert set(result.baselines) == {"nasfpn", "fpn"}
-    assert result.baselines["nasfpn"]["reward"] > result.baselines["fpn"]["reward"]
+    assert set(result.baselines) == {"nasfpn", "fpn_cells"}
+    assert result.baselines["nasfpn"]["reward"] > result.baselines["fpn_cells"]["reward"]
 
     for name in (
         "best.json",

@@ -8,8 +8,15 @@ import torch
 
 from nasfpn.core.config import BackboneConfig, HeadConfig, ModelConfig, NeckConfig
 from nasfpn.models import build_model
-from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Genotype
-from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace, parse_paper_genotype
+from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN, NASFPN_GENOTYPE, Genotype
+from nasfpn.search.space import (
+    FPN_CELLS_PAPER,
+    NASFPN_PAPER,
+    PaperCell,
+    PaperGenotype,
+    SearchSpace,
+    parse_paper_genotype,
+)
 
 # Small tensors on a shared 2-core machine: one thread avoids contention.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,11 +41,13 @@ def test_published_architecture_round_trips():
 
 
 def test_fpn_has_a_paper_form():
-    assert FPN_PAPER.num_cells == 8 and FPN_PAPER.lower() == FPN_GENOTYPE
-    assert FPN_PAPER.summed_unconsumed() == {}
+    assert FPN_CELLS_PAPER.num_cells == 8 and FPN_CELLS_PAPER.lower() == FPN_CELLS_GENOTYPE
+    assert FPN_CELLS_PAPER.summed_unconsumed() == {}
 
 
-@pytest.mark.parametrize("text", ["nasfpn", "fpn", PUBLISHED, NASFPN_GENOTYPE.to_string(), NASFPN_PAPER.to_json()])
+@pytest.mark.parametrize(
+    "text", ["nasfpn", "fpn_cells", "fpn", PUBLISHED, NASFPN_GENOTYPE.to_string(), NASFPN_PAPER.to_json()]
+)
 def test_parse_paper_genotype_forms(text):
     g = parse_paper_genotype(text)
     assert PaperGenotype.from_string(g.to_string()) == g
@@ -89,7 +98,7 @@ def test_space_membership():
     space = SearchSpace()
     space.check(NASFPN_PAPER)
     with pytest.raises(ValueError, match="8 cells"):
-        space.check(FPN_PAPER)
+        space.check(FPN_CELLS_PAPER)
     tf_space = SearchSpace.create(7, "tf")
     with pytest.raises(ValueError, match="not in this space"):
         tf_space.check(NASFPN_PAPER)

@@ -465,7 +465,7 @@ def bench_train(
     from nasfpn.engine.step import build_step_parts, train_step
 
     dev = torch.device(device)
-    size = size or cfg.data.image_size
+    size = size or cfg.data.train_crop
     model_cfg = cfg.model
     if checkpoint_stacks is not None:
         model_cfg = replace(model_cfg, neck=replace(model_cfg.neck, checkpoint_stacks=checkpoint_stacks))
@@ -608,7 +608,7 @@ def bench_data(
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
     decode = DECODERS[decoder]
-    size = size or cfg.data.image_size
+    size = size or cfg.data.train_crop
     d = cfg.data
     transform = TrainTransform(size, d.scale_range, d.flip_prob)
     threads = torch.get_num_threads()

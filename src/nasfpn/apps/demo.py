@@ -72,7 +72,7 @@ def _timing_dataset(cfg: Config, data):
     return CocoDataset(
         data.train_ann,
         data.train_images,
-        TrainTransform(d.image_size, (scale_lo, scale_hi), d.flip_prob),
+        TrainTransform(d.train_crop, (scale_lo, scale_hi), d.flip_prob),
         filter_empty=True,
     )
 

@@ -38,7 +38,8 @@ class NeckConfig:
     stacks: int = 7
     """NAS-FPN: number of stacked pyramid networks."""
     genotype: str = "nasfpn"
-    """NAS-FPN: a named genotype ("nasfpn", "fpn") or a genotype string (see models/nasfpn.py)."""
+    """NAS-FPN: a named genotype ("nasfpn"; "fpn_cells", a top-down FPN written as merging cells, not the
+    ``kind="fpn"`` neck) or a genotype string (see models/nasfpn.py)."""
     checkpoint_stacks: bool = False
     """NAS-FPN: recompute each stack in the backward pass (activation checkpointing)."""
     exit_stack: int = 0
@@ -103,13 +104,15 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     image_size: int = 640
-    """Test: long side resized to this; train: crop size."""
+    """Test: the long side is resized to this (keep ratio)."""
+    crop_size: int | None = None
+    """Train: the square crop (None: ``image_size``, as in the crop-640 recipe). See ``train_crop``."""
     pad_divisor: int = 128
     """Test-time padding: height and width rounded up to a multiple of this."""
     train_pad_to_size: bool = True
-    """Train: pad every image to image_size x image_size."""
+    """Train: pad every image to train_crop x train_crop."""
     scale_range: tuple[float, float] = (0.8, 1.2)
-    """Train: random resize of the long side to image_size * U(lo, hi)."""
+    """Train: random resize of the long side to train_crop * U(lo, hi)."""
     flip_prob: float = 0.5
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     """RGB mean in 0..255 pixel units."""
@@ -121,6 +124,11 @@ class DataConfig:
     """Label names; empty means COCO's 80 classes."""
     category_ids: tuple[int, ...] = ()
     """Dataset category id of each label; empty means COCO's ids."""
+
+    @property
+    def train_crop(self) -> int:
+        """The training crop (and pad) size: ``crop_size``, or ``image_size`` when it is not set."""
+        return self.crop_size or self.image_size
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def train_collate(d: DataConfig) -> Callable[[Sequence[Sample | None]], TrainBat
         collate_train,
         mean=d.mean,
         std=d.std,
-        pad_size=d.image_size if d.train_pad_to_size else None,
+        pad_size=d.train_crop if d.train_pad_to_size else None,
         pad_divisor=d.pad_divisor,
     )
 

@@ -349,7 +349,7 @@ class _Run:
         self.train_ds = CocoDataset(
             self.data.train_ann,
             self.data.train_images,
-            TrainTransform(d.image_size, (scale_lo, scale_hi), d.flip_prob),
+            TrainTransform(d.train_crop, (scale_lo, scale_hi), d.flip_prob),
             category_ids=list(d.category_ids) or None,
             filter_empty=True,
             exclude=train_problems,

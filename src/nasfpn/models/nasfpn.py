@@ -159,17 +159,21 @@ NASFPN_GENOTYPE = Genotype.from_string(
     "gp(10,6)->7 noconv; sum(4,11)->7; gp(12,10)->6; out 7,8,10,13,12"
 )
 
-# A plain top-down FPN written as a genotype: a baseline inside the same search space.
-FPN_GENOTYPE = Genotype.from_string(
+# A plain top-down FPN written as merging cells: a baseline inside the search space. Not the
+# crop-640 FPN neck of ``NeckConfig(kind="fpn")``, which is its own module (models/fpn.py).
+FPN_CELLS_GENOTYPE = Genotype.from_string(
     "sum(4,3)->6; sum(5,2)->5; sum(6,1)->4; sum(7,0)->3; sum(8,7)->4; sum(9,6)->5; sum(10,5)->6; "
     "sum(11,4)->7; out 8,9,10,11,12"
 )
 
-GENOTYPES = {"nasfpn": NASFPN_GENOTYPE, "fpn": FPN_GENOTYPE}
+GENOTYPES = {"nasfpn": NASFPN_GENOTYPE, "fpn_cells": FPN_CELLS_GENOTYPE}
+# The name configs and search logs written before "fpn_cells" used.
+GENOTYPE_ALIASES = {"fpn": "fpn_cells"}
 
 
 def parse_genotype(text: str) -> Genotype:
     """A named genotype, a genotype string, or genotype JSON."""
+    text = GENOTYPE_ALIASES.get(text, text)
     if text in GENOTYPES:
         return GENOTYPES[text]
     if text.lstrip().startswith("{"):

@@ -19,11 +19,18 @@
 from nasfpn.search.controllers import Controller, PPOController, RandomSearch, RegularizedEvolution, build_controller
 from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask, prepare_proxy_task, split_held_out
 from nasfpn.search.runner import SearchResult, run_search, search
-from nasfpn.search.space import FPN_PAPER, NASFPN_PAPER, PaperCell, PaperGenotype, SearchSpace, parse_paper_genotype
+from nasfpn.search.space import (
+    FPN_CELLS_PAPER,
+    NASFPN_PAPER,
+    PaperCell,
+    PaperGenotype,
+    SearchSpace,
+    parse_paper_genotype,
+)
 from nasfpn.search.spec import SearchSpec, evaluator_spec
 
 __all__ = [
-    "FPN_PAPER",
+    "FPN_CELLS_PAPER",
     "NASFPN_PAPER",
     "Controller",
     "FakeEvaluator",

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nasfpn.core.fileio import write_json_atomic
-from nasfpn.models.nasfpn import FPN_GENOTYPE, NASFPN_GENOTYPE, Genotype
+from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype
 from nasfpn.search.controllers import Controller
 from nasfpn.search.executors import Executor, build_executor
 from nasfpn.search.log import LOG_NAME, TrialLog, baseline_results, best_result, controller_reward, trial_results
@@ -263,7 +263,7 @@ def search(
         raise ValueError(f"{out_dir} already holds a search; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.to_dict(), spec_path)
-    baselines = {"nasfpn": NASFPN_GENOTYPE, "fpn": FPN_GENOTYPE} if spec.baselines else None
+    baselines = {"nasfpn": NASFPN_GENOTYPE, "fpn_cells": FPN_CELLS_GENOTYPE} if spec.baselines else None
     result = run_search(
         spec.build_controller(),
         spec.build_evaluator(),

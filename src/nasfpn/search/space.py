@@ -43,7 +43,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nasfpn.models.nasfpn import FPN_GENOTYPE, LEVELS, NASFPN_GENOTYPE, OPS, Cell, Genotype
+from nasfpn.models.nasfpn import (
+    FPN_CELLS_GENOTYPE,
+    GENOTYPE_ALIASES,
+    GENOTYPES,
+    LEVELS,
+    NASFPN_GENOTYPE,
+    OPS,
+    Cell,
+    Genotype,
+)
 
 NUM_INPUTS = len(LEVELS)
 NUM_OUTPUTS = len(LEVELS)
@@ -282,11 +291,11 @@ class PaperGenotype:
 
 
 def parse_paper_genotype(text: str) -> PaperGenotype:
-    """A paper-form genotype from its string or JSON, or ``"nasfpn"`` / ``"fpn"``, or a node-form
-    genotype string that has a paper form."""
-    text = text.strip()
-    if text in ("nasfpn", "fpn"):
-        return PaperGenotype.from_genotype(NASFPN_GENOTYPE if text == "nasfpn" else FPN_GENOTYPE)
+    """A paper-form genotype from its string or JSON, a named genotype (``"nasfpn"``,
+    ``"fpn_cells"``), or a node-form genotype string that has a paper form."""
+    text = GENOTYPE_ALIASES.get(text.strip(), text.strip())
+    if text in GENOTYPES:
+        return PaperGenotype.from_genotype(GENOTYPES[text])
     if text.startswith("{"):
         data = json.loads(text)
         if data.get("outputs") is not None:
@@ -299,7 +308,7 @@ def parse_paper_genotype(text: str) -> PaperGenotype:
 
 # The published architecture and the FPN baseline in the paper's form.
 NASFPN_PAPER = PaperGenotype.from_genotype(NASFPN_GENOTYPE)
-FPN_PAPER = PaperGenotype.from_genotype(FPN_GENOTYPE)
+FPN_CELLS_PAPER = PaperGenotype.from_genotype(FPN_CELLS_GENOTYPE)
 
 
 # --------------------------------------------------------------------------- the space
