@@ -77,3 +77,21 @@ def same_layout_data(root: Path, num: int = 8, seed: int = 0) -> DataPaths:
 
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_args(cfg_file: Path, data: DataPaths, out: Path) -> list[str]:
+    """``nasfpn train`` arguments for a config file, a dataset and a run folder."""
+    return [
+        "train",
+        str(cfg_file),
+        "--train-ann",
+        str(data.train_ann),
+        "--train-images",
+        str(data.train_images),
+        "--val-ann",
+        str(data.val_ann),
+        "--val-images",
+        str(data.val_images),
+        "--out",
+        str(out),
+    ]

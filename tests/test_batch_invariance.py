@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from deploy_helpers import tiny_model
+from nasfpn.apps.evaluate import run_eval
 from nasfpn.data.batching import ShapeBatchSampler, group_by_shape, padded_input_shape
 from nasfpn.data.synthetic import SyntheticSpec, render_image
 from nasfpn.data.transforms import preprocess_batch
@@ -170,29 +171,30 @@ def _eval_worker(rank: int, world: int, port: int, ann, images, weights, out) ->
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from nasfpn.apps.evaluate import run_eval
+    _run_eval((ann, images, weights), out, 8)
 
-    run_eval(None, weights, ann, images, out, device="cpu", batch_size=8, progress=False, print_fn=lambda *a: None)
+
+def _run_eval(case, out, batch_size: int, **kwargs):
+    ann, images, weights = case
+    return run_eval(
+        None,
+        weights,
+        ann,
+        images,
+        out,
+        device="cpu",
+        batch_size=batch_size,
+        progress=False,
+        print_fn=lambda *a: None,
+        **kwargs,
+    )
 
 
 def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tmp_path):
-    from nasfpn.apps.evaluate import run_eval
-
     ann, images, weights = eval_case
     metrics = {}
     for bs in (1, 8):
-        outcome = run_eval(
-            None,
-            weights,
-            ann,
-            images,
-            tmp_path / f"bs{bs}",
-            device="cpu",
-            batch_size=bs,
-            progress=False,
-            print_fn=lambda *a: None,
-        )
-        metrics[bs] = outcome.metrics
+        metrics[bs] = _run_eval(eval_case, tmp_path / f"bs{bs}", bs).metrics
     _assert_same_results(tmp_path / "bs1" / "results.json", tmp_path / "bs8" / "results.json")
     for key in ("AP", "AP50", "AP75", "AR100"):
         assert metrics[1][key] == pytest.approx(metrics[8][key], abs=1e-9)
@@ -207,22 +209,8 @@ def test_eval_results_do_not_depend_on_batch_size_or_process_count(eval_case, tm
 
 
 def test_eval_bf16_fast_path_does_not_depend_on_batch_size(eval_case, tmp_path):
-    from nasfpn.apps.evaluate import run_eval
-
-    ann, images, weights = eval_case
     for bs in (1, 8):
-        run_eval(
-            None,
-            weights,
-            ann,
-            images,
-            tmp_path / f"bs{bs}",
-            device="cpu",
-            batch_size=bs,
-            progress=False,
-            optimize={"precision": "bf16"},
-            print_fn=lambda *a: None,
-        )
+        _run_eval(eval_case, tmp_path / f"bs{bs}", bs, optimize={"precision": "bf16"})
     ra, rb = (_results_by_image(tmp_path / f"bs{bs}" / "results.json") for bs in (1, 8))
     assert sorted(ra) == sorted(rb)
     report = _matched([ra[k] for k in sorted(ra)], [rb[k] for k in sorted(rb)], Tolerances.for_precision("fp16"))

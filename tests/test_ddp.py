@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine_utils import same_layout_data, tiny_config
+from engine_utils import same_layout_data, tiny_config, train_args
 from nasfpn.core.config import config_to_yaml
 from nasfpn.engine.trainer import train
 from nasfpn.models import build_model
@@ -111,18 +111,7 @@ def test_torchrun_cli(tmp_path):
         str(_free_port()),
         "-m",
         "nasfpn",
-        "train",
-        str(cfg_file),
-        "--train-ann",
-        str(data.train_ann),
-        "--train-images",
-        str(data.train_images),
-        "--val-ann",
-        str(data.val_ann),
-        "--val-images",
-        str(data.val_images),
-        "--out",
-        str(tmp_path / "run"),
+        *train_args(cfg_file, data, tmp_path / "run"),
         "--sync-bn",
         "--no-progress",
         "--device",

@@ -18,7 +18,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from engine_utils import read_log, synthetic_data, tiny_config
+from engine_utils import read_log, synthetic_data, tiny_config, train_args
 from nasfpn.core.config import config_to_yaml
 
 
@@ -27,18 +27,7 @@ def _command(cfg_file, data, out, *extra):
         sys.executable,
         "-m",
         "nasfpn",
-        "train",
-        str(cfg_file),
-        "--train-ann",
-        str(data.train_ann),
-        "--train-images",
-        str(data.train_images),
-        "--val-ann",
-        str(data.val_ann),
-        "--val-images",
-        str(data.val_images),
-        "--out",
-        str(out),
+        *train_args(cfg_file, data, out),
         "--deterministic",
         "--checkpoint-interval",
         "1",

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import nasfpn
-from engine_utils import read_log, synthetic_data, tiny_config
+from engine_utils import read_log, synthetic_data, tiny_config, train_args
 from nasfpn.cli import main
 from nasfpn.core.config import config_to_yaml
 from nasfpn.engine.coco_metrics import STAT_KEYS
@@ -208,18 +208,7 @@ def test_cli_train_eval_and_score(data, tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(
         [
-            "train",
-            str(cfg_file),
-            "--train-ann",
-            str(data.train_ann),
-            "--train-images",
-            str(data.train_images),
-            "--val-ann",
-            str(data.val_ann),
-            "--val-images",
-            str(data.val_images),
-            "--out",
-            str(run),
+            *train_args(cfg_file, data, run),
             "--epochs",
             "1",
             "--batch-size",
