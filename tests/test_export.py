@@ -49,6 +49,28 @@ def _assert_same_detections(
 # --------------------------------------------------------------------------- graph pieces, no export
 
 
+def test_default_export_size_is_the_one_that_pads_as_pytorch(capsys):
+    """Dynamic size where PyTorch pads to several shapes; a fixed square where it pads every image
+    to that one square (image_size <= pad_divisor), and a note in each case that differs."""
+    from nasfpn.cli import _export_size_note
+    from nasfpn.core.presets import get_config
+    from nasfpn.deploy.contract import default_dynamic_size
+
+    big = PRESETS["retinanet_r50_nasfpn_crop640_50e"]
+    tiny128 = get_config("nasfpn_tiny", ["data.image_size=128"])
+    assert default_dynamic_size(big) and default_dynamic_size(tiny_config())
+    assert not default_dynamic_size(tiny128)  # every image pads to 128x128 in PyTorch
+    assert Detector(tiny_model()[1], tiny128).input_shape(128, 60) == (128, 128)
+    _export_size_note(big, None)
+    assert capsys.readouterr().err == ""
+    _export_size_note(tiny128, None)
+    assert "fixed 128x128 input" in capsys.readouterr().err
+    _export_size_note(tiny128, True)
+    assert "padded to at least 256" in capsys.readouterr().err
+    _export_size_note(big, False)
+    assert "every image is padded to 640x640" in capsys.readouterr().err
+
+
 def test_multiclass_nms_is_class_aware_greedy_nms():
     g = torch.Generator().manual_seed(0)
     b, c, m = 2, 4, 300

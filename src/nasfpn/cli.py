@@ -10,6 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only in the command that needs them
+    from nasfpn.core.config import Config
 
 # core.precision.PRECISIONS, spelled out so that building the parser does not import torch.
 _PRECISIONS = ("fp32", "bf16", "fp16")
@@ -490,7 +494,8 @@ def _add_export(sub) -> None:
         "--dynamic-size",
         action="store_true",
         help="any input height and width (multiples of pad_divisor), images padded as in PyTorch, "
-        "so detections agree at every aspect ratio (the default)",
+        "so detections agree at every aspect ratio (the default, unless image_size <= pad_divisor, where "
+        "PyTorch pads every image to one square and a fixed size is exact)",
     )
     size.add_argument(
         "--fixed-size",
@@ -516,6 +521,36 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _export_size_note(config: Config, dynamic_size: bool | None) -> None:
+    """Say on stderr when the exported input size makes detections differ from PyTorch's, or why
+    the default is a fixed size."""
+    from nasfpn.deploy.contract import default_dynamic_size, export_input_hw, min_input_side
+
+    side, d = export_input_hw(config)[0], config.data.pad_divisor
+    exact_dynamic = default_dynamic_size(config)
+    if dynamic_size is None and not exact_dynamic:
+        print(
+            f"note: fixed {side}x{side} input: at image_size {config.data.image_size} PyTorch pads every image to "
+            f"this square (a dynamic-size file would pad to at least {min_input_side(config)}), so the file agrees "
+            "with PyTorch at every aspect ratio.",
+            file=sys.stderr,
+        )
+    elif dynamic_size is False and exact_dynamic:
+        print(
+            f"note: --fixed-size: every image is padded to {side}x{side}, not to a multiple of {d} as in PyTorch, so "
+            "the detections of non-square images differ from PyTorch's (the pyramid sees the extra padding); square "
+            "images agree. Leave the flag out for a file that agrees at every aspect ratio.",
+            file=sys.stderr,
+        )
+    elif dynamic_size is True and not exact_dynamic:
+        print(
+            f"note: --dynamic-size: every image is padded to at least {min_input_side(config)} a side, more than the "
+            f"{side}x{side} PyTorch pads to at image_size {config.data.image_size}, so the detections differ from "
+            "PyTorch's. Leave the flag out for a file that agrees.",
+            file=sys.stderr,
+        )
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import time
 
@@ -534,15 +569,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from nasfpn.data.io import list_images, read_image
 
         images = [read_image(p) for p in list_images(args.sample)]
-    if args.fixed_size:
-        side = det.config.data.image_size
-        print(
-            f"note: --fixed-size: every image is padded to {side}x{side}, not to a multiple of "
-            f"{det.config.data.pad_divisor} as in PyTorch, so the detections of non-square images differ from "
-            "PyTorch's (the pyramid sees the extra padding); square images agree. Leave the flag out for a file "
-            "that agrees at every aspect ratio.",
-            file=sys.stderr,
-        )
+    dynamic_size = True if args.dynamic_size else False if args.fixed_size else None
+    _export_size_note(det.config, dynamic_size)
     t0 = time.perf_counter()
     try:
         meta, report = export(
@@ -552,7 +580,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             contract=args.contract,
             batch=args.batch,
             dynamic_batch=args.dynamic_batch,
-            dynamic_size=not args.fixed_size,
+            dynamic_size=dynamic_size,
             opset=args.opset,
             precision=args.precision,
             verify=not args.no_check,

@@ -94,6 +94,15 @@ def min_input_side(config: Config) -> int:
     return (top // d + 1) * d
 
 
+def default_dynamic_size(config: Config) -> bool:
+    """Whether the file that reproduces eager padding best has a dynamic size: yes, unless the
+    largest padded side (``image_size`` rounded up to ``pad_divisor``) is below ``min_side``.
+    Then a dynamic graph would pad every image beyond what PyTorch uses, while a fixed square is
+    what PyTorch pads every image to when ``image_size <= pad_divisor`` (e.g. ``nasfpn_tiny`` at
+    128 px with divisor 128)."""
+    return export_input_hw(config)[0] >= min_input_side(config)
+
+
 def export_metadata(
     config: Config,
     contract: str,

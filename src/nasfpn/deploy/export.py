@@ -36,6 +36,7 @@ from nasfpn.deploy.contract import (
     PROGRAM_METADATA_FILE,
     RAW_INPUTS,
     RAW_OUTPUTS,
+    default_dynamic_size,
     export_input_hw,
     export_metadata,
     min_input_side,
@@ -99,14 +100,19 @@ def export_onnx(
     contract: str = "end2end",
     batch: int = 1,
     dynamic_batch: bool = False,
-    dynamic_size: bool = True,
+    dynamic_size: bool | None = None,
     opset: int = 18,
     precision: str = "fp32",
     class_names: Sequence[str] = (),
     category_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Write ``model`` as ONNX (``nasfpn.deploy.contract`` states the contracts); returns the metadata."""
+    """Write ``model`` as ONNX (``nasfpn.deploy.contract`` states the contracts); returns the metadata.
+
+    ``dynamic_size`` None: ``default_dynamic_size(config)``, the size that reproduces PyTorch's padding."""
     import onnx
+
+    if dynamic_size is None:
+        dynamic_size = default_dynamic_size(config)
 
     if contract not in CONTRACTS:
         raise ValueError(f"unknown contract {contract!r}; choose from {CONTRACTS}")
@@ -207,10 +213,13 @@ def export_torch_program(
     *,
     batch: int = 1,
     dynamic_batch: bool = False,
-    dynamic_size: bool = True,
+    dynamic_size: bool | None = None,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Save backbone + neck + head as a ``torch.export`` program (``.pt2``)."""
+    """Save backbone + neck + head as a ``torch.export`` program (``.pt2``); ``dynamic_size`` as in
+    ``export_onnx``."""
+    if dynamic_size is None:
+        dynamic_size = default_dynamic_size(config)
     if precision not in EXPORT_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {EXPORT_PRECISIONS}")
     path = Path(path)
@@ -236,7 +245,7 @@ def export(
     contract: str = "end2end",
     batch: int = 1,
     dynamic_batch: bool = False,
-    dynamic_size: bool = True,
+    dynamic_size: bool | None = None,
     opset: int = 18,
     precision: str = "fp32",
     verify: bool = True,
