@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nasfpn.data.vis import class_colour, draw_detections
+from nasfpn.data.vis import class_colour, draw_detections, one_box_per_object
 
 
 def test_draws_boxes_in_class_colours_without_touching_input():
@@ -38,3 +38,16 @@ def test_colours_are_fixed_and_distinct():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 boxes but 1 labels"):
         draw_detections(np.zeros((8, 8, 3), np.uint8), np.zeros((2, 4)), np.zeros(1), None, None)
+
+
+def test_one_box_per_object_across_classes():
+    boxes = np.array([[10, 10, 50, 50], [11, 10, 50, 51], [60, 60, 90, 90], [12, 12, 30, 30]], dtype=np.float64)
+    scores = np.array([0.4, 0.9, 0.5, 0.3])
+    # Box 0 overlaps the better box 1 (IoU about 0.95): not drawn; box 3 lies inside box 1 but
+    # overlaps it by IoU 0.2: drawn. Hand-checked.
+    assert one_box_per_object(boxes, scores, 0.7).tolist() == [1, 2, 3]
+    image = np.full((100, 100, 3), 128, dtype=np.uint8)
+    labels = np.array([0, 3, 1, 2])
+    every = np.asarray(draw_detections(image, boxes, labels, scores, None, overlap_iou=None))
+    once = np.asarray(draw_detections(image, boxes, labels, scores, None))
+    assert tuple(every[30, 10]) == class_colour(0) and tuple(once[30, 10]) != class_colour(0)

@@ -23,6 +23,26 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def one_box_per_object(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.7) -> np.ndarray:
+    """Indices of the boxes to draw: greedy, class-agnostic suppression of boxes that overlap a
+    better-scored one by more than ``iou``. Detection keeps such pairs (NMS is per class, and COCO
+    AP counts the second guess); a picture shows one box per object."""
+    order = np.argsort(-scores, kind="stable")
+    x0, y0, x1, y1 = boxes.T
+    area = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    keep: list[int] = []
+    for i in order:
+        if keep:
+            k = np.asarray(keep)
+            w = np.clip(np.minimum(x1[k], x1[i]) - np.maximum(x0[k], x0[i]), 0, None)
+            h = np.clip(np.minimum(y1[k], y1[i]) - np.maximum(y0[k], y0[i]), 0, None)
+            inter = w * h
+            if (inter > iou * (area[k] + area[i] - inter)).any():
+                continue
+        keep.append(int(i))
+    return np.asarray(sorted(keep), dtype=np.int64)
+
+
 def draw_detections(
     image: Image.Image | np.ndarray,
     boxes: Any,
@@ -30,12 +50,15 @@ def draw_detections(
     scores: Any | None = None,
     class_names: Sequence[str] | None = None,
     line_width: int = 2,
+    overlap_iou: float | None = 0.7,
 ) -> Image.Image:
     """A copy of ``image`` with each box and a "name score" tag drawn on it.
 
     ``image``: PIL image or uint8 ``(H, W, 3)`` RGB array. ``boxes``: ``(N, 4)`` xyxy pixels;
     ``labels``: ``(N,)`` int; ``scores``: ``(N,)`` or None (tensors or arrays). A label
-    outside ``class_names`` is shown as its number.
+    outside ``class_names`` is shown as its number. With scores, a box that overlaps a
+    better-scored one of any class by more than ``overlap_iou`` is not drawn
+    (``one_box_per_object``; None draws every box).
     """
     if isinstance(image, np.ndarray):
         out = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
@@ -49,6 +72,10 @@ def draw_detections(
             f"{len(boxes_np)} boxes but {len(labels_np)} labels / "
             f"{'no' if scores_np is None else len(scores_np)} scores"
         )
+
+    if scores_np is not None and overlap_iou is not None and len(boxes_np):
+        shown = one_box_per_object(boxes_np, scores_np, overlap_iou)
+        boxes_np, labels_np, scores_np = boxes_np[shown], labels_np[shown], scores_np[shown]
 
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
