@@ -168,3 +168,22 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "give --weights" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", "src.pth", "dst.safetensors"])  # --model is required
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"nasfpn {version('nasfpn')}"
+
+
+def test_export_format_follows_the_file_name_or_refuses_a_contradiction():
+    from nasfpn.cli import export_format
+
+    assert export_format("m.onnx", None) == "onnx" and export_format("m.pt2", None) == "torch-export"
+    assert export_format("m.PT2", "torch-export") == "torch-export" and export_format("model", "onnx") == "onnx"
+    with pytest.raises(ValueError, match=r"m\.pt2 is a \.pt2 file but --format is onnx"):
+        export_format("m.pt2", "onnx")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        export_format("model.bin", None)

@@ -478,7 +478,11 @@ def _add_export(sub) -> None:
         weights_required=True,
     )
     p.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for torch-export)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
+    p.add_argument(
+        "--format",
+        choices=["onnx", "torch-export"],
+        help="default: from the --out suffix (.onnx, or .pt2 for torch-export)",
+    )
     p.add_argument(
         "--contract",
         default="end2end",
@@ -521,6 +525,25 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "torch-export"}
+
+
+def export_format(out: str, fmt: str | None) -> str:
+    """The export format: ``fmt``, or the one of ``out``'s suffix; a contradiction is an error."""
+    suffix = Path(out).suffix.lower()
+    implied = EXPORT_SUFFIXES.get(suffix)
+    if fmt is None:
+        if implied is None:
+            raise ValueError(
+                f"--out {out}: cannot tell the format from {suffix or 'no suffix'}; name the file "
+                ".onnx or .pt2, or give --format"
+            )
+        return implied
+    if implied is not None and implied != fmt:
+        raise ValueError(f"--out {out} is a {suffix} file but --format is {fmt}; use a matching suffix or --format")
+    return fmt
+
+
 def _export_size_note(config: Config, dynamic_size: bool | None) -> None:
     """Say on stderr when the exported input size makes detections differ from PyTorch's, or why
     the default is a fixed size."""
@@ -557,6 +580,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from nasfpn.deploy.export import ExportError, export
     from nasfpn.deploy.predictor import load
 
+    args.format = export_format(args.out, args.format)
     if args.format == "torch-export" and args.contract != "end2end":
         print(
             "note: --contract applies to ONNX only; torch-export holds the network (tensors in, head maps out)",
@@ -979,8 +1003,19 @@ COMMANDS = [
 ]
 
 
+def _installed_version() -> str:
+    # The installed distribution's version: pyproject.toml is its one source.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nasfpn")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nasfpn", description="RetinaNet with FPN / NAS-FPN pyramids.")
+    parser.add_argument("--version", action="version", version=f"nasfpn {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
