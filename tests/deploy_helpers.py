@@ -12,8 +12,11 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from nasfpn.core.presets import get_config
@@ -69,3 +72,21 @@ def save_tiny_weights(path: Path, overrides: list[str] | None = None) -> Path:
     cfg, model = tiny_model(overrides)
     export_weights(model, cfg, path)
     return path
+
+
+def detections_by(records: list[dict], key: str, keys: Iterable = ()) -> dict[Any, dict[str, np.ndarray]]:
+    """COCO-style records (``bbox`` x, y, w, h, ``score``, ``category_id``) grouped by ``key`` into
+    ``boxes`` (xyxy), ``scores`` and ``labels`` (the category ids); each of ``keys`` without a record
+    gets an empty entry."""
+    out: dict[Any, dict[str, list]] = {k: {"boxes": [], "scores": [], "labels": []} for k in keys}
+    for r in records:
+        d = out.setdefault(r[key], {"boxes": [], "scores": [], "labels": []})
+        x, y, w, h = r["bbox"]
+        d["boxes"].append([x, y, x + w, y + h])
+        d["scores"].append(r["score"])
+        d["labels"].append(r["category_id"])
+    return {
+        k: {"boxes": np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4), "scores": np.asarray(d["scores"]),
+            "labels": np.asarray(d["labels"])}
+        for k, d in out.items()
+    }  # fmt: skip

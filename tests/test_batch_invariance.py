@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from deploy_helpers import tiny_model
+from deploy_helpers import detections_by, tiny_model
 from nasfpn.apps.evaluate import run_eval
 from nasfpn.data.batching import ShapeBatchSampler, group_by_shape, padded_input_shape
 from nasfpn.data.synthetic import SyntheticSpec, render_image
@@ -149,14 +149,7 @@ def eval_case(tmp_path_factory):
 
 
 def _results_by_image(path) -> dict[int, dict[str, np.ndarray]]:
-    out: dict[int, dict[str, list]] = {}
-    for r in json.loads(path.read_text()):
-        d = out.setdefault(r["image_id"], {"boxes": [], "scores": [], "labels": []})
-        x, y, w, h = r["bbox"]
-        d["boxes"].append([x, y, x + w, y + h])
-        d["scores"].append(r["score"])
-        d["labels"].append(r["category_id"])
-    return {k: {n: np.asarray(v) for n, v in d.items()} for k, d in out.items()}
+    return detections_by(json.loads(path.read_text()), "image_id")
 
 
 def _assert_same_results(a, b):
@@ -241,14 +234,8 @@ def test_predict_cli_mixed_folder_equals_batch_size_1(eval_case, tmp_path):
         )
 
     def by_file(path):
-        out: dict[str, dict[str, list]] = {}
-        for r in json.loads(path.read_text()):
-            d = out.setdefault(r["file_name"], {"boxes": [], "scores": [], "labels": []})
-            x, y, w, h = r["bbox"]
-            d["boxes"].append([x, y, x + w, y + h])
-            d["scores"].append(r["score"])
-            d["labels"].append(r["category_id"])
-        return [{k: np.asarray(v) for k, v in out[f].items()} for f in sorted(out)]
+        out = detections_by(json.loads(path.read_text()), "file_name")
+        return [out[f] for f in sorted(out)]
 
     default, one = by_file(tmp_path / "default" / "predictions.json"), by_file(tmp_path / "one" / "predictions.json")
     assert len(default) == len(SIZES)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms
 
-from deploy_helpers import save_tiny_weights, tiny_config, tiny_model
+from deploy_helpers import detections_by, save_tiny_weights, tiny_config, tiny_model
 from nasfpn.cli import main
 from nasfpn.core.presets import PRESETS
 from nasfpn.data.synthetic import SyntheticSpec, render_image
@@ -295,19 +295,8 @@ def test_example_client_reproduces_nasfpn_predict(tiny_weights, dynamic_onnx, tm
     )
 
     def by_file(records):
-        out: dict[str, dict[str, list]] = {f: {"boxes": [], "scores": [], "labels": []} for f in files}
-        for r in records:
-            x, y, w, h = r["bbox"]
-            out[r["file_name"]]["boxes"].append([x, y, x + w, y + h])
-            out[r["file_name"]]["scores"].append(r["score"])
-            out[r["file_name"]]["labels"].append(r["category_id"])
-        return [
-            {
-                k: np.asarray(v, dtype=np.float64).reshape(-1, 4) if k == "boxes" else np.asarray(v)
-                for k, v in out[f].items()
-            }
-            for f in files
-        ]
+        out = detections_by(records, "file_name", files)
+        return [out[f] for f in files]
 
     ours = by_file(json.loads((tmp_path / "pred" / "predictions.json").read_text()))
     theirs = by_file(json.loads((tmp_path / "client.json").read_text()))
