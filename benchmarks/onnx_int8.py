@@ -58,9 +58,10 @@ def _ap(detector, ann: Path, ids: list[int], paths: list[Path]) -> dict[str, flo
     for image_id, path in zip(ids, paths):
         d = detector.predict([read_image(path)])[0]
         preds.append({"image_id": image_id, "boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"]})
+    scored = set(ids)
     gt = load_coco_json(ann)
-    gt = {**gt, "images": [e for e in gt["images"] if e["id"] in set(ids)]}
-    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in set(ids)]
+    gt = {**gt, "images": [e for e in gt["images"] if e["id"] in scored]}
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in scored]
     metrics = evaluate_detections(gt, results_from_predictions(preds, detector.category_ids))
     return {k: float(metrics[k]) for k in ("AP", "AP50", "AP75")}
 
