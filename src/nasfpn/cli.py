@@ -60,8 +60,17 @@ def _add_device(p: argparse.ArgumentParser, default: str | None = "cpu") -> None
     p.add_argument(
         "--device",
         default=default,
-        help=f"cpu, cuda or cuda:N (default: {'cuda if available' if default is None else default})",
+        help=f"cpu, cuda, cuda:N, N (GPU N) or mps (default: {'cuda if available' if default is None else default})",
     )
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device`` of any command, read by the one device parser before the command runs: a device
+    this machine lacks is one error line, not a driver traceback in the middle of the work."""
+    if getattr(args, "device", None) is not None:
+        from nasfpn.core.device import parse_device
+
+        args.device = str(parse_device(args.device, "--device"))
 
 
 def _add_fast_group(p: argparse.ArgumentParser) -> None:
@@ -1026,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_device(args)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Running an exported ONNX detector with onnxruntime, behind the ``Predictor`` interface of ``Detector``.
 
     det = OnnxDetector("model.onnx")             # the file carries its config
-    results = det.predict([rgb_uint8_array])      # same dicts as Detector.predict
+    results = det.predict([rgb_uint8_array])      # same inputs and dicts as Detector.predict
 
 Both ONNX contracts work: ``end2end`` files run as they are (score threshold passed as the
 ``score_thr`` input); for ``raw`` files the head outputs go through ``models/postprocess.py``.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from nasfpn.core.config import Config, config_from_dict
 from nasfpn.core.presets import resolve_config
 from nasfpn.deploy.contract import LEVEL_NAMES, end2end_detections, input_padding, metadata_from_props, prepare_inputs
+from nasfpn.deploy.inputs import ImageInput, ImageList, image_batch
 
 # Test-time settings fixed inside an end2end graph (score_thr is an input, so it may change).
 _BAKED_TEST_FIELDS = ("nms_pre", "nms_iou", "max_per_img", "min_bbox_size", "wh_ratio_clip")
@@ -129,20 +130,28 @@ class OnnxDetector:
         d = self.config.data
         return padded_input_shape(height, width, d.image_size, d.pad_divisor, self.min_side)
 
+    @overload
+    def predict(self, images: ImageInput, score_thr: float | None = None, batch_size: int = 8) -> dict[str, Any]: ...
+    @overload
     def predict(
-        self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None, batch_size: int = 8
-    ) -> list[dict[str, Any]]:
-        """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
+        self, images: ImageList, score_thr: float | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]: ...
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], score_thr: float | None = None, batch_size: int = 8
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Detect objects in one RGB image or a list of them, in the forms ``Detector.predict`` takes
+        (paths, PIL images, uint8 ``HxWx3`` arrays, ``CxHxW`` / ``HxWx3`` tensors; ``deploy.inputs``).
 
-        Returns one dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original
-        pixels, ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays. As in
-        ``Detector.predict``, images run together only when they pad to the same input shape.
+        One image gives one dict, a list one dict per image in input order: ``boxes`` float ``(D, 4)``
+        xyxy in original pixels, ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy
+        arrays. As in ``Detector.predict``, images run together only when they pad to the same input shape.
         """
         from nasfpn.data.batching import group_by_shape
         from nasfpn.data.transforms import to_uint8_chw
 
         thr = self.config.model.test.score_thr if score_thr is None else float(score_thr)
-        chw = [to_uint8_chw(image, i) for i, image in enumerate(images)]
+        arrays, single = image_batch(images)
+        chw = [to_uint8_chw(image, i) for i, image in enumerate(arrays)]
         keys = [self.input_shape(*im.shape[-2:]) for im in chw]
         cat_ids = np.asarray(self.category_ids, dtype=np.int64)
         out: list[dict[str, Any]] = [{}] * len(chw)
@@ -167,4 +176,6 @@ class OnnxDetector:
                     "labels": labels,
                     "category_ids": cat_ids[labels],
                 }
-        return out
+        return out[0] if single else out
+
+    __call__ = predict

@@ -1,7 +1,8 @@
 """The Python entry point: ``nasfpn.load(...)`` returns a ready ``Detector``.
 
     det = nasfpn.load("retinanet_r50_nasfpn_crop640_50e", weights="model.safetensors")
-    results = det.predict([rgb_uint8_array])   # one dict per image
+    result = det("photo.jpg")                      # one image (path, PIL image, array, tensor): one dict
+    results = det.predict([rgb_uint8_array, pil])  # a list: one dict per image
 
 ``Predictor`` is what the applications need of a detector, whichever runtime runs it:
 ``Detector`` (PyTorch) and ``nasfpn.deploy.onnx_runtime.OnnxDetector`` (onnxruntime) both are one.
@@ -12,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 import numpy as np
 import torch
 
 from nasfpn.core.classes import label_category_ids, label_names
 from nasfpn.core.config import Config, config_to_dict
+from nasfpn.core.device import parse_device
 from nasfpn.core.presets import resolve_config
+from nasfpn.deploy.inputs import ImageInput, ImageList, image_batch
 from nasfpn.models import RetinaNet, build_model
 
 
@@ -38,11 +41,16 @@ class Predictor(Protocol):
         when these agree."""
         ...
 
+    @overload
+    def predict(self, images: ImageInput, score_thr: float | None = None, batch_size: int = 8) -> dict[str, Any]: ...
+    @overload
     def predict(
-        self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None, batch_size: int = 8
-    ) -> list[dict[str, Any]]:
-        """One dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original pixels,
-        ``scores``, ``labels`` (0-based) and ``category_ids``, all numpy arrays."""
+        self, images: ImageList, score_thr: float | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]: ...
+    def predict(self, images, score_thr=None, batch_size=8):
+        """One image (``deploy.inputs``) gives one dict, a list of images one dict per image, in input
+        order: ``boxes`` float ``(D, 4)`` xyxy in original pixels, ``scores``, ``labels`` (0-based) and
+        ``category_ids``, all numpy arrays."""
         ...
 
 
@@ -63,7 +71,7 @@ class Detector:
     ) -> None:
         self.model = model
         self.config = config
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.model.to(self.device).eval()
         self.optimize = optimize
         self._runner = self._make_runner()
@@ -89,7 +97,7 @@ class Detector:
         return self._runner
 
     def to(self, device: str | torch.device) -> Detector:
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.model.to(self.device)
         self._runner = self._make_runner()
         return self
@@ -101,16 +109,23 @@ class Detector:
         d = self.config.data
         return padded_input_shape(height, width, d.image_size, d.pad_divisor)
 
+    @overload
+    def predict(self, images: ImageInput, score_thr: float | None = None, batch_size: int = 8) -> dict[str, Any]: ...
+    @overload
+    def predict(
+        self, images: ImageList, score_thr: float | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]: ...
     @torch.no_grad()
     def predict(
-        self, images: Sequence[np.ndarray | torch.Tensor], score_thr: float | None = None, batch_size: int = 8
-    ) -> list[dict[str, Any]]:
-        """Detect objects in RGB images (uint8 ``HxWx3`` arrays or float ``CxHxW`` tensors in [0, 1]).
+        self, images: ImageInput | Sequence[ImageInput], score_thr: float | None = None, batch_size: int = 8
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Detect objects in one RGB image or a list of them: file paths, PIL images, uint8 ``HxWx3``
+        arrays, or ``CxHxW`` / ``HxWx3`` tensors (uint8, or float in [0, 1]); see ``deploy.inputs``.
 
-        Returns one dict per image, in input order: ``boxes`` float ``(D, 4)`` xyxy in original
-        pixels, ``scores``, ``labels`` (0-based) and ``category_ids`` (the dataset's ids), all numpy
-        arrays. Images run together only when they pad to the same input shape, so each result
-        depends on its own image alone, whatever its neighbours and ``batch_size``.
+        One image gives one dict, a list one dict per image in input order: ``boxes`` float ``(D, 4)``
+        xyxy in original pixels, ``scores``, ``labels`` (0-based) and ``category_ids`` (the dataset's
+        ids), all numpy arrays. Images run together only when they pad to the same input shape, so
+        each result depends on its own image alone, whatever its neighbours and ``batch_size``.
         """
         from nasfpn.data.batching import group_by_shape
         from nasfpn.data.transforms import preprocess_batch, to_uint8_chw
@@ -120,7 +135,8 @@ class Detector:
         if score_thr is not None:
             test_cfg = replace(test_cfg, score_thr=score_thr)
         self.model.eval()
-        chw = [to_uint8_chw(image, i) for i, image in enumerate(images)]
+        arrays, single = image_batch(images)
+        chw = [to_uint8_chw(image, i) for i, image in enumerate(arrays)]
         keys = [self.input_shape(*im.shape[-2:]) for im in chw]
         cat_ids = np.asarray(self.category_ids, dtype=np.int64)
         out: list[dict[str, Any]] = [{}] * len(chw)
@@ -137,7 +153,9 @@ class Detector:
                     "labels": labels,
                     "category_ids": cat_ids[labels],
                 }
-        return out
+        return out[0] if single else out
+
+    __call__ = predict
 
 
 def load(

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nasfpn.core.device import parse_device
 from nasfpn.data.transforms import make_generator
 
 ORDER_STREAM = 0x6F726472
@@ -62,12 +63,8 @@ def init_distributed(device: str | torch.device | None = None, timeout_minutes: 
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)  # None: CUDA if available; a missing device is a clear ValueError
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
         if world > 1 or dev.index is None:
             dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
