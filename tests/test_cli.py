@@ -24,7 +24,8 @@ FLAGS = {
     "--tournament --train-ann --train-images --trials --workers",
     "export": "--batch --config --contract --dynamic-batch --dynamic-size --fixed-size --format --no-check --opset "
     "--out --precision --sample --set --size --weights",
-    "serve": "--batch-timeout-ms --config --device --host --max-batch --max-upload-mb --port --set --weights",
+    "serve": "--api-key --batch-timeout-ms --config --device --host --max-batch --max-queue --max-upload-mb --port "
+    "--set --timeout --weights",
     "check-data": "--json --max-examples --no-images --verify --workers",
     "train": "--amp --batch-size --channels-last --checkpoint-interval --config --data --deterministic --device "
     "--epochs --eval-interval --grad-clip --max-steps --no-check-images --no-progress --out --resume --seed "

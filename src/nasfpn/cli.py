@@ -638,14 +638,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a detector over HTTP (POST /predict, GET /health)")
+    p = sub.add_parser(
+        "serve",
+        help="serve a detector over HTTP (POST /predict, GET /health, /metrics, a web page at /)",
+        description="Serve a detector over HTTP; docs/serving.md describes the endpoints, limits and errors. "
+        "SIGTERM or Ctrl+C stops accepting connections, answers the requests in flight and exits 0.",
+    )
     _add_model_group(
         p,
         "preset name or config file ('-' with our .safetensors or an exported .onnx)",
         weights_help="weights file or URL (.safetensors, MMDetection .pth, or .onnx)",
         weights_required=True,
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all)"
+    )
     p.add_argument("--port", type=int, default=8000)
     _add_device(p)
     p.add_argument("--max-batch", type=int, default=8, help="most images per model call (default 8)")
@@ -656,15 +663,41 @@ def _add_serve(sub) -> None:
         help="how long a request waits for others to batch with (default 10)",
     )
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="most /predict requests in the server at once; more get 503 with Retry-After (default 64)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may take from its arrival; then 504, and its work not started is dropped (default 30)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY') on all but /, /health, /demo.png; "
+        "default: the NASFPN_API_KEY environment variable, else no key (prefer the variable: a command line is "
+        "visible to other users)",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     from nasfpn.apps.predict import load_detector
-    from nasfpn.apps.serve import ServeSettings, run_server
+    from nasfpn.apps.serve import API_KEY_ENV, ServeSettings, run_server
 
     settings = ServeSettings(
-        max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, max_upload_mb=args.max_upload_mb
+        max_batch=args.max_batch,
+        batch_timeout_ms=args.batch_timeout_ms,
+        max_upload_mb=args.max_upload_mb,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
     det = load_detector(args.model, args.weights, args.device, args.overrides, args.config_file)
     run_server(det, args.host, args.port, settings)
