@@ -14,7 +14,7 @@ from nasfpn.cli import build_parser, main
 # Every flag of every subcommand: a flag that disappears or is renamed breaks users' scripts.
 FLAGS = {
     "config": "--config --json --list --set",
-    "info": "--config --json --set --size",
+    "info": "--config --json --set --size --weights",
     "convert": "--config --model --set",
     "predict": "--batch-size --config --device --fast --no-vis --out --precision --score-thr --set --vis-thr --weights",
     "search": "--cells --compare --controller --data --fake-evaluator --gp --held-out --heldout-ann --heldout-images "

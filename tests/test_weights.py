@@ -102,14 +102,14 @@ def test_wrong_model_reports_missing_unexpected_and_misshaped(tmp_path):
     cfg = _tiny_cfg()
     path = tmp_path / "m.safetensors"
     nasfpn.deploy.predictor.export_weights(build_model(cfg.model, pretrained_backbone=False), cfg, path)
-    other = replace(
-        cfg,
-        model=replace(cfg.model, neck=replace(cfg.model.neck, stacks=3), head=replace(cfg.model.head, num_classes=4)),
-        data=replace(cfg.data, class_names=(), category_ids=()),
-    )
+    other = replace(cfg, model=replace(cfg.model, neck=replace(cfg.model.neck, stacks=3)))
+    # A named config takes the file's classes unless told otherwise, as here.
     with pytest.raises(WeightsError) as err:
-        nasfpn.load(other, weights=path)
+        nasfpn.load(
+            other, weights=path, overrides=["model.head.num_classes=4", "data.class_names=[]", "data.category_ids=[]"]
+        )
     text = str(err.value)
+    assert "model.neck.stacks 3 (file: 2)" in text and "model.head.num_classes 4 (file: " in text
     assert "missing (" in text and "fpn_stages.2" in text
     assert "wrong shape (" in text and "head.retina_cls.weight" in text
     with pytest.raises(WeightsError, match="unexpected"):

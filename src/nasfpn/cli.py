@@ -193,21 +193,59 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- info
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="parameters, FLOPs and anchors of a model")
-    _add_model_group(p, _MODEL_HELP)
+    p = sub.add_parser("info", help="parameters, FLOPs and anchors of a model; what a weights file carries")
+    _add_model_group(
+        p,
+        _MODEL_HELP + " ('-' or left out with --weights: the config the file carries)",
+        optional=True,
+        weights_help="also load and describe this weights file: config, classes, training epoch and metrics if stored",
+    )
     p.add_argument("--size", type=int, help="square input size for FLOPs (default: the config's image_size)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
 
+def _describe_weights(carried: dict) -> None:
+    """The ``info`` lines of what a weights file carries (``core.weights.weights_info``)."""
+    size = f"{carried['tensors']:,} tensors, {carried['values']:,} values"
+    print(f"weights          {carried['file']}: {carried['kind']}, {size}")
+    if carried.get("config"):
+        print(f"made for         config {carried['config']}")
+    if carried.get("num_classes") is not None:
+        names, ids = carried.get("class_names") or [], carried.get("category_ids") or []
+        parts = [f"{n} (id {i})" for n, i in zip(names, ids)] if len(ids) == len(names) else list(names)
+        shown = ", ".join(parts[:12]) + (", ..." if len(parts) > 12 else "")
+        print(f"classes          {carried['num_classes']}" + (f": {shown}" if names else " (not named in the file)"))
+    trained = [f"epoch {carried['epoch']}"] if "epoch" in carried else []
+    trained += [f"step {carried['step']}"] if "step" in carried else []
+    best = carried.get("best") or carried.get("metrics") or {}
+    scores = ", ".join(f"{k} {best[k]:.4f}" for k in ("AP", "AP50", "AP75") if isinstance(best.get(k), float))
+    if scores:
+        trained.append(f"best {scores}" + (f" (epoch {best['epoch']})" if "epoch" in best else ""))
+    recorded = "; ".join(trained) if trained else "not recorded in this file (a training checkpoint .pt records it)"
+    print(f"training         {recorded}")
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
-    from nasfpn.models import build_model
     from nasfpn.models.summary import model_summary
 
-    cfg = _config(args)
-    model = build_model(cfg.model, pretrained_backbone=False)
+    carried = None
+    if args.weights:
+        from nasfpn.core.weights import weights_info
+        from nasfpn.deploy.predictor import load
+
+        carried = weights_info(args.weights)
+        det = load(args.model, weights=args.weights, overrides=args.overrides, config_file=args.config_file)
+        cfg, model = det.config, det.model
+    else:
+        from nasfpn.models import build_model
+
+        cfg = _config(args)
+        model = build_model(cfg.model, pretrained_backbone=False)
     info = model_summary(model, args.size or cfg.data.image_size)
     info["model"] = cfg.name
+    if carried is not None:
+        info["weights"] = carried
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -222,6 +260,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "(torch.utils.flop_counter, backbone + neck + head; 1 MAC = 2 FLOPs)"
     )
     print(f"anchors          {info['anchors']:,} ({', '.join(map(str, info['anchors_per_level']))} per level)")
+    if carried is not None:
+        _describe_weights(carried)
     return 0
 
 

@@ -16,7 +16,7 @@ from nasfpn.core.fileio import write_json_atomic
 from nasfpn.deploy.predictor import load
 from nasfpn.engine import distributed as D
 from nasfpn.engine.coco_metrics import evaluate_detections, format_table, write_metrics_json
-from nasfpn.engine.evaluate import evaluate_model
+from nasfpn.engine.evaluate import check_ground_truth, evaluate_model
 
 
 @dataclass
@@ -44,8 +44,10 @@ def run_eval(
     """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
     ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
     ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0.
-    ``optimize``: evaluate the fast path (``nasfpn.deploy.fast``), e.g. ``{"precision": "bf16"}``."""
+    ``optimize``: evaluate the fast path (``nasfpn.deploy.fast``), e.g. ``{"precision": "bf16"}``.
+    A malformed ground-truth file is refused (``check_ground_truth``) before the weights are read."""
 
+    check_ground_truth(ann_file, image_dir)
     info = D.init_distributed(device)
     try:
         det = load(
@@ -58,7 +60,7 @@ def run_eval(
         )
         cfg = det.config
         metrics, results = evaluate_model(
-            det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers, progress=progress
+            det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers, progress=progress, check=False
         )
         if not info.is_main:
             return None
@@ -88,7 +90,9 @@ def run_eval(
 def score_results(
     ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None, print_fn=print
 ) -> dict[str, Any]:
-    """Score an existing COCO results file against ground truth (no model involved)."""
+    """Score an existing COCO results file against ground truth (no model involved; the ground
+    truth checked first, ``check_ground_truth``)."""
+    check_ground_truth(ann_file)
     metrics = evaluate_detections(ann_file, results_file)
     print_fn(format_table(metrics))
     if json_out is not None:

@@ -305,23 +305,65 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def scale_milestones(milestones: tuple[int, ...], epochs: int, new_epochs: int) -> tuple[int, ...]:
+    """The lr milestones of an ``epochs``-epoch schedule moved proportionally to ``new_epochs``.
+
+    Each becomes ``round(m * new_epochs / epochs)`` within ``1 .. new_epochs - 1`` (duplicates
+    merged); milestones at or past ``epochs``, which never applied, are dropped; a 1-epoch run has
+    none. E.g. nasfpn_tiny's 19, 22 of 24 epochs are 48, 55 of 60 and 13, 15 of 16.
+    """
+    if new_epochs == epochs or epochs <= 0:
+        return tuple(milestones)
+    if new_epochs <= 1:
+        return ()
+    scale = new_epochs / epochs
+    return tuple(sorted({max(1, min(new_epochs - 1, round(m * scale))) for m in milestones if m < epochs}))
+
+
+def _milestones_follow_epochs(before: Config, after: Config, given: dict[str, Any]) -> Config:
+    """``after`` (``before`` refined by the settings ``given``) with the lr milestones moved with the
+    epochs (``scale_milestones``) when ``given`` sets ``train.epochs`` but not ``train.milestones``;
+    milestones given explicitly win."""
+    train = given.get("train")
+    if not isinstance(train, dict) or "epochs" not in train or "milestones" in train:
+        return after
+    t = after.train
+    if t.epochs == before.train.epochs:
+        return after
+    return dataclasses.replace(
+        after,
+        train=dataclasses.replace(
+            t, milestones=scale_milestones(before.train.milestones, before.train.epochs, t.epochs)
+        ),
+    )
+
+
 def config_from_file(path: str | Path, base: Config | None = None) -> Config:
-    """``base`` (default: ``Config()``) refined by a YAML/JSON config file; errors name the file."""
-    data = merge_dict(config_to_dict(base if base is not None else Config()), read_yaml(path))
+    """``base`` (default: ``Config()``) refined by a YAML/JSON config file; errors name the file.
+    A file that sets ``train.epochs`` but not ``train.milestones`` moves the milestones with the epochs."""
+    base = base if base is not None else Config()
+    update = read_yaml(path)
+    data = merge_dict(config_to_dict(base), update)
     try:
-        return config_from_dict(data)
+        return _milestones_follow_epochs(base, config_from_dict(data), update)
     except ValueError as e:
         raise ValueError(f"config file {path}: {e}") from e
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | None = None, file: str | Path | None = None) -> Config:
-    """Refine ``cfg`` by a YAML/JSON file, then by ``key=value`` overrides."""
+    """Refine ``cfg`` by a YAML/JSON file, then by ``key=value`` overrides. Either that changes
+    ``train.epochs`` without naming ``train.milestones`` moves the milestones proportionally
+    (``scale_milestones``): ``train.epochs=60`` on a preset of 24 epochs with milestones 19, 22
+    gives 48, 55. Every entry point (CLI flags and ``--set``, ``load``, ``resolve_config``) gets
+    its config through here."""
     if file is not None:
         cfg = config_from_file(file, cfg)
     data = config_to_dict(cfg)
+    given: dict[str, Any] = {}
     for text in overrides or []:
-        data = merge_dict(data, parse_override(text))
-    return config_from_dict(data)
+        update = parse_override(text)
+        data, given = merge_dict(data, update), merge_dict(given, update)
+    return _milestones_follow_epochs(cfg, config_from_dict(data), given)
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -170,19 +170,23 @@ def load(
 
     ``weights`` may be our ``.safetensors`` (then the config may be omitted: the file carries
     it), an MMDetection ``.pth`` checkpoint (converted on load), a training checkpoint, or an
-    http(s) URL to any of these (downloaded once to the cache). ``config_file`` and
+    http(s) URL to any of these (downloaded once to the cache). A named config takes the classes
+    of a file that carries its config (``core.weights.adopt_file_classes``). ``config_file`` and
     ``overrides`` refine the config (``resolve_config``). ``optimize``: see ``Detector``.
     """
-    from nasfpn.core.weights import load_into_model, read_weights
+    from nasfpn.core.weights import adopt_file_classes, load_into_model, read_weights
 
     state, file_config, kind = (None, None, None)
     if weights is not None:
         state, file_config, kind = read_weights(weights)
-    config = resolve_config(name_or_config, overrides, config_file, file_config)
+    # The classes are those the weights were trained for (a named preset's 80 or another dataset's),
+    # unless ``overrides`` / ``config_file`` set them.
+    config = adopt_file_classes(resolve_config(name_or_config, None, None, file_config), file_config)
+    config = resolve_config(config, overrides, config_file)
     # Trained weights replace everything: no need to fetch ImageNet backbone weights first.
     model = build_model(config.model, pretrained_backbone=state is None)
     if state is not None:
-        load_into_model(model, state, kind or "state_dict", str(weights))
+        load_into_model(model, state, kind or "state_dict", str(weights), config, file_config)
     return Detector(model, config, device, optimize)
 
 

@@ -6,6 +6,10 @@ padded shape (``data.batching``), so the results do not depend on the batch size
 the dataset or the number of processes. Under ``torchrun`` each rank predicts
 every ``world_size``-th image; predictions are gathered with ``all_gather_object`` and rank 0
 scores them. Unreadable images are logged and skipped (their ground truth counts as missed).
+
+The ground-truth JSON is checked first (``check_ground_truth``: the checks of ``nasfpn check-data``,
+images not read), so that a malformed annotation is reported by file, index and id before any
+inference, rather than failing inside the COCO scorer after it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from nasfpn.core.config import Config, TestConfig
 from nasfpn.core.precision import autocast_dtype
 from nasfpn.core.structures import ImageMeta
 from nasfpn.data.batching import ShapeBatchSampler, collate_eval_groups
+from nasfpn.data.checks import ERROR, check_dataset, format_report
 from nasfpn.data.coco import CocoDataset
 from nasfpn.data.transforms import EvalTransform
 from nasfpn.engine import distributed as D
@@ -107,6 +112,23 @@ def predict_dataset(
     return out
 
 
+def check_ground_truth(ann_file: str | Path, image_dir: str | Path | None = None, max_examples: int = 10) -> None:
+    """Refuse a ground-truth file with error-level problems (a missing or malformed ``bbox``, an
+    unknown category or image id, duplicate ids, ...): ``ValueError`` naming the file and each bad
+    annotation (index or id, image), what is wrong and what to do. Warnings (empty boxes, boxes
+    crossing the border) are scored as they are. The images are not read here."""
+    problems = check_dataset(ann_file, image_dir or Path(ann_file).parent, check_images=False)
+    errors = [p for p in problems if p.severity == ERROR]
+    if errors:
+        # format_report's first line counts errors and warnings; only the errors are listed here.
+        report = "\n".join(format_report(errors, max_examples).splitlines()[1:])
+        raise ValueError(
+            f"{ann_file}: {len(errors)} error(s) in the ground truth, nothing evaluated:\n{report}\n"
+            f"fix these entries of {ann_file} (`nasfpn check-data {ann_file} {image_dir or 'IMAGE_DIR'}` "
+            "reports every problem of the file and its images), then evaluate again"
+        )
+
+
 def build_eval_dataset(
     ann_file: str | Path, image_dir: str | Path, cfg: Config, category_ids: tuple[int, ...] | None = None
 ) -> CocoDataset:
@@ -131,9 +153,11 @@ def evaluate_model(
     progress: bool | None = None,
     channels_last: bool = False,
     amp: str = "none",
+    check: bool = True,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """COCO box metrics of ``model`` on a dataset: ``(metrics, results)`` on rank 0, ``(None, [])``
-    on other ranks.
+    on other ranks. ``check``: ``check_ground_truth`` before the dataset is read (when ``dataset``
+    is not given; a caller that checked already passes False).
 
     ``metrics`` has the 12 COCO statistics (``AP``, ``AP50``, ...), ``per_class`` AP and
     ``eval_seconds``; ``results`` is the COCO results list (dataset category ids).
@@ -144,6 +168,8 @@ def evaluate_model(
     # The rule predictions follow too: the config's ids, else COCO's for 80 classes, else 1..k.
     cat_ids = label_category_ids(cfg.model.head.num_classes, cfg.data.category_ids)
     if dataset is None:
+        if check:
+            check_ground_truth(ann_file)
         dataset = build_eval_dataset(ann_file, image_dir, cfg, cat_ids)
     preds = predict_dataset(model, dataset, cfg, device, batch_size, workers, rank, world, progress, channels_last, amp)
     gathered = D.all_gather_object(preds)
