@@ -26,12 +26,14 @@ FLAGS = {
     "--out --precision --sample --set --size --weights",
     "serve": "--api-key --batch-timeout-ms --config --device --host --max-batch --max-queue --max-upload-mb --port "
     "--set --timeout --weights",
-    "check-data": "--json --max-examples --no-images --verify --workers",
-    "train": "--amp --batch-size --channels-last --checkpoint-interval --config --data --deterministic --device "
+    "check-data": "--data-format --json --max-examples --no-images --split --verify --workers",
+    "convert-data": "--data-format --out --skip-invalid --split --to",
+    "train": "--amp --batch-size --channels-last --checkpoint-interval --config --data --data-format --deterministic "
+    "--device --train-split --val-split "
     "--epochs --eval-interval --grad-clip --max-steps --no-check-images --no-progress --out --resume --seed "
     "--set --size --skip-invalid --sync-bn --train-ann --train-images --val-ann --val-images --workers",
-    "eval": "--ann --batch-size --config --data --device --fast --json --no-progress --out --precision --results "
-    "--set --val-ann --val-images --weights --workers",
+    "eval": "--ann --batch-size --config --data --data-format --device --fast --json --no-progress --out --precision "
+    "--results --set --split --val-ann --val-images --val-split --weights --workers",
     "demo": "--device --minutes --no-progress --out --seed --set",
     "bench": "--batch --channels-last --checkpoint-stacks --compile --config --decoder --device --fuse-bn --images "
     "--iters --json --mode --no-channels-last --no-checkpoint-stacks --no-fuse-bn --pairs-per-image --plain "

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the CLI imports torch-heavy modules only in the command tha
 # core.precision.PRECISIONS, spelled out so that building the parser does not import torch.
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _MODEL_HELP = "preset name (see `nasfpn config --list`) or a .yaml/.json config file"
+_DATA_FORMATS = ("coco", "yolo", "voc")  # data.formats.FORMATS
 
 
 # --------------------------------------------------------------------------- shared argument groups
@@ -99,9 +100,18 @@ def _add_data_group(p: argparse.ArgumentParser, train: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
-        help="dataset root: COCO 2017 layout (annotations/instances_{train,val}2017.json, "
-        "train2017/, val2017/) or annotations/instances_{train,val}.json + train/ + val/",
+        help="dataset: a COCO root (annotations/instances_<split>2017.json + <split>2017/, or "
+        "annotations/instances_<split>.json + <split>/), a COCO .json (with --train-images / --val-images), "
+        "a YOLO data.yaml, or a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/); docs/data.md",
     )
+    g.add_argument("--data-format", choices=_DATA_FORMATS, help="format of --data (default: detected)")
+    if train:
+        g.add_argument("--train-split", default="train", help="--data's training split (default train)")
+        g.add_argument("--val-split", help="--data's validation split (default: val, where there is one)")
+    else:
+        g.add_argument(
+            "--split", "--val-split", dest="val_split", default="val", help="--data's split to evaluate (default val)"
+        )
     if train:
         g.add_argument("--train-ann", help="training annotations (COCO JSON); instead of --data")
         g.add_argument("--train-images", help="folder of the training images")
@@ -114,7 +124,14 @@ def _data_paths(args: argparse.Namespace):
     from nasfpn.engine.trainer import DataPaths
 
     if args.data:
-        paths = DataPaths.from_root(args.data)
+        paths = DataPaths.from_data(
+            args.data,
+            args.data_format,
+            args.train_split,
+            args.val_split,
+            args.train_images,
+            None if args.val_ann else args.val_images,
+        )
         if args.val_ann:
             paths = DataPaths(paths.train_ann, paths.train_images, args.val_ann, args.val_images)
         return paths
@@ -125,15 +142,12 @@ def _data_paths(args: argparse.Namespace):
     return DataPaths(args.train_ann, args.train_images, args.val_ann, args.val_images)
 
 
-def _val_paths(args: argparse.Namespace) -> tuple[str | Path, str | Path]:
-    """Validation annotations and image folder of the data group, ``train=False``."""
+def _val_paths(args: argparse.Namespace):
+    """Validation annotations (a COCO file or a YOLO / VOC split) and image folder of the data group, ``train=False``."""
     if args.data:
-        from nasfpn.engine.trainer import DataPaths
+        from nasfpn.engine.data_paths import split_data
 
-        paths = DataPaths.from_root(args.data, require_train=False)
-        if paths.val_ann is None or paths.val_images is None:
-            raise ValueError(f"{args.data} has no validation annotations")
-        return paths.val_ann, paths.val_images
+        return split_data(args.data, args.val_split, args.data_format, args.val_images)
     if args.val_ann and args.val_images:
         return args.val_ann, args.val_images
     raise ValueError("give --data DIR or --val-ann and --val-images")
@@ -748,13 +762,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_check_data(sub) -> None:
     p = sub.add_parser(
         "check-data",
-        help="validate a COCO-format dataset: JSON, boxes, ids and image files",
-        description="Report every problem of an annotation file and its images, grouped by kind. "
+        help="validate a dataset (COCO, YOLO, Pascal VOC): labels, boxes, ids and image files",
+        description="Report every problem of a dataset's annotations and images, grouped by kind; YOLO "
+        "problems name the label file and line, VOC problems the XML file and object. "
         "Exit status 1 if there are errors (training refuses such data unless told to skip it).",
     )
-    p.add_argument("ann_file", help="COCO instances JSON")
-    p.add_argument("image_dir", help="folder the JSON's file_name entries are relative to")
-    p.add_argument("--no-images", action="store_true", help="check the JSON only, not the image files")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        help="COCO instances JSON (then IMAGE_DIR), YOLO data.yaml, Pascal VOC folder or COCO root",
+    )
+    p.add_argument("image_dir", nargs="?", help="folder the JSON's file_name entries are relative to")
+    p.add_argument("--data-format", choices=_DATA_FORMATS, help="format of DATA (default: detected)")
+    p.add_argument(
+        "--split", action="append", help="split to check (repeatable; default: train and val, where they exist)"
+    )
+    p.add_argument("--no-images", action="store_true", help="check the annotations only, not the image files")
     p.add_argument("--verify", action="store_true", help="decode every image fully (slow; finds truncated files)")
     p.add_argument("--workers", type=int, default=None, help="threads reading image files")
     p.add_argument("--max-examples", type=int, default=10, help="problems listed per kind")
@@ -765,21 +788,69 @@ def _add_check_data(sub) -> None:
 def _cmd_check_data(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from nasfpn.data.checks import check_dataset, format_report, has_errors
+    from nasfpn.core.fileio import write_json_atomic
+    from nasfpn.data.checks import Problem, check_dataset, format_report, has_errors
+    from nasfpn.engine.data_paths import dataset_splits
 
-    problems = check_dataset(
-        args.ann_file,
-        args.image_dir,
-        check_images=not args.no_images,
-        verify=args.verify,
-        workers=args.workers,
-        progress=sys.stderr.isatty(),
-    )
-    print(format_report(problems, args.max_examples))
+    try:
+        targets = dataset_splits(args.data, args.data_format, args.split, args.image_dir)
+    except ValueError as e:  # the dataset as a whole (its data.yaml, its layout) is unusable
+        targets, failed = [], [Problem("invalid_dataset", str(e), str(args.data))]
+    else:
+        failed = []
+    rows, problems = [], list(failed)
+    for split, ann, images in targets:
+        found = check_dataset(
+            ann,
+            images,
+            check_images=not args.no_images,
+            verify=args.verify,
+            workers=args.workers,
+            progress=sys.stderr.isatty(),
+        )
+        if split is not None:
+            print(f"{ann if not isinstance(ann, (str, Path)) else f'{ann} (split {split})'}:")
+        print(format_report(found, args.max_examples))
+        problems += found
+        rows += [{**dataclasses.asdict(p), "severity": p.severity, "split": split} for p in found]
+    if failed:
+        print(format_report(failed, args.max_examples))
+        rows += [{**dataclasses.asdict(p), "severity": p.severity, "split": None} for p in failed]
     if args.json_out:
-        rows = [{**dataclasses.asdict(p), "severity": p.severity} for p in problems]
-        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+        write_json_atomic(rows, args.json_out)
     return 1 if has_errors(problems) else 0
+
+
+# --------------------------------------------------------------------------- convert-data
+def _add_convert_data(sub) -> None:
+    p = sub.add_parser(
+        "convert-data",
+        help="write a YOLO or Pascal VOC dataset as COCO annotation files",
+        description="Write each split as OUT/instances_<split>.json (atomically), after the same checks as "
+        "check-data. Images are not copied: file names stay relative to the dataset's image folder (the YOLO "
+        "root, VOC's JPEGImages), which --train-images / --val-images then name.",
+    )
+    p.add_argument("src", help="YOLO data.yaml or Pascal VOC folder")
+    p.add_argument("--to", required=True, choices=["coco"], help="output format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data-format", choices=("yolo", "voc"), help="format of SRC (default: detected)")
+    p.add_argument("--split", action="append", help="split to convert (repeatable; default: every split there is)")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="convert without the objects and images with error-level problems"
+    )
+    p.set_defaults(func=_cmd_convert_data)
+
+
+def _cmd_convert_data(args: argparse.Namespace) -> int:
+    from nasfpn.data.convert import convert_to_coco
+
+    done = convert_to_coco(args.src, args.out, args.data_format, args.split, args.skip_invalid)
+    for s in done:
+        left_out = f", {s.skipped} invalid item(s) left out" if s.skipped else ""
+        print(f"wrote {s.ann_file}: {s.images} images, {s.annotations} objects{left_out}")
+    images = done[0].image_dir.resolve()
+    print(f"images stay in {images}: e.g. --train-ann {done[0].ann_file} --train-images {images}")
+    return 0
 
 
 # --------------------------------------------------------------------------- train
@@ -1078,6 +1149,7 @@ COMMANDS = [
     _add_export,
     _add_serve,
     _add_check_data,
+    _add_convert_data,
     _add_train,
     _add_eval,
     _add_demo,

@@ -1,7 +1,10 @@
-"""Dataset validation: every problem of a COCO annotation file and its images, in one report.
+"""Dataset validation: every problem of a dataset split and its images, in one report.
 
 ``check_dataset`` never stops at the first problem. Each ``Problem`` names its kind, the image
-file and the annotation id where they apply. Error-level problems stop training
+file and the annotation id where they apply; for a YOLO or Pascal VOC split (``DataSource``) also
+the label file and line, or the XML file and object. Every rule applies to every format: the
+readers report what only they can see (a label line with 4 fields, a class index out of range),
+then the COCO dict they make goes through the same checks as a COCO file. Error-level problems stop training
 (``validate_dataset``) unless invalid data is skipped, in which case ``CocoDataset(exclude=...)``
 leaves out exactly the images and annotations they name. Warning-level problems describe data
 that training already handles the way MMDetection does (degenerate boxes are dropped, boxes
@@ -19,62 +22,31 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from nasfpn.data.formats import DataSource
 from nasfpn.data.io import ImageReadError, image_size, read_image, read_json
+from nasfpn.data.problems import ERROR, KINDS, WARNING, Problem
+
+__all__ = [
+    "ERROR",
+    "KINDS",
+    "WARNING",
+    "DataCheckError",
+    "Problem",
+    "check_dataset",
+    "format_report",
+    "has_errors",
+    "is_image_size",
+    "validate_dataset",
+]
 
 logger = logging.getLogger(__name__)
-
-ERROR = "error"
-WARNING = "warning"
-
-# kind -> (severity, what it means)
-KINDS: dict[str, tuple[str, str]] = {
-    "invalid_json": (ERROR, "annotation file missing, unreadable or not a COCO JSON object"),
-    "missing_key": (ERROR, "a required key is missing"),
-    "bad_value": (ERROR, "a value has the wrong type or range"),
-    "duplicate_image_id": (ERROR, "several images share an id"),
-    "duplicate_annotation_id": (ERROR, "several annotations share an id"),
-    "duplicate_category_id": (ERROR, "several categories share an id"),
-    "unknown_image_id": (ERROR, "annotation points at an image id that is not in 'images'"),
-    "unknown_category_id": (ERROR, "annotation points at a category id that is not in 'categories'"),
-    "bad_coordinates": (ERROR, "bbox is not 4 finite numbers"),
-    "box_outside_image": (ERROR, "box lies entirely outside its image"),
-    "missing_image": (ERROR, "image file not found"),
-    "unreadable_image": (ERROR, "image file cannot be decoded"),
-    "size_mismatch": (ERROR, "image size in the JSON differs from the file"),
-    "nonpositive_box": (WARNING, "box width or height <= 0 (dropped in training)"),
-    "box_partly_outside": (WARNING, "box crosses the image border (clipped in training)"),
-}
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str
-    """One of ``KINDS``."""
-    message: str
-    file: str | None = None
-    """Image file name as written in the JSON (or the annotation file for file-level problems)."""
-    annotation_id: int | None = None
-    image_id: int | None = None
-
-    @property
-    def severity(self) -> str:
-        return KINDS[self.kind][0]
-
-    def __str__(self) -> str:
-        where = [f"file {self.file}"] if self.file is not None else []
-        if self.image_id is not None:
-            where.append(f"image id {self.image_id}")
-        if self.annotation_id is not None:
-            where.append(f"annotation id {self.annotation_id}")
-        return f"[{self.kind}] {self.message}" + (f" ({', '.join(where)})" if where else "")
 
 
 class DataCheckError(ValueError):
@@ -290,35 +262,24 @@ def _check_image_file(image_dir: Path, img: dict[str, Any], verify: bool) -> Pro
     return None
 
 
-def check_dataset(
-    ann_file: str | Path,
-    image_dir: str | Path,
-    check_images: bool = True,
-    verify: bool = False,
-    workers: int | None = None,
-    progress: bool = False,
+def _check_coco(
+    data: Mapping[str, Any],
+    where: str,
+    image_dir: Path,
+    check_images: bool,
+    verify: bool,
+    workers: int | None,
+    progress: bool,
+    already_checked: frozenset[int] = frozenset(),
 ) -> list[Problem]:
-    """Every problem of a COCO annotation file and, with ``check_images``, of its image files.
-
-    ``verify`` decodes each image fully instead of reading its header (slower, finds truncation).
-    ``workers`` threads read the files (default: ``min(32, cpu count * 4)``).
-    """
-    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    """Every problem of a parsed COCO dict (``where`` names it in file-level problems)."""
     out: list[Problem] = []
-    try:
-        data = read_json(ann_file)
-    except OSError as e:
-        return [Problem("invalid_json", f"cannot read annotation file: {e}", str(ann_file))]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return [Problem("invalid_json", f"not valid JSON: {e}", str(ann_file))]
-    if not isinstance(data, dict):
-        return [Problem("invalid_json", f"top level is a {type(data).__name__}, not an object", str(ann_file))]
     parts: dict[str, list[Any]] = {}
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            out.append(Problem("missing_key", f"top-level key {key!r} is missing", str(ann_file)))
+            out.append(Problem("missing_key", f"top-level key {key!r} is missing", where))
         elif not isinstance(data[key], list):
-            out.append(Problem("bad_value", f"top-level {key!r} is not a list", str(ann_file)))
+            out.append(Problem("bad_value", f"top-level {key!r} is not a list", where))
         parts[key] = data[key] if isinstance(data.get(key), list) else []
 
     category_ids = _check_categories(parts["categories"], out)
@@ -326,9 +287,10 @@ def check_dataset(
     all_image_ids = {img["id"] for img in parts["images"] if isinstance(img, dict) and _is_int(img.get("id"))}
     _check_annotations(parts["annotations"], images, all_image_ids, category_ids, out)
 
-    if check_images and images:
+    # Images a reader has opened already exist and have their files' sizes; only decoding is left.
+    entries = [img for img in images.values() if verify or img["id"] not in already_checked]
+    if check_images and entries:
         workers = workers or min(32, (os.cpu_count() or 1) * 4)
-        entries = list(images.values())
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results: Iterable[Problem | None] = pool.map(
                 lambda img: _check_image_file(image_dir, img, verify), entries, chunksize=64
@@ -337,6 +299,62 @@ def check_dataset(
                 results = tqdm(results, total=len(entries), desc="check images", unit="img")
             out.extend(p for p in results if p is not None)
     return out
+
+
+def _check_source(
+    source: DataSource,
+    image_dir: Path | None,
+    check_images: bool,
+    verify: bool,
+    workers: int | None,
+    progress: bool,
+) -> list[Problem]:
+    """The reader's problems, then those of the COCO dict it made, each with its label file and line."""
+    try:
+        read = source.read()
+        folder = image_dir if image_dir is not None else source.image_dir
+    except ValueError as e:
+        return [Problem("invalid_dataset", str(e), str(source.path))]
+    found = _check_coco(read.coco, str(source), folder, check_images, verify, workers, progress, read.checked_images)
+    return list(read.problems) + [read.locate(p) for p in found]
+
+
+def check_dataset(
+    ann_file: str | Path | Mapping[str, Any],
+    image_dir: str | Path | None = None,
+    check_images: bool = True,
+    verify: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[Problem]:
+    """Every problem of a dataset split and, with ``check_images``, of its image files.
+
+    ``ann_file``: a COCO annotation file, a ``DataSource`` (a YOLO or VOC split; its problems name
+    the label file and line, or the XML file and object) or an in-memory COCO dict. ``image_dir``:
+    the folder the file names are relative to (a ``DataSource`` knows its own; not needed without
+    ``check_images``).
+    ``verify`` decodes each image fully instead of reading its header (slower, finds truncation).
+    ``workers`` threads read the files (default: ``min(32, cpu count * 4)``).
+    """
+    if isinstance(ann_file, DataSource):
+        return _check_source(
+            ann_file, Path(image_dir) if image_dir is not None else None, check_images, verify, workers, progress
+        )
+    if image_dir is None and check_images:
+        raise ValueError(f"{ann_file}: name the image folder its file names are relative to")
+    image_dir = Path(image_dir if image_dir is not None else ".")  # not read without check_images
+    if isinstance(ann_file, Mapping):
+        return _check_coco(ann_file, str(ann_file), image_dir, check_images, verify, workers, progress)
+    ann_file = Path(ann_file)
+    try:
+        data = read_json(ann_file)
+    except OSError as e:
+        return [Problem("invalid_json", f"cannot read annotation file: {e}", str(ann_file))]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [Problem("invalid_json", f"not valid JSON: {e}", str(ann_file))]
+    if not isinstance(data, dict):
+        return [Problem("invalid_json", f"top level is a {type(data).__name__}, not an object", str(ann_file))]
+    return _check_coco(data, str(ann_file), image_dir, check_images, verify, workers, progress)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -364,8 +382,8 @@ def format_report(problems: Sequence[Problem], max_examples: int = 10) -> str:
 
 
 def validate_dataset(
-    ann_file: str | Path,
-    image_dir: str | Path,
+    ann_file: str | Path | Mapping[str, Any],
+    image_dir: str | Path | None,
     skip_invalid: bool = False,
     check_images: bool = True,
     verify: bool = False,
@@ -376,8 +394,12 @@ def validate_dataset(
     ``skip_invalid``; otherwise log the report and return the problems for ``CocoDataset(exclude=...)``.
     """
     problems = check_dataset(ann_file, image_dir, check_images, verify, workers, progress)
-    # Problems of the file as a whole (not JSON, no 'images' list, ...) cannot be skipped.
-    whole_file = [p for p in problems if p.file == str(ann_file) and p.image_id is None and p.annotation_id is None]
+    # Problems of the file as a whole (not JSON, no 'images' list, a broken data.yaml, ...) cannot be skipped.
+    whole_file = [
+        p
+        for p in problems
+        if p.kind == "invalid_dataset" or (p.file == str(ann_file) and p.image_id is None and p.annotation_id is None)
+    ]
     if whole_file or (has_errors(problems) and not skip_invalid):
         raise DataCheckError(problems)
     if problems:

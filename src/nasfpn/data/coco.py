@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,22 @@ def coco2017_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017"
 
 
-def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
-    """The parsed annotation file; ``ValueError`` naming the file if it is missing or not COCO JSON."""
-    path = Path(ann_file)
-    try:
-        data = read_json(path)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read annotation file ({e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+def load_coco_json(ann_file: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The parsed annotation file; ``ValueError`` naming the file if it is missing or not COCO JSON.
+
+    A mapping is taken as the parsed dict itself: an in-memory COCO dict, or a ``DataSource`` (a
+    YOLO or Pascal VOC split, ``data.formats``)."""
+    if isinstance(ann_file, Mapping):
+        path: Any = ann_file
+        data: Any = dict(ann_file)
+    else:
+        path = Path(ann_file)
+        try:
+            data = read_json(path)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read annotation file ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
@@ -83,7 +90,8 @@ def _finite_box(bbox: Any) -> tuple[float, float, float, float] | None:
 
 
 class CocoDataset(Dataset):
-    """Images and boxes of a COCO ``instances_*.json`` file.
+    """Images and boxes of a COCO ``instances_*.json`` file (or of a COCO dict: a YOLO / Pascal VOC
+    split read by ``data.formats.DataSource``).
 
     Labels are contiguous ``0..K-1`` over ``category_ids`` (default: every category of the file,
     sorted by id); ``label_to_category_id`` and ``class_names`` map back. ``filter_empty`` drops
@@ -102,7 +110,7 @@ class CocoDataset(Dataset):
 
     def __init__(
         self,
-        ann_file: str | Path,
+        ann_file: str | Path | Mapping[str, Any],
         image_dir: str | Path,
         transform: Transform | None = None,
         *,
@@ -116,7 +124,8 @@ class CocoDataset(Dataset):
     ) -> None:
         if on_read_error not in READ_ERROR_POLICIES:
             raise ValueError(f"on_read_error must be one of {READ_ERROR_POLICIES}, got {on_read_error!r}")
-        self.ann_file = Path(ann_file)
+        # A mapping (an in-memory COCO dict, a YOLO / VOC ``DataSource``) is read as it is.
+        self.ann_file = ann_file if isinstance(ann_file, Mapping) else Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transform = transform
         self.seed = seed

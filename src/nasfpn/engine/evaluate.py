@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -112,12 +113,14 @@ def predict_dataset(
     return out
 
 
-def check_ground_truth(ann_file: str | Path, image_dir: str | Path | None = None, max_examples: int = 10) -> None:
+def check_ground_truth(
+    ann_file: str | Path | Mapping[str, Any], image_dir: str | Path | None = None, max_examples: int = 10
+) -> None:
     """Refuse a ground-truth file with error-level problems (a missing or malformed ``bbox``, an
     unknown category or image id, duplicate ids, ...): ``ValueError`` naming the file and each bad
     annotation (index or id, image), what is wrong and what to do. Warnings (empty boxes, boxes
     crossing the border) are scored as they are. The images are not read here."""
-    problems = check_dataset(ann_file, image_dir or Path(ann_file).parent, check_images=False)
+    problems = check_dataset(ann_file, image_dir, check_images=False)  # the images are not read
     errors = [p for p in problems if p.severity == ERROR]
     if errors:
         # format_report's first line counts errors and warnings; only the errors are listed here.
@@ -130,7 +133,10 @@ def check_ground_truth(ann_file: str | Path, image_dir: str | Path | None = None
 
 
 def build_eval_dataset(
-    ann_file: str | Path, image_dir: str | Path, cfg: Config, category_ids: tuple[int, ...] | None = None
+    ann_file: str | Path | Mapping[str, Any],
+    image_dir: str | Path,
+    cfg: Config,
+    category_ids: tuple[int, ...] | None = None,
 ) -> CocoDataset:
     return CocoDataset(
         ann_file,
@@ -144,7 +150,7 @@ def build_eval_dataset(
 def evaluate_model(
     model: nn.Module,
     cfg: Config,
-    ann_file: str | Path,
+    ann_file: str | Path | Mapping[str, Any],
     image_dir: str | Path,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
