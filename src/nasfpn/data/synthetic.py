@@ -515,6 +515,7 @@ def generate_dataset(
     max_objects: int = 6,
     workers: int = 1,
     overwrite: bool = False,
+    min_size: float = SyntheticSpec.min_size,
 ) -> SyntheticDataset:
     """Write a synthetic COCO-format dataset under ``out_dir`` (layout in the module docstring).
 
@@ -526,7 +527,7 @@ def generate_dataset(
     if not (0 <= num_train < _SPLIT_ID_BASE and 0 <= num_val < _SPLIT_ID_BASE):
         raise ValueError(f"image counts must be in 0..{_SPLIT_ID_BASE - 1}, got {num_train}, {num_val}")
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
-    spec = SyntheticSpec(image_size=size, num_classes=num_classes, max_objects=max_objects)
+    spec = SyntheticSpec(image_size=size, num_classes=num_classes, max_objects=max_objects, min_size=min_size)
     root = Path(out_dir)
     result = SyntheticDataset(
         root=root,

@@ -10,6 +10,10 @@ MMDetection's crop-640 schedule is two schedulers multiplied together:
 
 ``lr_decay="cosine"`` replaces the steps by ``0.5 * (1 + cos(pi * step / total_iters))``.
 
+A run planned to fit a time budget (``engine.budget``) changes ``total_iters`` as it measures its
+speed: the decay is then stated in fractions of the run, the step milestones moved alike
+(``step * full_iters / total_iters`` is compared with them); the warm-up stays in steps.
+
 Because nothing is stateful, a resumed run recomputes exactly the learning rate it would have
 had, and the schedule needs no entry in a checkpoint beyond the step.
 """
@@ -17,7 +21,7 @@ had, and the schedule needs no entry in a checkpoint beyond the step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nasfpn.core.config import TrainConfig
 
@@ -42,7 +46,10 @@ class LRSchedule:
     decay: str = "step"
     """"step" or "cosine"."""
     total_iters: int = 0
-    """Length of the run (cosine only)."""
+    """Length of the run (needed by cosine)."""
+    full_iters: int = 0
+    """Length of the configured schedule (``epochs x iters_per_epoch``); 0: ``total_iters``. The
+    step milestones are positions on it, moved in proportion when ``total_iters`` differs."""
 
     def __post_init__(self) -> None:
         if self.iters_per_epoch <= 0:
@@ -63,7 +70,12 @@ class LRSchedule:
             cfg.gamma,
             cfg.lr_decay,
             cfg.epochs * iters_per_epoch,
+            cfg.epochs * iters_per_epoch,
         )
+
+    def fit(self, total_iters: int) -> LRSchedule:
+        """The same schedule compressed (or stretched) to a run of ``total_iters`` steps."""
+        return replace(self, total_iters=max(1, int(total_iters)), full_iters=self.full_iters or self.total_iters)
 
     def warmup_factor(self, step: int) -> float:
         if self.warmup_iters <= 0:
@@ -74,6 +86,8 @@ class LRSchedule:
     def decay_factor(self, step: int) -> float:
         if self.decay == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_iters) / self.total_iters))
+        if self.full_iters and self.total_iters and self.full_iters != self.total_iters:
+            step = int(step * self.full_iters / self.total_iters)
         epoch = step // self.iters_per_epoch
         return self.gamma ** sum(1 for m in self.milestones if epoch >= m)
 
