@@ -1,10 +1,14 @@
-"""The HTTP server, started for real (``nasfpn serve`` in a subprocess) and called with httpx."""
+"""The HTTP server, started for real (``nasfpn serve`` in a subprocess) and called with httpx; its
+web page in a headless browser where one is installed."""
 
 from __future__ import annotations
 
 import asyncio
+import html.parser
 import io
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -89,12 +93,14 @@ def server(weights, tmp_path_factory):
                 pytest.fail(f"server did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
         yield url
+        # Ctrl+C: a graceful stop, exit status 0 (not 130: nothing was interrupted).
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert "SIGINT received" in log.read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=20)
 
 
 def _post(url: str, payload: bytes, name: str = "image.png", content_type: str = "image/png", **kw) -> httpx.Response:
@@ -140,16 +146,18 @@ def test_rejects_bad_uploads(server, images):
     png = _png(images[1])
     corrupt = _post(server, png[: len(png) // 2])
     assert corrupt.status_code == 400 and "cannot decode" in corrupt.json()["detail"]
+    assert corrupt.json()["error"] == "undecodable_image"
     text = _post(server, b"name,score\nfoo,1\n", name="table.csv", content_type="text/csv")
     assert text.status_code == 415 and "not an image" in text.json()["detail"]
+    assert text.json()["error"] == "not_an_image" and "table.csv" in text.json()["detail"]
     empty = _post(server, b"")
-    assert empty.status_code == 400 and "empty" in empty.json()["detail"]
+    assert empty.status_code == 400 and "empty" in empty.json()["detail"] and empty.json()["error"] == "empty_upload"
 
 
 def test_rejects_oversized_uploads(server):
     big = np.random.default_rng(0).integers(0, 256, (MAX_UPLOAD_MB * 2 * 2**20,), dtype=np.uint8).tobytes()
     r = _post(server, big, name="big.png")
-    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert r.status_code == 413 and "limit" in r.json()["detail"] and r.json()["error"] == "upload_too_large"
 
     # Without a Content-Length (chunked): the body is counted while it is read.
     boundary = "nasfpnboundary"
@@ -174,7 +182,7 @@ def test_rejects_oversized_uploads(server):
 
 def test_rejects_malformed_requests(server, images):
     missing = httpx.post(f"{server}/predict", data={"score_thr": "0.2"}, timeout=60)
-    assert missing.status_code == 422 and "file" in missing.text
+    assert missing.status_code == 422 and "file" in missing.text and missing.json()["error"] == "invalid_request"
     not_multipart = httpx.post(
         f"{server}/predict", content=b"\x89PNG", headers={"content-type": "image/png"}, timeout=60
     )
@@ -211,3 +219,74 @@ def test_concurrent_requests_are_batched(server, images):
     health = httpx.get(f"{server}/health").json()
     assert max(sizes) > 1 and health["max_batch_seen"] > 1, (sizes, health)
     assert health["requests"] >= 28
+
+
+def test_metrics(server, images):
+    assert _post(server, _png(images[2])).status_code == 200
+    r = httpx.get(f"{server}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = r.text.splitlines()
+    assert 'nasfpn_model_info{model="nasfpn_tiny",backend="pytorch"} 1' in lines
+    ok = next(line for line in lines if line.startswith('nasfpn_http_requests_total{endpoint="/predict",status="200"}'))
+    assert float(ok.split()[-1]) >= 1
+    count = next(line for line in lines if line.startswith("nasfpn_batch_size_count"))
+    assert float(count.split()[-1]) >= 1
+    for name in ("nasfpn_queue_depth", "nasfpn_requests_in_flight", "nasfpn_predict_admitted"):
+        assert any(line.startswith(f"{name} ") for line in lines), name
+    # Every histogram's buckets are cumulative and end at +Inf = _count.
+    parser = pytest.importorskip("prometheus_client.parser")
+    families = {f.name: f for f in parser.text_string_to_metric_families(r.text)}
+    latency = [
+        s for s in families["nasfpn_http_request_duration_seconds"].samples if s.labels.get("endpoint") == "/predict"
+    ]
+    buckets = [s.value for s in latency if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == next(s.value for s in latency if s.name.endswith("_count"))
+
+
+def _browser() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+class _Detections(html.parser.HTMLParser):
+    """The state of the page and its ``tr.det`` rows, from the browser's DOM dump."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state, self.rows = None, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "body":
+            self.state = a.get("data-state")
+        if tag == "tr" and a.get("class") == "det":
+            self.rows.append((a["data-name"], float(a["data-score"])))
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless browser: none of chromium, chromium-browser, google-chrome")
+def test_web_page_in_a_headless_browser(server, tmp_path):
+    """``/?demo=1`` in headless Chromium: the page fetches /demo.png, posts it to /predict and draws the
+    boxes; the DOM lists what the API answers for that picture, and the screenshot shows the drawing."""
+    shot = tmp_path / "page.png"
+    cmd = [
+        _browser(),
+        "--headless",
+        "--no-sandbox",  # running as root (CI)
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=60000",  # virtual time waits for the page's fetches
+        "--window-size=1000,900",
+        f"--screenshot={shot}",
+        "--dump-dom",
+        f"{server}/?demo=1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    page = _Detections()
+    page.feed(out.stdout)
+    assert page.state == "done", (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    demo = httpx.get(f"{server}/demo.png").content
+    want = [(d["name"], d["score"]) for d in _post(server, demo, name="demo.png").json()["detections"]]
+    assert page.rows == want and len(want) > 0
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    colourful = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 100  # picture and boxes; the page itself is grey
+    assert colourful.mean() > 0.01, colourful.mean()

@@ -410,6 +410,37 @@ class _Runtime:
         return int(min(60, max(1, math.ceil(waves * per_batch))))
 
 
+class _Body:
+    """A request's ``receive``, noting when the body has been read to its end."""
+
+    DRAIN_SECONDS = 2.0
+    DRAIN_IDLE_SECONDS = 0.25
+    """A client that sends nothing for this long is not waiting to finish its upload."""
+
+    def __init__(self, receive) -> None:
+        self._receive = receive
+        self.done = False
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.done = True
+        return message
+
+    async def drain(self, max_bytes: int) -> None:
+        """Read and drop the rest of the body (at most ``max_bytes``, ``DRAIN_SECONDS``) before an
+        early answer: closing a connection with unread bytes resets it, and a client still
+        sending would lose the answer with it."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.DRAIN_SECONDS
+        read = 0
+        with contextlib.suppress(asyncio.TimeoutError):
+            while not self.done and read <= max_bytes and loop.time() < end:
+                wait = min(self.DRAIN_IDLE_SECONDS, end - loop.time())
+                message = await asyncio.wait_for(self.receive(), wait)
+                read += len(message.get("body", b""))
+
+
 class Gate:
     """ASGI middleware in front of every endpoint: metrics, API key, body size, admission and deadline.
 
@@ -428,6 +459,7 @@ class Gate:
         self.rt = runtime
         self.settings = runtime.settings
         self.api_key = runtime.settings.api_key.encode() if runtime.settings.api_key else None
+        self.drain_bytes = 4 * runtime.settings.max_upload_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -470,7 +502,10 @@ class Gate:
 
     async def _handle(self, scope, receive, send, path: str) -> None:
         headers = dict(scope["headers"])
+        body = _Body(receive)
+        receive = body.receive
         if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(headers):
+            await body.drain(self.drain_bytes)
             await _reply(
                 send,
                 401,
@@ -484,12 +519,15 @@ class Gate:
             return
         length = headers.get(b"content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.settings.max_upload_bytes:
+            if int(length) <= self.drain_bytes:  # a body too large to drain is refused at once
+                await body.drain(self.drain_bytes)
             await self._too_large(send)
             return
         if path != "/predict":
-            await self._limited(scope, receive, send)
+            await self._limited(scope, body, send)
             return
         if self.rt.admitted >= self.settings.max_queue:
+            await body.drain(self.drain_bytes)
             await _reply(
                 send,
                 503,
@@ -500,11 +538,11 @@ class Gate:
             return
         self.rt.admitted += 1
         try:
-            await self._with_deadline(scope, receive, send)
+            await self._with_deadline(scope, body, send)
         finally:
             self.rt.admitted -= 1
 
-    async def _with_deadline(self, scope, receive, send) -> None:
+    async def _with_deadline(self, scope, body: _Body, send) -> None:
         timeout = self.settings.timeout_s
         # The endpoint gives the deadline to its queued job, so that the collector skips it late.
         scope.setdefault("state", {})["nasfpn_deadline"] = asyncio.get_running_loop().time() + timeout
@@ -517,9 +555,10 @@ class Gate:
             await send(message)
 
         try:
-            await asyncio.wait_for(self._limited(scope, receive, send_noting_start), timeout)
+            await asyncio.wait_for(self._limited(scope, body, send_noting_start), timeout)
         except asyncio.TimeoutError:
             if not started:
+                await body.drain(self.drain_bytes)
                 await _reply(
                     send,
                     504,
@@ -532,8 +571,9 @@ class Gate:
         limit = self.settings.max_upload_bytes / 2**20
         await _reply(send, 413, "upload_too_large", f"upload larger than the limit of {limit:g} MB (--max-upload-mb)")
 
-    async def _limited(self, scope, receive, send) -> None:
+    async def _limited(self, scope, body: _Body, send) -> None:
         """The app with the body counted as it is read."""
+        receive = body.receive
         max_bytes = self.settings.max_upload_bytes
         received = 0
         exceeded = False
@@ -555,6 +595,7 @@ class Gate:
                 # The framework turned the interrupted read into an error answer: answer 413 instead.
                 if message["type"] == "http.response.start" and not started:
                     started = True
+                    await body.drain(self.drain_bytes)
                     await self._too_large(send)
                 return
             if message["type"] == "http.response.start":
@@ -565,6 +606,7 @@ class Gate:
             await self.app(scope, limited_receive, guarded_send)
         except Gate._TooLarge:
             if not started:
+                await body.drain(self.drain_bytes)
                 await self._too_large(send)
 
 
@@ -583,6 +625,36 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
     text = "; ".join(f"{'.'.join(e['loc']) or 'request'}: {e['msg']}" for e in errors) or "invalid request"
     hint = " (send a multipart form with the image as field 'file', e.g. curl -F file=@photo.jpg)"
     return text + (hint if any(e["loc"][:1] == ["file"] for e in errors) else ""), errors
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, where the C library has it (Linux with glibc), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+async def _trim_when_idle(runtime: _Runtime, every_s: float = 1.0) -> None:
+    """Give freed memory back to the OS once the server is idle after work.
+
+    Decoding and batching allocate and free large buffers from several threads; glibc keeps what
+    they freed in per-thread arenas, so without a trim the resident size stays at its peak after
+    a burst of requests."""
+    trim = _malloc_trim()
+    if trim is None:
+        return
+    seen = -1
+    while True:
+        await asyncio.sleep(every_s)
+        done = runtime.batcher.requests + runtime.batcher.dropped
+        if runtime.in_flight == 0 and done != seen:
+            seen = done
+            await anyio.to_thread.run_sync(trim)
 
 
 _demo_png: bytes | None = None
@@ -616,7 +688,9 @@ def create_app(detector: Predictor, settings: ServeSettings | None = None, model
     async def lifespan(app):
         limiter.append(anyio.CapacityLimiter(settings.decode_threads))
         batcher.start()
+        trimmer = asyncio.get_running_loop().create_task(_trim_when_idle(runtime))
         yield
+        trimmer.cancel()
         if runtime.signalled_in_flight is not None:
             log.info(
                 "nasfpn serve: stopped: %d requests in flight at the signal, %d answered since",

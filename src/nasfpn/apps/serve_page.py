@@ -70,7 +70,7 @@ function draw(bitmap, body) {
   const canvas = $("canvas");
   const ctx = canvas.getContext("2d");
   const w = body.image.width, h = body.image.height;
-  const scale = Math.min(1, MAX_WIDTH / w);
+  const scale = Math.min(MAX_WIDTH / w, Math.max(1, 640 / w));  // small pictures drawn larger
   canvas.width = Math.max(1, Math.round(w * scale));
   canvas.height = Math.max(1, Math.round(h * scale));
   if (bitmap) ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
