@@ -121,6 +121,7 @@ class CocoDataset(Dataset):
         seed: int = 0,
         on_read_error: str = "resample",
         max_read_retries: int = 10,
+        cache_images: bool = False,
     ) -> None:
         if on_read_error not in READ_ERROR_POLICIES:
             raise ValueError(f"on_read_error must be one of {READ_ERROR_POLICIES}, got {on_read_error!r}")
@@ -132,6 +133,8 @@ class CocoDataset(Dataset):
         self.epoch = 0
         self.on_read_error = on_read_error
         self.max_read_retries = max_read_retries
+        # Decoded images kept by index (``cache_images``): each file is read once per process.
+        self._image_cache: dict[int, np.ndarray] | None = {} if cache_images else None
         self._unreadable: set[int] = set()  # indices already reported (per process)
 
         data = load_coco_json(self.ann_file)
@@ -273,7 +276,10 @@ class CocoDataset(Dataset):
 
     def load(self, index: int) -> Sample:
         """The untransformed sample of ``index``; raises ``ImageReadError`` if its file is unreadable."""
-        image = read_image(self.image_path(index))
+        cached = self._image_cache.get(index) if self._image_cache is not None else None
+        image = read_image(self.image_path(index)) if cached is None else cached
+        if self._image_cache is not None:
+            self._image_cache[index] = image
         boxes, labels = self.annotations(index)
         h, w = image.shape[:2]
         return {

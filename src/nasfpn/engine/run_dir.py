@@ -84,7 +84,10 @@ class RunFiles:
     def metrics_csv(self, history: list[dict[str, Any]]) -> None:
         if not self.enabled or not history:
             return
-        cols = ["epoch", "step", "lr", "loss", "loss_cls", "loss_bbox", "skipped_steps", "epoch_seconds", *STAT_KEYS]
+        cols = [
+            *("epoch", "step", "lr", "loss", "loss_cls", "loss_bbox", "skipped_steps", "epoch_seconds", "elapsed"),
+            *STAT_KEYS,
+        ]
         lines = [",".join(cols)]
         for row in history:
             vals = []
