@@ -881,6 +881,32 @@ def _add_train(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train.channels_last)")
     p.add_argument("--eval-interval", type=int, help="evaluate every N epochs (train.eval_interval)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt, exactly")
+    f = p.add_argument_group("fine-tuning and weight averaging")
+    f.add_argument(
+        "--weights",
+        help="start from these weights (.safetensors, training checkpoint .pt, MMDetection .pth or URL): "
+        "every tensor whose name and shape fit is loaded, the class layer only for the same classes "
+        "(train.init_weights; not read when a run resumes)",
+    )
+    f.add_argument(
+        "--transfer",
+        choices=["backbone", "neck", "all"],
+        help="the part of --weights to load: backbone, neck (backbone and neck) or all (default) (train.transfer)",
+    )
+    f.add_argument(
+        "--weights-partial",
+        action="store_true",
+        help="accept --weights that fit less than half of the parameters to transfer (train.transfer_partial)",
+    )
+    f.add_argument(
+        "--freeze",
+        metavar="PART:EPOCHS",
+        help="freeze backbone, or neck (backbone and neck), for the first EPOCHS epochs, e.g. backbone:2; "
+        "comma-separated for both (train.freeze)",
+    )
+    f.add_argument(
+        "--ema", type=float, metavar="DECAY", help="EMA of the weights, evaluated and saved, e.g. 0.9998 (train.ema)"
+    )
     p.add_argument(
         "--checkpoint-interval",
         type=int,
@@ -901,6 +927,8 @@ def _add_train(sub) -> None:
 
 def _train_config(args: argparse.Namespace):
     """The run's config: the model (or, with --resume, the run's config.yaml), --config, --set, then the flags."""
+    from dataclasses import replace
+
     from nasfpn.core.presets import resolve_config
 
     model = args.model
@@ -923,10 +951,16 @@ def _train_config(args: argparse.Namespace):
         "train.deterministic": True if args.deterministic else None,
         "train.sync_bn": True if args.sync_bn else None,
         "train.channels_last": True if args.channels_last else None,
+        "train.transfer": args.transfer,
+        "train.transfer_partial": True if args.weights_partial else None,
+        "train.ema": args.ema,
     }
     # The flags come last, so they win over --set.
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    return resolve_config(model, overrides, args.config_file)
+    cfg = resolve_config(model, overrides, args.config_file)
+    # A path and a freeze spec are taken as typed (not read as YAML, as --set values are).
+    texts = {"init_weights": args.weights, "freeze": args.freeze}
+    return replace(cfg, train=replace(cfg.train, **{k: v for k, v in texts.items() if v is not None}))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -160,6 +160,19 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = False
     sync_bn: bool = False
+    init_weights: str | None = None
+    """Fine-tuning: start from these weights (.safetensors, training checkpoint .pt, MMDetection .pth
+    or URL): every tensor whose name and shape fit is loaded (``engine.finetune``); not read on resume."""
+    transfer: str = "all"
+    """The part of ``init_weights`` to load: "backbone", "neck" (backbone and neck) or "all"."""
+    transfer_partial: bool = False
+    """Accept ``init_weights`` that fit less than half of the parameters to transfer."""
+    freeze: str = ""
+    """Freeze parts for the first epochs: "backbone:2", "neck:1" (backbone and neck), comma-separated."""
+    ema: float = 0.0
+    """EMA decay of the weights (e.g. 0.9998; 0: off); when on, the EMA is evaluated and saved (``engine.ema``)."""
+    ema_tau: float = 2000.0
+    """EMA warm-up in steps: the decay of update n is ``ema * (1 - exp(-n / ema_tau))``."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 ``train_step`` runs: learning rate of the step -> zero gradients -> copy of the buffers (BatchNorm
 running statistics) -> forward + loss (``TrainStep``: the network under autocast, the loss in
 float32) -> backward (through the fp16 ``GradScaler`` when it is enabled) -> unscale -> gradient
-norm, clipped to ``grad_clip`` when that is > 0 -> finiteness check -> optimizer step.
+norm, clipped to ``grad_clip`` when that is > 0 -> finiteness check -> optimizer step -> EMA of the
+weights (``train.ema``, ``engine.ema``).
 
 A step whose loss terms (or, without fp16 loss scaling, gradient norm) are not finite on any rank
 is skipped: no update, the buffers put back, gradients dropped. With fp16 an overflowing gradient
@@ -25,6 +26,7 @@ from torch import nn
 from nasfpn.core.config import TrainConfig
 from nasfpn.core.precision import autocast_dtype
 from nasfpn.engine import distributed as D
+from nasfpn.engine.ema import ModelEma
 from nasfpn.engine.optim import build_optimizer
 from nasfpn.engine.schedule import set_lr
 from nasfpn.models import RetinaNet
@@ -152,6 +154,8 @@ class StepParts:
     """Enabled for fp16 only."""
     backup: BufferBackup
     settings: StepSettings
+    ema: ModelEma | None = None
+    """The average of the weights (``train.ema`` > 0), updated after every applied step."""
 
 
 def build_step_parts(
@@ -159,7 +163,7 @@ def build_step_parts(
 ) -> StepParts:
     """The parts of the trainer's step for ``model`` (on its device) under train config ``t``:
     ``TrainStep`` with ``t.amp``, SGD with the trainer's parameter groups, the scaler, the buffer
-    backup and the step settings."""
+    backup, the step settings and, with ``t.ema``, the weights' EMA."""
     loss_module = TrainStep(model, t.amp, deep_supervision)
     device = next(model.parameters()).device
     return StepParts(
@@ -168,6 +172,7 @@ def build_step_parts(
         scaler=torch.amp.GradScaler(device.type, enabled=t.amp == "fp16"),
         backup=BufferBackup(model),
         settings=StepSettings.from_config(t, world_size),
+        ema=ModelEma(model, t.ema, t.ema_tau) if t.ema else None,
     )
 
 
@@ -209,6 +214,8 @@ def train_step(parts: StepParts, batch: Batch, lr: float, stop: Callable[[], boo
     if applied:
         scaler.step(optimizer)
         scaler.update()
+        if parts.ema is not None:
+            parts.ema.update()
     else:
         backup.restore()
         optimizer.zero_grad(set_to_none=True)

@@ -41,10 +41,12 @@ from nasfpn.data.coco import CocoDataset
 from nasfpn.data.collate import loader_settings, train_collate
 from nasfpn.data.transforms import TrainTransform
 from nasfpn.engine import distributed as D
-from nasfpn.engine.checkpoint import clean_state_dict, load_checkpoint, rng_state, set_rng_state
+from nasfpn.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
 from nasfpn.engine.data_paths import DataPaths
 from nasfpn.engine.determinism import set_determinism
+from nasfpn.engine.ema import checkpoint_weights, training_weights
 from nasfpn.engine.evaluate import build_eval_dataset, evaluate_model, to_numpy_metrics
+from nasfpn.engine.finetune import Freezer, check_settings, transfer_weights
 from nasfpn.engine.hooks import Console, bad_step_message, epoch_message, fmt_time
 from nasfpn.engine.run_dir import RunFiles, step_record
 from nasfpn.engine.schedule import LRSchedule, scaled_lr
@@ -78,7 +80,7 @@ class TrainResult:
     config: Config | None = None
     """The resolved config (classes from the data)."""
     model: nn.Module | None = field(default=None, repr=False)
-    """The trained model (unwrapped, on its device) as it is at the end of the run."""
+    """The trained model (unwrapped, on its device) as it is at the end of the run (with ``train.ema``: its EMA)."""
 
     @property
     def ok(self) -> bool:
@@ -252,6 +254,7 @@ class _Run:
     def _setup(self) -> None:
         """Data checks, datasets, resume state, model and step parts, first files and lines."""
         requested = self.cfg
+        check_settings(self.cfg.train)  # fine-tuning / EMA settings, before the data is read
         train_problems, _ = self._check_data()
         self._datasets(train_problems)
         if self.info.is_main:
@@ -292,8 +295,15 @@ class _Run:
         late = [m for m in cfg.train.milestones if m >= cfg.train.epochs and cfg.train.lr_decay == "step"]
         if late:
             log(f"note: lr milestones {late} lie beyond the last epoch ({cfg.train.epochs}) and never apply")
+        if cfg.train.ema:
+            log(
+                f"EMA of the weights: decay {cfg.train.ema:g}, warm-up {cfg.train.ema_tau:g} steps; "
+                "the EMA is evaluated and saved"
+            )
         if resumed:
             log(f"resumed from {self.out_dir / 'last.pt'}: epoch {self.epoch + 1}, step {self.step}")
+            if cfg.train.init_weights:
+                log(f"train.init_weights {cfg.train.init_weights} not read: the weights come from the checkpoint")
 
     def _loader(self) -> tuple[torch.utils.data.DataLoader, D.BatchList]:
         """One loader for the whole run, and its batch list: the workers stay alive across epochs
@@ -391,9 +401,12 @@ class _Run:
     def _build(self, ckpt: dict[str, Any] | None) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, pretrained_backbone=ckpt is None)
+        # Fine-tuning weights replace the ImageNet ones: no need to fetch those first.
+        model = build_model(cfg.model, pretrained_backbone=ckpt is None and not cfg.train.init_weights)
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"], strict=True)
+            model.load_state_dict(training_weights(ckpt), strict=True)
+        elif cfg.train.init_weights:  # a resumed run has its weights in the checkpoint
+            transfer_weights(model, cfg, self.console.log)
         model.to(self.device)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -406,6 +419,7 @@ class _Run:
             else:
                 self.console.log("sync_bn: single process, BatchNorm left as is")
         self.model = model
+        self.freezer = Freezer(model, cfg.train.freeze) if cfg.train.freeze else None
         total_batch = cfg.data.batch_size * self.info.world_size
         self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
         self.iters_per_epoch = D.iters_per_epoch(len(self.train_ds), cfg.data.batch_size, self.info.world_size)
@@ -415,20 +429,7 @@ class _Run:
         )
         self.optimizer, self.scaler = self.parts.optimizer, self.parts.scaler
         if self.info.distributed:
-            # Buffers (BN running statistics) stay per rank during training, as in mmengine's DDP
-            # wrapper; with sync_bn they are identical anyway.
-            ddp = nn.parallel.DistributedDataParallel
-            no_sync: dict[str, Any] = (
-                {"forward_sync_buffers": False}
-                if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                else {"broadcast_buffers": False}
-            )
-            self.parts.loss_module = ddp(
-                self.parts.loss_module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=False,
-                **no_sync,
-            )
+            self._wrap_ddp()
 
         self.step = 0
         self.epoch = 0
@@ -450,11 +451,34 @@ class _Run:
             self.skipped_total = int(counters.get("skipped_steps", 0))
             self.elapsed_before = float(counters.get("wall_time", 0.0))
             set_rng_state(ckpt["rng"])
+            if self.parts.ema is not None:
+                self.parts.ema.load(ckpt)
             if ckpt["data"]["iters_per_epoch"] != self.iters_per_epoch:
                 raise ValueError(
                     f"the checkpoint was written with {ckpt['data']['iters_per_epoch']} steps per epoch, "
                     f"this run has {self.iters_per_epoch} (batch size, world size or data changed)"
                 )
+
+    def _wrap_ddp(self) -> None:
+        """(Re)wrap the step's module in DistributedDataParallel, which reduces the gradients of the
+        parameters that needed one when it was built (again when ``train.freeze`` thaws a part)."""
+        module = self.parts.loss_module
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        # Buffers (BN running statistics) stay per rank during training, as in mmengine's DDP
+        # wrapper; with sync_bn they are identical anyway.
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync: dict[str, Any] = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": False}
+        )
+        self.parts.loss_module = ddp(
+            module,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=False,
+            **no_sync,
+        )
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -481,6 +505,8 @@ class _Run:
         self.counts = _EpochCounts()
         self.console.start_epoch(epoch, cfg.train.epochs, self.iter_in_epoch, self.iters_per_epoch)
         self.model.train()
+        if self.freezer is not None and self.freezer.apply(epoch, self.console.log) and self.info.distributed:
+            self._wrap_ddp()
         try:
             for batch in loader:
                 stop = self._step(batch, epoch)
@@ -598,7 +624,7 @@ class _Run:
             skipped_steps=self.skipped_total,
             history=[{k: v for k, v in r.items() if k != "metrics"} for r in self.history],
             config=self.cfg,
-            model=self.model,
+            model=self.eval_model,
         )
         self.files.summary(
             {
@@ -626,7 +652,7 @@ class _Run:
         assert self.val_data is not None  # val_ds is built from it
         val_ann, val_images = self.val_data
         metrics, _ = evaluate_model(
-            self.model,
+            self.eval_model,
             self.cfg,
             val_ann,
             val_images,
@@ -643,7 +669,7 @@ class _Run:
     def _state(self) -> dict[str, Any]:
         return {
             "config": config_to_dict(self.cfg),
-            "model": clean_state_dict(self.model.state_dict()),
+            **checkpoint_weights(self.model, self.parts.ema),  # "model": the EMA weights when on
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
@@ -661,6 +687,11 @@ class _Run:
             "best": self.best,
             "counters": {"skipped_steps": self.skipped_total, "wall_time": self.elapsed()},
         }
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the EMA when ``train.ema`` is on."""
+        return self.parts.ema.module if self.parts.ema is not None else self.model
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
