@@ -22,12 +22,11 @@ from nasfpn.models import build_model
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """nasfpn_tiny with 3 named classes (as trained on a 3-class dataset), many detections per image."""
+    """nasfpn_tiny with 3 named classes, as trained on a 3-class dataset."""
     cfg = nasfpn.get_config(
         "nasfpn_tiny",
         [
             "model.head.num_classes=3",
-            "model.head.prior_prob=0.3",
             "data.class_names=[disk,square,star]",
             "data.category_ids=[2,4,9]",
         ],
@@ -39,8 +38,12 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def detector(weights):
-    return nasfpn.load(weights=weights)
+def detector():
+    """Many detections per image (prior 0.3), few NMS candidates (top 50 per level): fast to run."""
+    overrides = ["model.head.num_classes=3", "model.head.prior_prob=0.3", "model.test.nms_pre=50"]
+    cfg = nasfpn.get_config("nasfpn_tiny", overrides)
+    torch.manual_seed(0)
+    return nasfpn.Detector(build_model(cfg.model, pretrained_backbone=False), cfg)
 
 
 def _same(a: dict, b: dict) -> None:
