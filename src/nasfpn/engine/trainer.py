@@ -27,6 +27,7 @@ kernel settings of ``train.deterministic`` in ``engine.determinism``.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from nasfpn.data.coco import CocoDataset
 from nasfpn.data.collate import loader_settings, train_collate
 from nasfpn.data.transforms import TrainTransform
 from nasfpn.engine import distributed as D
+from nasfpn.engine.budget import FIRST_PLAN, REPLAN_EVERY, TimeBudget
 from nasfpn.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
 from nasfpn.engine.data_paths import DataPaths
 from nasfpn.engine.determinism import set_determinism
@@ -104,6 +106,7 @@ def train(
     progress: bool | None = None,
     max_steps: int | None = None,
     time_limit: float | None = None,
+    fit_to_time: bool = False,
     check_images: bool = True,
 ) -> TrainResult:
     """Train ``cfg`` on ``data``, writing everything into ``out_dir``; returns a ``TrainResult``.
@@ -117,7 +120,10 @@ def train(
     the data check flags as errors instead of failing. ``quiet``: no printing at all (proxy
     trainings). ``progress``: progress bars (default: when stderr is a terminal and not quiet).
     ``max_steps`` (global step count) / ``time_limit`` (seconds of this call): stop early, at a
-    step boundary, then checkpoint and evaluate. Under ``torchrun`` every process calls this; rank 0 writes the files and gets
+    step boundary, then checkpoint and evaluate. ``fit_to_time`` (with ``time_limit``): plan the
+    run to end, final evaluation included, within ``time_limit`` instead of being cut short by it:
+    the schedule is compressed to the steps that fit, re-planned as the speed is measured
+    (``engine.budget``); at most the configured epochs. Under ``torchrun`` every process calls this; rank 0 writes the files and gets
     the metrics (other ranks get a result with empty metrics).
 
     Raises ``ValueError`` for bad data (the data-check report) or a checkpoint that does not fit.
@@ -140,6 +146,7 @@ def train(
             time_limit,
             check_images,
             start_time,
+            fit_to_time,
         ).run()
     finally:
         restore()
@@ -232,6 +239,7 @@ class _Run:
         time_limit: float | None,
         check_images: bool,
         start_time: float,
+        fit_to_time: bool = False,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -243,6 +251,7 @@ class _Run:
         self.skip_invalid = skip_invalid
         self.max_steps = max_steps
         self.time_limit = time_limit
+        self.fit_to_time = fit_to_time and time_limit is not None
         self.check_images = check_images
         self.start_time = start_time
         self.console = Console(info.is_main, quiet, progress)
@@ -293,6 +302,11 @@ class _Run:
             f"{cfg.train.warmup_iters} steps, {decay}; device {self.device}" + (f" x {world}" if world > 1 else "")
         )
         late = [m for m in cfg.train.milestones if m >= cfg.train.epochs and cfg.train.lr_decay == "step"]
+        if self.budget is not None:
+            log(
+                f"time budget {fmt_time(self.budget.seconds)}: the schedule is fitted to the steps that fit "
+                "(final evaluation included), re-planned as the run measures its speed"
+            )
         if late:
             log(f"note: lr milestones {late} lie beyond the last epoch ({cfg.train.epochs}) and never apply")
         if cfg.train.ema:
@@ -365,6 +379,7 @@ class _Run:
             exclude=train_problems,
             seed=self.cfg.train.seed,
             on_read_error="resample",
+            cache_images=d.cache_images,
         )
         if len(self.train_ds) == 0:
             raise ValueError(f"{self.data.train_ann}: no training image with a usable box")
@@ -424,6 +439,17 @@ class _Run:
         self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
         self.iters_per_epoch = D.iters_per_epoch(len(self.train_ds), cfg.data.batch_size, self.info.world_size)
         self.schedule = LRSchedule.from_config(cfg.train, self.lr, self.iters_per_epoch)
+        self.planned_iters = self.schedule.total_iters  # the run's length; a time budget re-plans it
+        if ckpt is not None and ckpt.get("plan"):
+            self.planned_iters = int(ckpt["plan"]["total_iters"])
+            self.schedule = self.schedule.fit(self.planned_iters)
+        self._shown_plan = self.planned_iters
+        self.budget: TimeBudget | None = None
+        if self.fit_to_time:
+            assert self.time_limit is not None
+            self.budget = TimeBudget(
+                self.time_limit, self.schedule.full_iters, self.iters_per_epoch, cfg.train.eval_interval
+            )
         self.parts = build_step_parts(
             model, cfg.train, self.schedule(0), cfg.model.head.deep_supervision, self.info.world_size
         )
@@ -483,6 +509,9 @@ class _Run:
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         self._setup()
+        self.train_seconds = 0.0  # this call's time in training steps (loading included), for the budget
+        self.steps_this_call = 0
+        self._mark = time.time()
         loader, batch_list = self._loader()
         status, message = "completed", ""
         while self.epoch < self.cfg.train.epochs:
@@ -503,7 +532,7 @@ class _Run:
             len(self.train_ds), cfg.data.batch_size, cfg.train.seed, epoch, self.info.rank, self.info.world_size
         )[self.iter_in_epoch :]
         self.counts = _EpochCounts()
-        self.console.start_epoch(epoch, cfg.train.epochs, self.iter_in_epoch, self.iters_per_epoch)
+        self.console.start_epoch(epoch, self.planned_epochs(), self.iter_in_epoch, self.iters_per_epoch)
         self.model.train()
         if self.freezer is not None and self.freezer.apply(epoch, self.console.log) and self.info.distributed:
             self._wrap_ddp()
@@ -554,13 +583,54 @@ class _Run:
             self.step,
             self.iter_in_epoch,
             self.iters_per_epoch,
-            self.iters_per_epoch * self.cfg.train.epochs - self.step,
+            self.planned_iters - self.step,
         )
+        self.train_seconds += time.time() - self._mark
+        self._mark = time.time()
+        if self.budget is not None:
+            self._replan()
+        if self.step >= self.planned_iters and self.planned_iters < self.iters_per_epoch * self.cfg.train.epochs:
+            return "completed", f"the schedule fitted to the time budget ends at step {self.step}"
         if self.max_steps is not None and self.step >= self.max_steps:
             return "max_steps", f"stopped after max_steps={self.max_steps}"
         if result is not None and result.stop:
             return "time_limit", f"time limit of {self.time_limit:.0f} s reached at step {self.step}"
         return None
+
+    def _epochs_text(self) -> str:
+        if self.iter_in_epoch == 0:
+            return f"{self.epoch} epochs"
+        return f"{(self.epoch * self.iters_per_epoch + self.iter_in_epoch) / self.iters_per_epoch:.1f} epochs"
+
+    def planned_epochs(self) -> int:
+        return max(1, math.ceil(self.planned_iters / self.iters_per_epoch))
+
+    def _replan(self) -> None:
+        """The run's length from the speed measured so far (every ``REPLAN_EVERY`` steps; rank 0's
+        measurement is every rank's plan)."""
+        assert self.budget is not None
+        self.steps_this_call += 1
+        n = self.steps_this_call
+        if n < FIRST_PLAN or (n - FIRST_PLAN) % REPLAN_EVERY:
+            return
+        per_step = self.train_seconds / n
+        if self.budget.eval_seconds is None and self.val_ds is not None:
+            # Before the first evaluation: inference is about a third of a training step per image.
+            self.budget.eval_estimate = 2.0 + len(self.val_ds) / self.cfg.data.batch_size * per_step / 3
+        total = self.budget.plan(self.step, time.time() - self.start_time, per_step)
+        total = int(D.broadcast_object(total))
+        if total == self.planned_iters:
+            return
+        first = n == FIRST_PLAN
+        shown = self._shown_plan
+        self.planned_iters = total
+        self.schedule = self.schedule.fit(total)
+        if first or abs(total - shown) > 0.1 * shown:
+            self._shown_plan = total
+            self.console.log(
+                f"time budget: {total} steps ({total / self.iters_per_epoch:.1f} epochs) fit at "
+                f"{per_step:.2f} s per step{'' if first else ' (re-planned)'}"
+            )
 
     def _over_time(self) -> bool:
         # Rank 0's clock decides; the step shares the answer with the other ranks.
@@ -579,8 +649,10 @@ class _Run:
         )  # a stopped run reports too
         if not (complete or evaluate_now):
             return
+        eval_start = time.time()
         metrics = self.evaluate() if evaluate_now else None
         row = _epoch_row(epoch, self.step_log, self.counts, self.step, self.schedule(max(self.step - 1, 0)), complete)
+        row["elapsed"] = round(self.elapsed(), 1)  # seconds of the run when this row is known (its evaluation included)
         is_best = False
         if metrics is not None:
             row.update(to_numpy_metrics(metrics))
@@ -594,20 +666,23 @@ class _Run:
         else:
             self.history.append(row)
         if self.info.is_main:
-            self.console.log(epoch_message(row, train_cfg.epochs, metrics, self.elapsed()))
+            self.console.log(epoch_message(row, self.planned_epochs(), metrics, self.elapsed()))
             self.files.metrics_csv(self.history)
             if metrics is not None or stopped or self.epoch >= train_cfg.epochs:
                 self.files.plots(self.step_log, self.history)  # ~1 s of CPU: not after every epoch
             if metrics is not None:
                 self.files.metrics_json(metrics)
         self.save(best=is_best)
+        if self.budget is not None and metrics is not None:
+            self.budget.eval_seconds = time.time() - eval_start
+        self._mark = time.time()  # evaluations and checkpoints are not training steps
 
     def _finish(self, status: str, message: str) -> TrainResult:
         if status == "diverged":
             self.console.warn(message)
         elif status == "completed":
             self.console.log(
-                f"done: {self.epoch} epochs, {self.step} steps in {fmt_time(self.elapsed())}"
+                f"done: {self._epochs_text()}, {self.step} steps in {fmt_time(self.elapsed())}"
                 + (f"; best AP {self.best['AP']:.3f} (epoch {self.best['epoch']})" if self.best else "")
             )
         main = self.info.is_main
@@ -686,6 +761,7 @@ class _Run:
             "history": self.history,
             "best": self.best,
             "counters": {"skipped_steps": self.skipped_total, "wall_time": self.elapsed()},
+            "plan": {"total_iters": self.planned_iters},
         }
 
     @property
