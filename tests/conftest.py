@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,9 @@ from mmdet_reference import FIXTURES, reference_root
 
 # Same arithmetic as the reference runs (2 threads), and predictable CI load.
 torch.set_num_threads(2)
+# The command line's default precision is "auto" (timed on the machine): the suite runs fp32 so
+# that its results do not depend on the CPU (tests/test_autoprecision.py tests auto itself).
+os.environ["NASFPN_PRECISION"] = "fp32"
 
 
 @pytest.fixture(scope="session")

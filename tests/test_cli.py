@@ -16,7 +16,8 @@ FLAGS = {
     "config": "--config --json --list --set",
     "info": "--config --json --set --size --weights",
     "convert": "--config --model --set",
-    "predict": "--batch-size --config --device --fast --no-vis --out --precision --score-thr --set --vis-thr --weights",
+    "predict": "--batch-size --config --device --fast --no-vis --out --plain --precision --score-thr --set --vis-thr "
+    "--weights",
     "search": "--cells --compare --controller --data --fake-evaluator --gp --held-out --heldout-ann --heldout-images "
     "--keep-weights --no-baselines --no-reuse --out --population --ppo-batch --ppo-entropy --ppo-epochs "
     "--ppo-lr --proxy-batch --proxy-depth --proxy-epochs --proxy-lr --proxy-precision --proxy-seeds "
@@ -24,16 +25,16 @@ FLAGS = {
     "--tournament --train-ann --train-images --trials --workers",
     "export": "--batch --config --contract --dynamic-batch --dynamic-size --fixed-size --format --no-check --opset "
     "--out --precision --sample --set --size --weights",
-    "serve": "--api-key --batch-timeout-ms --config --device --host --max-batch --max-queue --max-upload-mb --port "
-    "--set --timeout --weights",
+    "serve": "--api-key --batch-timeout-ms --config --device --fast --host --max-batch --max-queue --max-upload-mb "
+    "--plain --port --precision --set --timeout --weights",
     "check-data": "--data-format --json --max-examples --no-images --split --verify --workers",
     "convert-data": "--data-format --out --skip-invalid --split --to",
     "train": "--amp --batch-size --channels-last --checkpoint-interval --config --data --data-format --deterministic "
     "--device --train-split --val-split "
     "--epochs --eval-interval --grad-clip --max-steps --no-check-images --no-progress --out --resume --seed "
     "--set --size --skip-invalid --sync-bn --train-ann --train-images --val-ann --val-images --workers",
-    "eval": "--ann --batch-size --config --data --data-format --device --fast --json --no-progress --out --precision "
-    "--results --set --split --val-ann --val-images --val-split --weights --workers",
+    "eval": "--ann --batch-size --config --data --data-format --device --fast --json --no-progress --out --plain "
+    "--precision --results --set --split --val-ann --val-images --val-split --weights --workers",
     "demo": "--device --minutes --no-progress --out --seed --set",
     "bench": "--batch --channels-last --checkpoint-stacks --compile --config --decoder --device --fuse-bn --images "
     "--iters --json --mode --no-channels-last --no-checkpoint-stacks --no-fuse-bn --pairs-per-image --plain "
@@ -101,7 +102,9 @@ def test_predict_command_line():
     assert args.overrides == ["model.test.nms_iou=0.6", "data.image_size=256"] and args.config_file is None
     assert (args.device, args.batch_size, args.score_thr, args.vis_thr, args.no_vis) == ("cpu", 4, None, 0.3, False)
     assert cli._optimize_arg(args) == {"precision": "fp32"}
-    assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o")) is False
+    # The default: the fast path at $NASFPN_PRECISION (fp32 in the test suite, conftest.py); --plain: the plain model.
+    assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o")) == {"precision": "fp32"}
+    assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o", "--plain")) is False
     assert cli._optimize_arg(_parse("predict", "m", "x", "--weights", "w", "--out", "o", "--precision", "bf16")) == {
         "precision": "bf16"
     }

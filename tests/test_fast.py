@@ -353,7 +353,7 @@ def test_detector_optimize_option():
 
     image = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
     torch.manual_seed(0)
-    plain = nasfpn.load("nasfpn_tiny")
+    plain = nasfpn.load("nasfpn_tiny", optimize=False)
     fast = nasfpn.Detector(plain.model, plain.config, optimize={"channels_last": True})
     assert isinstance(fast._runner, InferenceModel) and plain._runner is plain.model
     assert fast.model is plain.model  # export and saving still see the plain model

@@ -13,7 +13,7 @@ from typing import Any
 
 from nasfpn.core.config import Config
 from nasfpn.core.fileio import write_json_atomic
-from nasfpn.deploy.predictor import load
+from nasfpn.deploy.predictor import Detector, load
 from nasfpn.engine import distributed as D
 from nasfpn.engine.coco_metrics import evaluate_detections, format_table, write_metrics_json
 from nasfpn.engine.evaluate import check_ground_truth, evaluate_model
@@ -38,26 +38,41 @@ def run_eval(
     overrides: list[str] | None = None,
     config_file: str | Path | None = None,
     progress: bool | None = None,
-    optimize: bool | dict[str, Any] = False,
+    optimize: bool | dict[str, Any] = True,
     print_fn=print,
 ) -> EvalOutcome | None:
     """Evaluate weights on a COCO dataset: print the COCO table and per-class AP, write
     ``results.json`` (COCO results, the dataset's category ids) and ``metrics.json`` into
     ``out_dir``. Runs in several processes under ``torchrun``; returns None on ranks > 0.
-    ``optimize``: evaluate the fast path (``nasfpn.deploy.fast``), e.g. ``{"precision": "bf16"}``.
+    ``optimize``: the network that runs (``Detector``'s argument): the BN-folded fp32 fast path by
+    default, False the plain model, ``{"precision": "bf16"}``, or ``{"precision": "auto"}`` (timed at
+    this batch size; under ``torchrun`` the first process decides for all).
     A malformed ground-truth file is refused (``check_ground_truth``) before the weights are read."""
 
     check_ground_truth(ann_file, image_dir)
     info = D.init_distributed(device)
+    requested = optimize
+    auto = isinstance(optimize, dict) and optimize.get("precision") == "auto"
+    if isinstance(optimize, dict) and auto:
+        optimize = {"batch_size": batch_size, **optimize}
     try:
+        # Several processes must run one precision: the first measures, the others take its choice.
         det = load(
             model_or_config,
             weights=weights,
             device=info.device,
             overrides=overrides,
-            optimize=optimize,
+            optimize=optimize if info.is_main or not auto else False,
             config_file=config_file,
         )
+        chosen = det.precision_choice.precision if det.precision_choice is not None else None
+        if auto and info.distributed:
+            chosen = D.broadcast_object(chosen)
+            if not info.is_main:
+                assert isinstance(optimize, dict)
+                det = Detector(det.model, det.config, info.device, {**optimize, "precision": chosen})
+        if info.is_main and det.precision_choice is not None:
+            print_fn(det.precision_choice.describe())
         cfg = det.config
         metrics, results = evaluate_model(
             det.runner, cfg, ann_file, image_dir, info.device, batch_size, workers, progress=progress, check=False
@@ -75,7 +90,8 @@ def run_eval(
                     "model": cfg.name,
                     "weights": str(weights),
                     "ann_file": str(ann_file),
-                    "optimize": optimize,
+                    "optimize": requested,
+                    **({"precision_auto": chosen} if auto else {}),
                     **metrics,
                 },
                 out / "metrics.json",

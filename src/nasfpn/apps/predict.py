@@ -23,20 +23,30 @@ def load_detector(
     device: str = "cpu",
     overrides: list[str] | None = None,
     config_file: str | None = None,
-    optimize: bool | dict[str, Any] = False,
+    optimize: bool | dict[str, Any] = True,
+    print_fn=print,
 ) -> Predictor:
     """A PyTorch ``Detector`` or, for an ``.onnx`` file, an onnxruntime one with the same ``predict``.
 
-    ``optimize``: PyTorch fast paths (``Detector``'s argument); an ONNX file has its own."""
+    ``optimize``: PyTorch fast paths (``Detector``'s argument; with ``"precision": "auto"`` the
+    choice is printed in one line); an ONNX file runs the precision it was exported in, so only
+    fp32 or auto (nothing to choose) are accepted for one."""
     if str(weights).endswith(".onnx"):
         from nasfpn.deploy.onnx_runtime import OnnxDetector
 
-        if optimize:
-            raise ValueError(f"{weights}: --fast / --precision apply to PyTorch weights, not to an exported ONNX file")
+        precision = optimize.get("precision", "fp32") if isinstance(optimize, dict) else "fp32"
+        if precision not in ("fp32", "auto"):
+            raise ValueError(
+                f"{weights}: --precision {precision} applies to PyTorch weights; an exported ONNX file runs the "
+                "precision it was exported in (nasfpn export --precision)"
+            )
         return OnnxDetector(weights, model, overrides=overrides, config_file=config_file)
     from nasfpn.deploy.predictor import load
 
-    return load(model, weights=weights, device=device, overrides=overrides, optimize=optimize, config_file=config_file)
+    det = load(model, weights=weights, device=device, overrides=overrides, optimize=optimize, config_file=config_file)
+    if det.precision_choice is not None:
+        print_fn(det.precision_choice.describe())
+    return det
 
 
 def run_predict(
@@ -51,13 +61,17 @@ def run_predict(
     vis_thr: float = 0.3,
     overrides: list[str] | None = None,
     config_file: str | None = None,
-    optimize: bool | dict[str, Any] = False,
+    optimize: bool | dict[str, Any] = True,
 ) -> list[str]:
-    """Detect objects in every image of ``sources``; returns the files that could not be read."""
+    """Detect objects in every image of ``sources``; returns the files that could not be read.
+
+    ``optimize``: see ``Detector``; ``"precision": "auto"`` measures at the batch this run uses."""
     from nasfpn.data.io import ImageReadError, list_images, read_image
 
     out = Path(out)
     paths = list_images(sources)
+    if isinstance(optimize, dict) and optimize.get("precision") == "auto":
+        optimize = {"batch_size": max(1, min(batch_size, len(paths))), **optimize}
     det = load_detector(model, weights, device, overrides, config_file, optimize)
     records: list[dict[str, Any]] = []
     failed: list[str] = []

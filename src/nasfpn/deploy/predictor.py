@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, overload, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from nasfpn.core.device import parse_device
 from nasfpn.core.presets import resolve_config
 from nasfpn.deploy.inputs import ImageInput, ImageList, image_batch
 from nasfpn.models import RetinaNet, build_model
+
+if TYPE_CHECKING:
+    from nasfpn.deploy.autoprecision import PrecisionChoice
 
 
 @runtime_checkable
@@ -57,9 +60,14 @@ class Predictor(Protocol):
 class Detector:
     """A RetinaNet with its config, pre-processing and label names.
 
-    ``optimize`` (True or ``optimize_for_inference`` keyword arguments, see ``nasfpn.deploy.fast``) makes
-    ``predict`` run a BN-folded, channels-last copy built from the model's weights at that time;
-    ``model`` stays the plain RetinaNet (for export and saving).
+    ``optimize`` (the default True, or ``optimize_for_inference`` keyword arguments, see
+    ``nasfpn.deploy.fast``) makes ``predict`` run a BN-folded, channels-last fp32 copy built from the
+    model's weights at that time (``refresh`` builds it again after they change); ``optimize=False``
+    runs the plain model, the reference path. ``model`` stays the plain RetinaNet (for export and
+    saving). ``{"precision": "auto", "batch_size": N}`` times fp32 and bf16 (CUDA: fp16 too) at
+    the config's input size and batch N (default 1) once per machine and keeps the faster, never a
+    path slower than fp32 (``nasfpn.deploy.autoprecision``); ``precision_choice`` then says what
+    was chosen and why.
     """
 
     def __init__(
@@ -67,13 +75,14 @@ class Detector:
         model: RetinaNet,
         config: Config,
         device: str | torch.device = "cpu",
-        optimize: bool | dict[str, Any] = False,
+        optimize: bool | dict[str, Any] = True,
     ) -> None:
         self.model = model
         self.config = config
         self.device = parse_device(device)
         self.model.to(self.device).eval()
         self.optimize = optimize
+        self.precision_choice: PrecisionChoice | None = None
         self._runner = self._make_runner()
         k = config.model.head.num_classes
         self.class_names = label_names(k, config.data.class_names)
@@ -89,7 +98,22 @@ class Detector:
             return self.model
         from nasfpn.deploy.fast import optimize_for_inference
 
-        return optimize_for_inference(self.model, **(self.optimize if isinstance(self.optimize, dict) else {}))
+        options = dict(self.optimize) if isinstance(self.optimize, dict) else {}
+        batch_size = options.pop("batch_size", 1)  # what "auto" measures; not a fast-path option
+        if options.get("precision") == "auto":
+            from nasfpn.deploy.autoprecision import choose_precision
+
+            choice = choose_precision(self.model, self.config, batch_size, options)
+            self.precision_choice = replace(choice, runner=None)
+            if choice.runner is not None and not options.get("compile"):
+                return choice.runner
+            options["precision"] = choice.precision
+        return optimize_for_inference(self.model, **options)
+
+    def refresh(self) -> Detector:
+        """Build ``runner`` again from ``model``'s current weights (after training or loading them)."""
+        self._runner = self._make_runner()
+        return self
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -163,7 +187,7 @@ def load(
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     overrides: list[str] | None = None,
-    optimize: bool | dict[str, Any] = False,
+    optimize: bool | dict[str, Any] = True,
     config_file: str | Path | None = None,
 ) -> Detector:
     """Build a detector from a preset name, config file or ``Config``, then load ``weights``.
@@ -172,7 +196,8 @@ def load(
     it), an MMDetection ``.pth`` checkpoint (converted on load), a training checkpoint, or an
     http(s) URL to any of these (downloaded once to the cache). A named config takes the classes
     of a file that carries its config (``core.weights.adopt_file_classes``). ``config_file`` and
-    ``overrides`` refine the config (``resolve_config``). ``optimize``: see ``Detector``.
+    ``overrides`` refine the config (``resolve_config``). ``optimize``: see ``Detector`` (default: the
+    BN-folded channels-last fp32 fast path; False: the plain model).
     """
     from nasfpn.core.weights import adopt_file_classes, load_into_model, read_weights
 
