@@ -234,7 +234,9 @@ def tiny_weights(path: Path) -> Path:
 
 def start_server(weights: Path, port: int, log: Path, extra: list[str], threads: int = 1) -> subprocess.Popen:
     """``nasfpn serve`` on 127.0.0.1:``port``; returns once ``/health`` answers."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # fp32: the check that batching never changes a result needs exact arithmetic (a command line
+    # that times bf16 against fp32 may pick bf16, whose results shift with the batch a request joins).
+    env = {"NASFPN_PRECISION": "fp32", **os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nasfpn", "serve", "-", "--weights", str(weights), "--port", str(port), *extra],
