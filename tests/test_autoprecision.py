@@ -31,13 +31,13 @@ def tiny():
     return tiny_model()  # nasfpn_tiny at 256 px, deterministic weights
 
 
-def fake_measure(times: dict[str, float], calls: list | None = None):
+def fake_measure(times: dict[str, float], calls: list | None = None, share: float | None = 1.0):
     """A ``measure`` that returns ``times`` (ms) without running anything, and counts its calls."""
 
     def measure(model, hw, batch_size, precisions, budget_s, options):
         if calls is not None:
             calls.append((hw, batch_size, tuple(precisions)))
-        return {p: times[p] for p in precisions}, {}
+        return ap.Timings({p: times[p] for p in precisions}, {}, share)
 
     return measure
 
@@ -116,20 +116,32 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(cache, tiny):
     assert len(calls) == 1
 
 
+def test_times_from_a_busy_cpu_are_used_but_not_cached(cache, tiny):
+    cfg, model = tiny
+    calls: list = []
+    busy = ap.choose_precision(model, cfg, 1, measure_fn=fake_measure({"fp32": 30.0, "bf16": 10.0}, calls, 0.45))
+    assert busy.precision == "bf16" and not cache.exists()
+    assert "measured now on a busy CPU (45% of" in busy.describe() and "not cached" in busy.describe()
+    ap.choose_precision(model, cfg, 1, measure_fn=fake_measure({"fp32": 30.0, "bf16": 10.0}, calls, 0.95))
+    assert len(calls) == 2 and cache.exists()  # measured again, and this time kept
+
+
 def test_measure_times_the_fast_path_for_real():
     _, model = tiny_model(["data.image_size=128"])
-    ms, runners = ap.measure(model, (128, 128), 1, ("fp32", "bf16"), budget_s=0.3, max_calls=2)
-    assert set(ms) == {"fp32", "bf16"} and all(t > 0 for t in ms.values())
+    t = ap.measure(model, (128, 128), 1, ("fp32", "bf16"), budget_s=0.3, max_calls=2)
+    assert set(t.ms) == {"fp32", "bf16"} and all(v > 0 for v in t.ms.values())
+    assert t.cpu_share is not None and 0 < t.cpu_share <= 1
+    runners = t.runners
     assert runners["bf16"].dtype == torch.bfloat16 and runners["fp32"].dtype == torch.float32
 
 
 def test_detector_auto_runs_the_chosen_precision(cache, tiny, monkeypatch):
     cfg, model = tiny
-    monkeypatch.setattr(ap, "measure", lambda *a, **k: ({"fp32": 50.0, "bf16": 20.0}, {}))
+    monkeypatch.setattr(ap, "measure", fake_measure({"fp32": 50.0, "bf16": 20.0}))
     det = Detector(model, cfg, optimize={"precision": "auto", "batch_size": 2})
     assert isinstance(det.runner, InferenceModel) and det.runner.dtype == torch.bfloat16
     assert det.precision_choice is not None and det.precision_choice.batch_size == 2
-    monkeypatch.setattr(ap, "measure", lambda *a, **k: ({"fp32": 50.0, "bf16": 48.0}, {}))
+    monkeypatch.setattr(ap, "measure", fake_measure({"fp32": 50.0, "bf16": 48.0}))
     det = Detector(model, cfg, optimize={"precision": "auto", "batch_size": 3})
     assert det.runner.dtype == torch.float32 and det.precision_choice.precision == "fp32"
 
@@ -186,7 +198,7 @@ def test_cli_plain_runs_the_plain_model_and_auto_prints_its_choice(
     assert "--plain runs the unmodified fp32 model" in capsys.readouterr().err
 
     monkeypatch.setenv("NASFPN_PRECISION", "auto")
-    monkeypatch.setattr(ap, "measure", lambda *a, **k: ({"fp32": 9.0, "bf16": 8.8}, {}))
+    monkeypatch.setattr(ap, "measure", fake_measure({"fp32": 9.0, "bf16": 8.8}))
     capsys.readouterr()
     assert _predict_runner(monkeypatch, tmp_path, weights, image) is InferenceModel
     out = capsys.readouterr().out

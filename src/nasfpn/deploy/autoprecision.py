@@ -16,7 +16,9 @@ The choice is cached in ``<cache dir>/precision.json`` (``core.weights.cache_dir
 or ``~/.cache/nasfpn``), keyed by what changes the answer: the CPU (model name and its bf16 / AMX
 flags), the thread count, the torch version, the device (CUDA device name), the architecture (a
 hash of the config's model section without the test-time thresholds), the input size, the batch
-size and the fast-path options. A file that cannot be read is ignored and rewritten.
+size and the fast-path options. A file that cannot be read is ignored and rewritten. Times taken
+while other processes held the CPU (this process got under 70% of its threads' time) choose for
+this run only and are not cached.
 """
 
 from __future__ import annotations
@@ -46,11 +48,24 @@ AUTO = "auto"
 MIN_GAIN = 0.10
 """A reduced precision must take at least this much less time than fp32 to be chosen."""
 BUDGET_S = 4.0
+BUSY_SHARE = 0.7
+"""On CPU, timings taken while this process got less than this share of its threads' time (other
+processes competing) are used for this run but not cached: the next run measures again."""
 CACHE_NAME = "precision.json"
 CACHE_VERSION = 1
 MAX_ENTRIES = 64
 # CPU flags that decide whether bf16 / fp16 dot products run natively (Linux /proc/cpuinfo names).
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+@dataclass
+class Timings:
+    """What ``measure`` found: median ms per batch, the modules it built, and (CPU) the share of its
+    threads' time the process got while timing (1.0: nothing else competed)."""
+
+    ms: dict[str, float]
+    runners: dict[str, InferenceModel]
+    cpu_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class PrecisionChoice:
     cached: bool
     cache_path: Path | None
     min_gain: float = MIN_GAIN
+    cpu_share: float | None = None
+    """CPU time share while measuring now (None: cached, or not a CPU)."""
     runner: InferenceModel | None = field(default=None, repr=False, compare=False)
     """The winner's fast-path module when it was measured now (saves building it again)."""
 
@@ -82,6 +99,8 @@ class PrecisionChoice:
         h, w = self.input_hw
         where = f"{self.machine}, {self.threads} thread(s)" if self.machine.startswith("cpu") else self.machine
         source = f"cached in {self.cache_path}" if self.cached else "measured now"
+        if not self.cached and self.cpu_share is not None and self.cpu_share < BUSY_SHARE:
+            source += f" on a busy CPU ({self.cpu_share:.0%} of {self.threads} thread(s)), not cached"
         saved = "" if self.cached or self.cache_path is None else f", saved to {self.cache_path}"
         return (
             f"precision auto: {self.precision}, {why} ({times} per batch of {self.batch_size} at {h}x{w} "
@@ -222,12 +241,13 @@ def measure(
     options: dict[str, Any] | None = None,
     timer: Callable[[], float] = time.perf_counter,
     max_calls: int = 5,
-) -> tuple[dict[str, float], dict[str, InferenceModel]]:
+) -> Timings:
     """Median ms per batch of the fast path at each precision, and the fast-path modules built.
 
     Two warm-up calls each (one when a call takes over a tenth of the budget), then rounds of one
     timed call per precision, in alternating order, until ``budget_s`` has passed since the start
-    or ``max_calls`` rounds are done; at least one round.
+    or ``max_calls`` rounds are done; at least one round. On CPU it also records the share of its
+    threads' time the process got during the timed rounds.
     """
     device = next(model.parameters()).device
     images = torch.randn((batch_size, 3, *hw), generator=torch.Generator().manual_seed(0)).to(device)
@@ -245,12 +265,16 @@ def measure(
         if call(p) < budget_s / 10:
             call(p)
     samples: dict[str, list[float]] = {p: [] for p in precisions}
+    wall0, cpu0 = timer(), time.process_time()
     for r in range(max_calls):
         for p in precisions if r % 2 == 0 else precisions[::-1]:
             samples[p].append(call(p))
         if timer() - start >= budget_s:
             break
-    return {p: 1000 * statistics.median(s) for p, s in samples.items()}, runners
+    wall = timer() - wall0
+    share = (time.process_time() - cpu0) / (wall * torch.get_num_threads()) if wall > 0 else 1.0
+    ms = {p: 1000 * statistics.median(s) for p, s in samples.items()}
+    return Timings(ms, runners, min(share, 1.0) if device.type == "cpu" else None)
 
 
 def pick(ms: dict[str, float], min_gain: float = MIN_GAIN) -> str:
@@ -268,7 +292,7 @@ def choose_precision(
     budget_s: float = BUDGET_S,
     min_gain: float = MIN_GAIN,
     use_cache: bool = True,
-    measure_fn: Callable[..., tuple[dict[str, float], dict[str, InferenceModel]]] | None = None,
+    measure_fn: Callable[..., Timings] | None = None,
 ) -> PrecisionChoice:
     """The precision of ``model``'s fast path to run here: from the cache, else measured (and cached).
 
@@ -286,8 +310,10 @@ def choose_precision(
     machine = machine_description(device)
     threads = torch.get_num_threads()
 
-    def choice(precision: str, ms: dict[str, float], cached: bool, path: Path | None, runner=None) -> PrecisionChoice:
-        return PrecisionChoice(precision, ms, batch_size, hw, machine, threads, cached, path, min_gain, runner)
+    def choice(
+        precision: str, ms: dict[str, float], cached: bool, path: Path | None, share=None, runner=None
+    ) -> PrecisionChoice:
+        return PrecisionChoice(precision, ms, batch_size, hw, machine, threads, cached, path, min_gain, share, runner)
 
     if len(allowed) == 1:
         return choice(allowed[0], {}, False, None)
@@ -300,10 +326,12 @@ def choose_precision(
         assert entry is not None
         ms = {p: float(v) for p, v in entry["ms"].items()}
         return choice(entry["precision"], ms, True, path)
-    ms, runners = (measure_fn or measure)(model, hw, batch_size, allowed, budget_s, options)
+    timings = (measure_fn or measure)(model, hw, batch_size, allowed, budget_s, options)
+    ms = timings.ms
     chosen = pick(ms, min_gain)
     saved: Path | None = None
-    if use_cache:
+    busy = timings.cpu_share is not None and timings.cpu_share < BUSY_SHARE
+    if use_cache and not busy:
         entries[key_id] = {
             "key": key,
             "precision": chosen,
@@ -311,4 +339,4 @@ def choose_precision(
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         saved = path if _write_cache(path, entries) else None
-    return choice(chosen, ms, False, saved, runners.get(chosen))
+    return choice(chosen, ms, False, saved, timings.cpu_share, timings.runners.get(chosen))
