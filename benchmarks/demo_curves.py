@@ -22,17 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from nasfpn.core.machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_demo(factor: float, out: Path, minutes: float) -> dict:

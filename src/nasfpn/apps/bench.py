@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from nasfpn.core.config import Config
+from nasfpn.core.machine import cpu_name
 from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models import RetinaNet, build_model
 
@@ -223,7 +224,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
@@ -237,16 +238,6 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- inputs
