@@ -280,10 +280,15 @@ def test_web_page_in_a_headless_browser(server, tmp_path):
         "--dump-dom",
         f"{server}/?demo=1",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    page = _Detections()
-    page.feed(out.stdout)
-    assert page.state == "done", (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    for _ in range(3):
+        # The browser's virtual time runs ahead while the page waits for anything but the network
+        # (decoding the picture): on a loaded machine the DOM can be dumped before the page is done.
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        page = _Detections()
+        page.feed(out.stdout)
+        if page.state == "done":
+            break
+    assert page.state == "done", (out.returncode, page.state, out.stdout[-2000:], out.stderr[-2000:])
     demo = httpx.get(f"{server}/demo.png").content
     want = [(d["name"], d["score"]) for d in _post(server, demo, name="demo.png").json()["detections"]]
     assert page.rows == want and len(want) > 0
