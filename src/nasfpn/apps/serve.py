@@ -445,10 +445,11 @@ class Gate:
     """ASGI middleware in front of every endpoint: metrics, API key, body size, admission and deadline.
 
     In order: a request without the API key (where one is set) gets 401; a POST whose declared
-    Content-Length exceeds the limit gets 413 before any byte is read, and one whose body grows
+    Content-Length exceeds the limit gets 413 before the app sees it, and one whose body grows
     past it while read gets 413 then (the framework never holds more than the limit); a
     ``/predict`` beyond ``max_queue`` gets 503 with ``Retry-After``; one not answered within the
-    deadline gets 504 and its pending work is cancelled.
+    deadline gets 504 and its pending work is cancelled. Before such an early answer the rest of
+    the body is read and dropped, within bounds (``_Body.drain``).
     """
 
     class _TooLarge(Exception):
