@@ -21,7 +21,7 @@ Endpoints (``docs/serving.md`` has the details and examples)
 
 Every error is JSON ``{"error": NAME, "detail": TEXT}``: 400 ``empty_upload`` /
 ``undecodable_image`` / ``bad_request``, 401 ``unauthorized``, 404 ``not_found``, 413
-``upload_too_large`` (from Content-Length before reading, and while reading) / ``image_too_large``
+``upload_too_large`` (from Content-Length at once, else while reading) / ``image_too_large``
 (``max_pixels``, from the header before decoding), 415 ``not_an_image``, 422 ``invalid_request``
 (a missing ``file``, a bad ``score_thr``, a body that is not a form) / ``image_too_thin``, 503
 ``overloaded`` (with ``Retry-After``), 504 ``deadline_exceeded``; 500 ``inference_failed`` /
