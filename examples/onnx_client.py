@@ -28,9 +28,9 @@ def read_rgb(path: str) -> np.ndarray:
 
 
 def resized_size(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """Keep-ratio resize to fit image_size x image_size; each side is int(side * factor + 0.5)."""
+    """Keep-ratio resize to fit image_size x image_size; each side is int(side * factor + 0.5), at least 1."""
     factor = min(image_size / max(height, width), image_size / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def _source_index(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

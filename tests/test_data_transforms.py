@@ -251,3 +251,12 @@ def test_fast_training_resize_stays_within_one_grey_level():
         exact, fast = resize_image(image, h, w), resize_image(image, h, w, fast=True)
         assert fast.shape == exact.shape == (3, h, w) and fast.dtype == torch.uint8
         assert (fast.int() - exact.int()).abs().max() <= 1
+
+
+def test_rescale_size_never_gives_an_empty_side():
+    """A sliver image would round to 0 px (where mmcv's resize fails): each side keeps at least 1."""
+    from nasfpn.data.transforms import rescale_size
+
+    assert rescale_size(1, 2000, 640) == (1, 640)
+    assert rescale_size(3000, 2, (640, 640)) == (640, 1)
+    assert rescale_size(480, 640, 640) == (480, 640)

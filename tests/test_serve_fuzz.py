@@ -43,7 +43,7 @@ ERRORS = {
     400: {"empty_upload", "undecodable_image", "bad_request"},
     413: {"upload_too_large", "image_too_large"},
     415: {"not_an_image"},
-    422: {"invalid_request", "image_too_thin"},
+    422: {"invalid_request"},
 }
 
 

@@ -23,7 +23,7 @@ Every error is JSON ``{"error": NAME, "detail": TEXT}``: 400 ``empty_upload`` /
 ``undecodable_image`` / ``bad_request``, 401 ``unauthorized``, 404 ``not_found``, 413
 ``upload_too_large`` (from Content-Length at once, else while reading) / ``image_too_large``
 (``max_pixels``, from the header before decoding), 415 ``not_an_image``, 422 ``invalid_request``
-(a missing ``file``, a bad ``score_thr``, a body that is not a form) / ``image_too_thin``, 503
+(a missing ``file``, a bad ``score_thr``, a body that is not a form), 503
 ``overloaded`` (with ``Retry-After``), 504 ``deadline_exceeded``; 500 ``inference_failed`` /
 ``internal_error`` only for a fault of the server, never with a traceback.
 
@@ -72,7 +72,6 @@ from nasfpn.apps.serve_metrics import CONTENT_TYPE, LATENCY_BUCKETS, CounterVec,
 from nasfpn.apps.serve_page import CONTENT_SECURITY_POLICY, PAGE_HTML
 from nasfpn.data.batching import group_by_shape
 from nasfpn.data.io import to_rgb  # the RGB conversion of files read from disk
-from nasfpn.data.transforms import rescale_size
 
 if TYPE_CHECKING:
     from nasfpn.deploy.predictor import Predictor
@@ -682,7 +681,6 @@ def create_app(detector: Predictor, settings: ServeSettings | None = None, model
     runtime = _Runtime(detector, settings, name, backend)
     batcher = runtime.batcher
     default_thr = float(detector.config.model.test.score_thr)
-    image_size = detector.config.data.image_size
     limiter: list[anyio.CapacityLimiter] = []  # made on the event loop, at startup
 
     @asynccontextmanager
@@ -768,13 +766,6 @@ def create_app(detector: Predictor, settings: ServeSettings | None = None, model
         except ImageRejected as e:
             raise ImageRejected(e.status, e.error, f"{upload}: {e.detail}") from None
         h, w = image.shape[:2]
-        if min(rescale_size(h, w, image_size)) < 1:
-            raise ApiError(
-                422,
-                "image_too_thin",
-                f"{upload}: an image of {w}x{h} pixels is too thin for the model: resized to fit "
-                f"{image_size}x{image_size}, its short side would be 0 pixels; pad or crop it closer to square",
-            )
         thr = score_thr if score_thr is not None else score_thr_query if score_thr_query is not None else default_thr
         t1 = time.perf_counter()
         deadline = request.scope.get("state", {}).get("nasfpn_deadline", math.inf)

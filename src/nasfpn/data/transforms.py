@@ -104,12 +104,13 @@ def rescale_size(height: int, width: int, scale: tuple[int, int] | int) -> tuple
     """``(new_h, new_w)`` of a keep-ratio resize to fit ``scale`` (mmcv ``rescale_size``).
 
     The factor is ``min(max(scale) / long_side, min(scale) / short_side)`` and each side becomes
-    ``int(side * factor + 0.5)``.
+    ``int(side * factor + 0.5)``, at least 1 (a sliver such as 1 x 2000 px would round to 0, where
+    mmcv's resize fails).
     """
     if isinstance(scale, int):
         scale = (scale, scale)
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def resize_image(image: torch.Tensor, height: int, width: int, fast: bool = False) -> torch.Tensor:
