@@ -48,6 +48,9 @@ DEMO_MIN_SIZE = 0.1
 """Smallest shape side, as a fraction of the image side: 13 px at 128 px (the generator's default,
 0.05, goes down to 8 px, which a 128 px model with a stride-8 finest level resolves poorly)."""
 AP50_TARGET = 0.8
+STEPS_FOR_TARGET = 2000
+"""About the steps the demo needs for ``AP50_TARGET`` (benchmarks/RESULTS.md: AP50 0.845 after
+2,000 of a 2,400-step run on a CPU emulated 2x slower, 0.635 after a 1,209-step run at 4x)."""
 
 
 @dataclass
@@ -256,9 +259,15 @@ def run_demo(
     # Pictures and start-up after training: a few seconds, more on a slower machine.
     reserve = 8.0 + 40.0 * step_s
     budget = minutes * 60.0 - (time.time() - start) - reserve
-    cfg, _, plan = plan_schedule(cfg, num_train, step_s, budget, num_val)
+    cfg, planned, plan = plan_schedule(cfg, num_train, step_s, budget, num_val)
     precision = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"
     print_fn(f"[2/4] schedule: {plan}; {torch.get_num_threads()} thread(s), {precision}, {step_s:.2f} s per step")
+    if planned < STEPS_FOR_TARGET and num_train == DEMO_TRAIN_IMAGES:
+        needed = math.ceil((minutes * 60.0 * STEPS_FOR_TARGET / planned) / 60.0)
+        print_fn(
+            f"      note: AP50 {AP50_TARGET} took about {STEPS_FOR_TARGET} steps in the measured runs and this "
+            f"machine fits about {planned}; `--minutes {needed}` would give them"
+        )
 
     run_dir = out / "run"
     if run_dir.exists():
