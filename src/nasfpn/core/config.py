@@ -27,7 +27,14 @@ class BackboneConfig:
     norm_eval: bool = False
     """Keep every backbone BN in eval mode while training."""
     pretrained: str | None = None
-    """ImageNet weights: "torchvision" (the torchvision ImageNet-1k v1 checkpoint), a URL or a file."""
+    """ImageNet weights: "torchvision" (the torchvision ImageNet-1k v1 checkpoint; for ``kind="torchvision"`` the
+    model's default weights), a URL or a file in torchvision's state-dict layout."""
+    kind: str = "resnet"
+    """"resnet" (this package's ResNet, sized by ``depth``) or "torchvision" (a torchvision classifier's trunk,
+    named by ``name``; see docs/backbones.md)."""
+    name: str = ""
+    """``kind="torchvision"``: the model, e.g. "mobilenet_v2", "mobilenet_v3_large", "resnext50_32x4d",
+    "efficientnet_b0", "regnet_y_400mf" (``depth`` is then unused)."""
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,21 @@ NASFPN_TINY = Config(
     ),
 )
 
+# A mobile-sized detector: torchvision's MobileNetV2 trunk (C3/C4/C5 = features.6/13/18: 32, 96, 1280 channels)
+# under 3 NAS-FPN stacks of 128 channels. 384 px, not 320: NAS-FPN pads to a multiple of 128 (P7), so 320 would
+# be computed at 384 anyway.
+NASFPN_MOBILENETV2 = replace(
+    RETINANET_R50_NASFPN,
+    name="nasfpn_mobilenetv2",
+    model=replace(
+        RETINANET_R50_NASFPN.model,
+        backbone=BackboneConfig(kind="torchvision", name="mobilenet_v2", frozen_stages=1, pretrained="torchvision"),
+        neck=NeckConfig(kind="nasfpn", channels=128, stacks=3, genotype="nasfpn"),
+        head=replace(RETINANET_R50_NASFPN.model.head, feat_channels=128),
+    ),
+    data=replace(RETINANET_R50_NASFPN.data, image_size=384),
+)
+
 
 PRESETS: dict[str, Config] = {
     c.name: c
@@ -108,6 +123,7 @@ PRESETS: dict[str, Config] = {
         nasfpn_scaled(7, 384, 1280),
         nasfpn_scaled(7, 256, 1280, depth=101),
         NASFPN_TINY,
+        NASFPN_MOBILENETV2,
     )
 }
 

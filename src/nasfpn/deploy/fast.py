@@ -113,6 +113,8 @@ def fold_batchnorm(model: RetinaNet) -> RetinaNet:
     """
     if model.training:
         raise ValueError("fold BN on an eval-mode model (BN must use its running statistics)")
+    if not isinstance(model.backbone, ResNet):
+        raise ValueError(f"BN folding knows the ResNet backbone only, not {type(model.backbone).__name__}")
     _fold_resnet(model.backbone)
     for m in model.neck.modules():
         # A ConvBN without norm has no BN to fold; a ReLUConvBN always has one.

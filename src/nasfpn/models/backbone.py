@@ -1,4 +1,5 @@
-"""ResNet backbone (pytorch style: stride on the 3x3 conv), returning C3, C4, C5.
+"""ResNet backbone (pytorch style: stride on the 3x3 conv), returning C3, C4, C5; ``build_backbone`` also
+builds torchvision trunks (models/backbones_tv.py) behind the same interface.
 
 Module names equal torchvision's and MMDetection's (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer2.0.downsample.0``, ...), so ImageNet checkpoints of either load without renaming.
@@ -13,6 +14,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from nasfpn.core.weights import load_state_dict_file, resolve_source
+from nasfpn.models.backbones_tv import TorchvisionBackbone
 
 # depth -> (block, blocks per stage). Depth 10 is the paper's proxy-task backbone.
 _SPECS: dict[int, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int]]] = {
@@ -34,8 +36,8 @@ _TORCHVISION_WEIGHTS = {
 class ResNet(nn.Module):
     """ResNet trunk without the classifier.
 
-    ``forward(x)`` returns ``[C3, C4, C5]`` (strides 8, 16, 32). ``feature_channels`` lists
-    their channel counts for the neck. ``frozen_stages`` freezes the stem (1) and the first
+    ``forward(x)`` returns ``[C3, C4, C5]`` (strides 8, 16, 32). ``out_channels`` (a tuple) and
+    ``feature_channels`` (a list) give their channel counts for the neck. ``frozen_stages`` freezes the stem (1) and the first
     ``frozen_stages`` residual stages: no gradient, BN in eval mode. ``norm_eval`` keeps every
     BN in eval mode while training.
     """
@@ -55,6 +57,7 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = block.expansion
         self.feature_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.out_channels = tuple(self.feature_channels)
         self.feature_strides = [8, 16, 32]
         self._freeze()
 
@@ -105,7 +108,30 @@ class ResNet(nn.Module):
             )
 
 
-def build_backbone(depth: int, frozen_stages: int, norm_eval: bool, pretrained: str | Path | None = None) -> ResNet:
+# The one backbone interface: ``forward(x)`` -> maps at strides 8, 16, 32; ``out_channels``; ``frozen_stages``
+# and ``norm_eval`` honoured in ``train()``.
+Backbone = ResNet | TorchvisionBackbone
+
+BACKBONE_KINDS = ("resnet", "torchvision")
+
+
+def build_backbone(
+    depth: int,
+    frozen_stages: int,
+    norm_eval: bool,
+    pretrained: str | Path | None = None,
+    kind: str = "resnet",
+    name: str = "",
+) -> Backbone:
+    """The backbone a ``BackboneConfig`` names (its fields, in order)."""
+    if kind == "torchvision":
+        if not name:
+            raise ValueError(
+                "model.backbone.kind=torchvision needs model.backbone.name, e.g. --set model.backbone.name=mobilenet_v2"
+            )
+        return TorchvisionBackbone(name, frozen_stages, norm_eval, pretrained)
+    if kind != "resnet":
+        raise ValueError(f"model.backbone.kind must be one of {list(BACKBONE_KINDS)}, got {kind!r}")
     model = ResNet(depth, frozen_stages, norm_eval)
     if pretrained:
         model.load_imagenet(str(pretrained))

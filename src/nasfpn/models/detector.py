@@ -19,7 +19,7 @@ from torch import nn
 from nasfpn.core.config import ModelConfig, TestConfig
 from nasfpn.core.structures import ImageMeta
 from nasfpn.models.anchors import AnchorGenerator
-from nasfpn.models.backbone import ResNet, build_backbone
+from nasfpn.models.backbone import Backbone, build_backbone
 from nasfpn.models.boxes import MaxIoUAssigner
 from nasfpn.models.fpn import FPN
 from nasfpn.models.head import RetinaHead
@@ -33,7 +33,7 @@ Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 class RetinaNet(nn.Module):
     def __init__(
         self,
-        backbone: ResNet,
+        backbone: Backbone,
         neck: nn.Module,
         head: RetinaHead,
         anchor_generator: AnchorGenerator,
@@ -130,12 +130,16 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
     """A RetinaNet from its config; ImageNet backbone weights are loaded if the config names them
     and ``pretrained_backbone`` is true."""
     b = cfg.backbone
-    backbone = build_backbone(b.depth, b.frozen_stages, b.norm_eval, b.pretrained if pretrained_backbone else None)
+    backbone = build_backbone(
+        b.depth, b.frozen_stages, b.norm_eval, b.pretrained if pretrained_backbone else None, b.kind, b.name
+    )
     n = cfg.neck
     if n.kind == "fpn":
-        neck: nn.Module = FPN(backbone.feature_channels, n.channels)
+        neck: nn.Module = FPN(list(backbone.out_channels), n.channels)
     elif n.kind == "nasfpn":
-        neck = NASFPN(backbone.feature_channels, n.channels, parse_genotype(n.genotype), n.stacks, n.checkpoint_stacks)
+        neck = NASFPN(
+            list(backbone.out_channels), n.channels, parse_genotype(n.genotype), n.stacks, n.checkpoint_stacks
+        )
     else:
         raise ValueError(f"unknown neck kind {n.kind!r}; use 'fpn' or 'nasfpn'")
     a = cfg.anchors
