@@ -2,21 +2,26 @@
 under ``torchrun``), or the score of an existing COCO results file.
 
 The work is ``engine.evaluate.evaluate_model``; this module loads the weights, writes
-``results.json`` and ``metrics.json`` and prints the COCO table.
+``results.json``, ``metrics.json`` and the report (``engine.reports``: precision-recall curves,
+confusion matrix, pictures of the worst errors) and prints the COCO table.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nasfpn.core.config import Config
 from nasfpn.core.fileio import write_json_atomic
+from nasfpn.data.io import read_json
 from nasfpn.deploy.predictor import Detector, load
 from nasfpn.engine import distributed as D
 from nasfpn.engine.coco_metrics import evaluate_detections, format_table, write_metrics_json
 from nasfpn.engine.evaluate import check_ground_truth, evaluate_model
+from nasfpn.engine.reports import write_report
 
 
 @dataclass
@@ -96,6 +101,7 @@ def run_eval(
                 },
                 out / "metrics.json",
             )
+            _report(ann_file, results, out, image_dir)
         print_fn(format_table(metrics))
         print_fn(f"{metrics['num_images']} images in {metrics['eval_seconds']:.1f} s")
         return EvalOutcome(metrics, results_path, metrics_path)
@@ -104,13 +110,31 @@ def run_eval(
 
 
 def score_results(
-    ann_file: str | Path, results_file: str | Path, json_out: str | Path | None = None, print_fn=print
+    ann_file: str | Path,
+    results_file: str | Path,
+    json_out: str | Path | None = None,
+    print_fn=print,
+    report_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score an existing COCO results file against ground truth (no model involved; the ground
-    truth checked first, ``check_ground_truth``)."""
+    truth checked first, ``check_ground_truth``). ``report_dir``: write the report there too
+    (curves and confusion matrix; no pictures, as there are no images)."""
     check_ground_truth(ann_file)
     metrics = evaluate_detections(ann_file, results_file)
     print_fn(format_table(metrics))
     if json_out is not None:
         write_metrics_json(metrics, json_out)
+    if report_dir is not None:
+        _report(ann_file, read_json(results_file), Path(report_dir), None)
     return metrics
+
+
+def _report(
+    ann_file: str | Path | Mapping[str, Any], results: list[dict[str, Any]], out: Path, image_dir: str | Path | None
+) -> None:
+    """The report is extra: a failure is a warning, and metrics.json is already written."""
+    try:
+        gt = ann_file if isinstance(ann_file, Mapping) else read_json(ann_file)
+        write_report(gt, results, out, image_dir)
+    except Exception as e:
+        print(f"warning: could not write the report into {out}: {e}", file=sys.stderr)

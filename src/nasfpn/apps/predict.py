@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from nasfpn.core.fileio import write_json_atomic
+from nasfpn.engine.hooks import ProgressLines
 
 if TYPE_CHECKING:
     from nasfpn.deploy.predictor import Predictor
@@ -77,9 +78,12 @@ def run_predict(
     failed: list[str] = []
     vis_dir = out / "vis"
     used_names: set[str] = set()
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not sys.stderr.isatty()):
+    tty = sys.stderr.isatty()
+    lines = None if tty else ProgressLines("predict", len(paths))  # piped: plain lines instead of a bar
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not tty):
         batch_paths, images = [], []
-        for path in paths[start : start + batch_size]:
+        chunk = paths[start : start + batch_size]
+        for path in chunk:
             try:
                 images.append(read_image(path))
                 batch_paths.append(path)
@@ -87,6 +91,8 @@ def run_predict(
                 print(f"error: {e}", file=sys.stderr)
                 failed.append(str(path))
         if not images:
+            if lines is not None:
+                lines.update(len(chunk))
             continue
         results = det.predict(images, score_thr=score_thr, batch_size=batch_size)
         for path, image, res in zip(batch_paths, images, results):
@@ -116,6 +122,8 @@ def run_predict(
                 used_names.add(name)
                 vis_dir.mkdir(parents=True, exist_ok=True)
                 picture.save(vis_dir / f"{name}.jpg", quality=90)
+        if lines is not None:
+            lines.update(len(chunk))
     write_json_atomic(records, out / "predictions.json")
     n_ok = len(paths) - len(failed)
     print(

@@ -36,6 +36,7 @@ from nasfpn.data.coco import CocoDataset
 from nasfpn.data.transforms import EvalTransform
 from nasfpn.engine import distributed as D
 from nasfpn.engine.coco_metrics import STAT_KEYS, evaluate_detections, results_from_predictions
+from nasfpn.engine.hooks import ProgressLines
 from nasfpn.models.detector import Outputs
 
 
@@ -88,6 +89,8 @@ def predict_dataset(
     loader = torch.utils.data.DataLoader(subset, batch_sampler=sampler, num_workers=workers, collate_fn=collate)
     out: list[dict[str, Any]] = []
     show = _progress_enabled(progress) and rank == 0
+    # Without a terminal (piped, logged) the bar is hidden: plain lines instead, unless progress=False.
+    lines = ProgressLines("eval", len(indices)) if progress is None and not show and rank == 0 else None
     amp_dtype = autocast_dtype(amp)
     for groups in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False, dynamic_ncols=True):
         for images, metas, infos in groups:
@@ -109,6 +112,8 @@ def predict_dataset(
                         "labels": det["labels"].cpu().numpy(),
                     }
                 )
+            if lines is not None:
+                lines.update(len(infos))
     model.train(was_training)
     return out
 

@@ -15,6 +15,7 @@ from nasfpn.engine.step import StepResult
 
 _PRINT_EVERY = 50  # steps between two progress lines when there is no progress bar
 _ETA_WINDOW = 20  # recent steps the remaining time is estimated from
+_PRINT_EVERY_ITEMS = 100  # images between two progress lines of eval / predict without a terminal
 
 
 def fmt_time(seconds: float) -> str:
@@ -41,6 +42,22 @@ def epoch_message(row: dict[str, Any], epochs: int, metrics: dict[str, Any] | No
         f"epoch {row['epoch']}/{epochs}{'' if row['complete'] else ' (partial)'}: {loss_text} "
         f"lr {row['lr']:.4g} ({row['epoch_seconds']:.0f} s){metric_text} | elapsed {fmt_time(elapsed)}"
     )
+
+
+class ProgressLines:
+    """Progress as plain lines on stderr, for output that is not a terminal (piped, logged), where a
+    tqdm bar is hidden: "what: done/total unit" every ``every`` items and at the end."""
+
+    def __init__(self, what: str, total: int, every: int = _PRINT_EVERY_ITEMS, unit: str = "images") -> None:
+        self.what, self.total, self.every, self.unit = what, total, max(1, every), unit
+        self.done = 0
+        self._start = time.time()
+
+    def update(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        if self.done // self.every > before // self.every or (self.done >= self.total > before):
+            rate = self.done / max(time.time() - self._start, 1e-9)
+            print(f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
 
 class Console:
