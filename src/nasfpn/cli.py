@@ -1032,7 +1032,11 @@ def _add_eval(sub) -> None:
         weights_help="weights: .safetensors, training checkpoint .pt, MMDetection .pth or URL",
     )
     _add_data_group(p, train=False)
-    p.add_argument("--out", help="folder for results.json and metrics.json")
+    p.add_argument(
+        "--out",
+        help="folder for results.json, metrics.json and the report (pr_curves, confusion_matrix, worst/); "
+        "with --results: the report only",
+    )
     p.add_argument("--ann", help="ground-truth COCO JSON (with --results)")
     p.add_argument("--results", help="COCO results JSON to score (with --ann)")
     p.add_argument("--json", dest="json_out", help="with --results: write the metrics to this JSON file")
@@ -1049,7 +1053,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.results or args.ann:
         if not (args.results and args.ann):
             raise ValueError("scoring a results file needs both --ann and --results")
-        score_results(args.ann, args.results, args.json_out)
+        score_results(args.ann, args.results, args.json_out, report_dir=args.out)
         return 0
     if not args.weights:
         raise ValueError("give --weights (or --ann and --results to score an existing results file)")
