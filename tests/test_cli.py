@@ -32,7 +32,8 @@ FLAGS = {
     "train": "--amp --batch-size --channels-last --checkpoint-interval --config --data --data-format --deterministic "
     "--device --train-split --val-split "
     "--epochs --eval-interval --grad-clip --max-steps --no-check-images --no-progress --out --resume --seed "
-    "--set --size --skip-invalid --sync-bn --train-ann --train-images --val-ann --val-images --workers",
+    "--set --size --skip-invalid --sync-bn --train-ann --train-images --val-ann --val-images --workers "
+    "--weights --transfer --weights-partial --freeze --ema",
     "eval": "--ann --batch-size --config --data --data-format --device --fast --json --no-progress --out --plain "
     "--precision --results --set --split --val-ann --val-images --val-split --weights --workers",
     "demo": "--device --minutes --no-progress --out --seed --set",
