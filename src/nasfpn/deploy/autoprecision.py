@@ -240,7 +240,7 @@ def measure(
     budget_s: float = BUDGET_S,
     options: dict[str, Any] | None = None,
     timer: Callable[[], float] = time.perf_counter,
-    max_calls: int = 5,
+    max_calls: int = 15,
 ) -> Timings:
     """Median ms per batch of the fast path at each precision, and the fast-path modules built.
 
