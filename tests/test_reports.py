@@ -152,7 +152,7 @@ def test_run_eval_writes_report_and_progress_lines(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(images / name)
     ann = tmp_path / "gt.json"
     ann.write_text(json.dumps(_gt()))
-    cfg, model = tiny_model(["model.head.num_classes=2"])
+    cfg, model = tiny_model(["model.head.num_classes=2", "data.image_size=128"])
     weights = tmp_path / "w.safetensors"
     export_weights(model, cfg, weights)
     out = tmp_path / "eval"
@@ -175,3 +175,38 @@ def test_progress_lines(capsys):
         lines.update(1)
     err = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
     assert err == ["eval: 2/5 images", "eval: 4/5 images", "eval: 5/5 images"]
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_absent_is_a_clear_error(tmp_path, monkeypatch):
+    from engine_utils import synthetic_data, tiny_config
+    from nasfpn.engine import hooks
+    from nasfpn.engine.trainer import train
+
+    monkeypatch.setattr(hooks, "tensorboard_available", lambda: False)
+    with pytest.raises(ValueError, match=r"tensorboard package is not installed.*pip install 'nasfpn\[tensorboard\]'"):
+        train(tiny_config(tensorboard=True), synthetic_data(tmp_path / "data", 2, 1), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "tb").exists()
+    hooks.TensorBoardLog(tmp_path / "off", enabled=False).step({"step": 0, "loss": 1.0})  # off: no check, no file
+    assert not (tmp_path / "off").exists()
+
+
+def test_tensorboard_event_file(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine_utils import synthetic_data, tiny_config
+    from nasfpn.engine.trainer import train
+
+    data = synthetic_data(tmp_path / "data", 4, 2)
+    train(tiny_config(epochs=1, tensorboard=True), data, tmp_path / "run", progress=False, quiet=True, max_steps=2)
+    assert (tmp_path / "run" / "metrics.csv").is_file()  # the CSV stays
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/loss_cls", "train/loss_bbox", "train/lr", "val/AP", "val/AP50"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [0]  # 4 images, batch 4: one step
+    assert [e.step for e in events.Scalars("val/AP")] == [1]
+    assert "val/APl" not in tags  # undefined (-1: no large objects) is left out

@@ -183,6 +183,9 @@ class TrainConfig:
     """EMA decay of the weights (e.g. 0.9998; 0: off); when on, the EMA is evaluated and saved (``engine.ema``)."""
     ema_tau: float = 2000.0
     """EMA warm-up in steps: the decay of update n is ``ema * (1 - exp(-n / ema_tau))``."""
+    tensorboard: bool = False
+    """Also log losses, lr and evaluation metrics to ``out_dir/tb`` for TensorBoard (needs the
+    ``tensorboard`` package: ``pip install 'nasfpn[tensorboard]'``)."""
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,21 @@
-"""What a training run prints as it goes: progress bars or periodic lines, warnings, messages.
+"""What a training run prints as it goes: progress bars or periodic lines, warnings, messages;
+the optional TensorBoard log (``TensorBoardLog``); progress lines of eval / predict (``ProgressLines``).
 
 Only rank 0 prints; ``quiet`` silences everything but warnings (proxy trainings of the search).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from nasfpn.engine.step import StepResult
+from nasfpn.engine.coco_metrics import STAT_KEYS
+from nasfpn.engine.step import LOSS_KEYS, StepResult
 
 _PRINT_EVERY = 50  # steps between two progress lines when there is no progress bar
 _ETA_WINDOW = 20  # recent steps the remaining time is estimated from
@@ -58,6 +62,65 @@ class ProgressLines:
         if self.done // self.every > before // self.every or (self.done >= self.total > before):
             rate = self.done / max(time.time() - self._start, 1e-9)
             print(f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s)", file=sys.stderr, flush=True)
+
+
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` can write (the ``tensorboard`` package is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardLog:
+    """``train.tensorboard``: the losses and lr of every step and the COCO metrics of every
+    evaluation, as TensorBoard scalars in ``log_dir`` (``out_dir/tb``), beside ``log.jsonl`` and
+    ``metrics.csv``, which stay. Off (nothing imported or written) when not ``enabled`` (ranks > 0).
+    A resumed run drops the events of the steps it redoes (``purge_step``)."""
+
+    def __init__(self, log_dir: Path, enabled: bool) -> None:
+        self.log_dir = log_dir
+        self.enabled = enabled
+        self._writer: Any = None
+        if enabled and not tensorboard_available():
+            raise ValueError(
+                "train.tensorboard is on but the tensorboard package is not installed; "
+                "install it (pip install 'nasfpn[tensorboard]') or leave train.tensorboard off "
+                "(log.jsonl and metrics.csv hold the same numbers)"
+            )
+
+    def _open(self, step: int) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=step)
+        return self._writer
+
+    def step(self, record: dict[str, Any]) -> None:
+        """A ``log.jsonl`` line: its losses and lr at its step."""
+        if not self.enabled:
+            return
+        writer = self._open(record["step"])
+        for key in (*LOSS_KEYS, "lr", "grad_norm"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        """A ``metrics.csv`` row: its COCO statistics (when evaluated) at the row's step."""
+        if not self.enabled:
+            return
+        # -1 marks an undefined statistic (no ground truth in that area range): left out of the plots.
+        values = {k: row[k] for k in STAT_KEYS if isinstance(row.get(k), (int, float)) and row[k] >= 0}
+        if values:
+            writer = self._open(row["step"])
+            for key, value in values.items():
+                writer.add_scalar(f"val/{key}", value, row["step"])
+            writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class Console:

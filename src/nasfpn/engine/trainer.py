@@ -49,7 +49,7 @@ from nasfpn.engine.determinism import set_determinism
 from nasfpn.engine.ema import checkpoint_weights, training_weights
 from nasfpn.engine.evaluate import build_eval_dataset, evaluate_model, to_numpy_metrics
 from nasfpn.engine.finetune import Freezer, check_settings, transfer_weights
-from nasfpn.engine.hooks import Console, bad_step_message, epoch_message, fmt_time
+from nasfpn.engine.hooks import Console, TensorBoardLog, bad_step_message, epoch_message, fmt_time
 from nasfpn.engine.run_dir import RunFiles, step_record
 from nasfpn.engine.schedule import LRSchedule, scaled_lr
 from nasfpn.engine.step import LOSS_KEYS, StepResult, TrainStep, build_step_parts, train_step
@@ -256,6 +256,7 @@ class _Run:
         self.start_time = start_time
         self.console = Console(info.is_main, quiet, progress)
         self.files = RunFiles(out_dir, info.is_main)
+        self.tb = TensorBoardLog(out_dir / "tb", info.is_main and cfg.train.tensorboard)
         # Checked here, on every rank: (val_ann, val_images) or None.
         self.val_data = data.validation()
 
@@ -562,6 +563,7 @@ class _Run:
         if result is not None:
             record = step_record(result, step, epoch, self.iter_in_epoch - 1)
             self.files.step(record)
+            self.tb.step(record)
             self.step_log.append(record)
             self.counts.add(result)
             if result.applied:
@@ -668,6 +670,7 @@ class _Run:
         if self.info.is_main:
             self.console.log(epoch_message(row, self.planned_epochs(), metrics, self.elapsed()))
             self.files.metrics_csv(self.history)
+            self.tb.evaluation(row)
             if metrics is not None or stopped or self.epoch >= train_cfg.epochs:
                 self.files.plots(self.step_log, self.history)  # ~1 s of CPU: not after every epoch
             if metrics is not None:
@@ -678,6 +681,7 @@ class _Run:
         self._mark = time.time()  # evaluations and checkpoints are not training steps
 
     def _finish(self, status: str, message: str) -> TrainResult:
+        self.tb.close()
         if status == "diverged":
             self.console.warn(message)
         elif status == "completed":
