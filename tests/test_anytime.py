@@ -119,6 +119,7 @@ def _shapes_dataset(root: Path, n: int, seed: int) -> tuple[Path, Path]:
     return ann, root / "img"
 
 
+@pytest.mark.slow  # the default suite must stay short on a slow 2-core CPU
 def test_deep_supervision_gives_usable_detections_at_the_first_exit(tmp_path):
     """About 20 s on an idle 2-core CPU (96 images x 8 epochs at 128 px)."""
     train_ann, train_img = _shapes_dataset(tmp_path / "train", 96, 0)

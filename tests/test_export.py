@@ -304,6 +304,7 @@ def test_example_client_reproduces_nasfpn_predict(tiny_weights, dynamic_onnx, tm
     assert report.eager_detections > 20 * len(files) and report.matched == report.eager_detections
 
 
+@pytest.mark.slow  # the default suite must stay short on a slow 2-core CPU
 def test_dynamic_size_raw_and_torch_export(tiny_weights, tmp_path):
     det = load(None, weights=tiny_weights)
     raw = tmp_path / "raw_dynamic.onnx"

@@ -143,6 +143,7 @@ search(spec, sys.argv[1], backend="inline", resume=True, log=None)
 """
 
 
+@pytest.mark.slow  # the default suite must stay short on a slow 2-core CPU
 def test_sigkill_mid_search_then_resume_loses_nothing(tmp_path):
     spec = SearchSpec(
         controller="ppo",
@@ -197,6 +198,7 @@ def test_worker_processes_survive_a_crashing_trial(tmp_path):
     assert len({r["pid"] for r in ok}) >= 2  # trials ran in parallel workers, replaced after a crash
 
 
+@pytest.mark.slow  # the default suite must stay short on a slow 2-core CPU
 def test_ray_local_two_workers(tmp_path):
     pytest.importorskip("ray")
     spec = fake_spec(
