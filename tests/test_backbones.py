@@ -14,6 +14,7 @@ from engine_utils import read_log, synthetic_data, tiny_config, train_args
 from nasfpn.cli import main
 from nasfpn.core.config import BackboneConfig, config_to_yaml
 from nasfpn.core.presets import PRESETS
+from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.models.backbone import build_backbone
 from nasfpn.models.backbones_tv import TorchvisionBackbone
 from nasfpn.models.detector import build_model
@@ -50,6 +51,23 @@ def test_detector_on_a_torchvision_backbone(name):
     with torch.no_grad():
         cls_maps, reg_maps = model(torch.zeros(1, 3, 128, 128))
     assert [m.shape[-1] for m in cls_maps] == [16, 8, 4, 2, 1] and len(reg_maps) == 5
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "regnet_y_400mf"])
+def test_inference_fast_path_folds_the_trunks_batchnorm(name):
+    torch.manual_seed(0)
+    model = build_model(_tiny_model_cfg(name)).eval()
+    for m in model.backbone.modules():  # non-trivial statistics, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = optimize_for_inference(model, fuse_bn=True, channels_last=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        plain, folded = model(x), fast(x)
+    for a, b in zip(plain[0] + plain[1], folded[0] + folded[1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_frozen_stages_and_norm_eval():

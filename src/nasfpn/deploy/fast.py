@@ -113,9 +113,10 @@ def fold_batchnorm(model: RetinaNet) -> RetinaNet:
     """
     if model.training:
         raise ValueError("fold BN on an eval-mode model (BN must use its running statistics)")
-    if not isinstance(model.backbone, ResNet):
-        raise ValueError(f"BN folding knows the ResNet backbone only, not {type(model.backbone).__name__}")
-    _fold_resnet(model.backbone)
+    if isinstance(model.backbone, ResNet):
+        _fold_resnet(model.backbone)
+    else:
+        model.backbone.fold_batchnorm()  # a torchvision trunk folds its own (torch.fx conv-BN fusion)
     for m in model.neck.modules():
         # A ConvBN without norm has no BN to fold; a ReLUConvBN always has one.
         if (isinstance(m, ConvBN) and isinstance(m.bn, nn.BatchNorm2d)) or isinstance(m, ReLUConvBN):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from nasfpn.core.weights import load_state_dict_file, resolve_source
@@ -120,6 +121,14 @@ class TorchvisionBackbone(nn.Module):
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
         return self
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> None:
+        """Fold every BN (eval statistics) into the conv before it, in place, for inference; the model must be
+        in eval mode. torch.fx's own conv-BN fusion does it on the traced trunk."""
+        if self.training:
+            raise ValueError("fold BN on an eval-mode backbone (BN must use its running statistics)")
+        self.body = fuse(self.body, inplace=True).eval()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.body(x)
