@@ -1009,11 +1009,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         max_steps=args.max_steps,
         check_images=not args.no_check_images,
+        handle_signals=True,
     )
-    if result.status == "diverged":
-        print(f"error: {result.message}", file=sys.stderr)
+    # The trainer's "resume with --resume" becomes the command to type.
+    message = result.message.replace("resume with --resume", f"resume with: {_resume_command(args)}")
+    if result.status == "interrupted":  # exit status 128 + signal, as a shell reports a process killed by it
+        print(message, file=sys.stderr)
+        return 128 + (result.signal or 2)  # 143 for SIGTERM, 130 for SIGINT
+    if result.status in ("diverged", "write_error", "worker_died", "data_missing"):
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """This command line with ``--resume`` (under torchrun: its arguments, for the same torchrun)."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or ["train", "...", "--out", str(args.out)])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["nasfpn", *argv])
 
 
 # --------------------------------------------------------------------------- eval
@@ -1248,6 +1264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for messages that repeat the command
     try:
         _check_device(args)
         return int(args.func(args) or 0)

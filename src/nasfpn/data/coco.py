@@ -71,10 +71,14 @@ def load_coco_json(ann_file: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 _NUMBER_TYPES = (int, float)  # exact types: bool and str are not coordinates
+# No image is 2^31 pixels wide or high: a larger size or coordinate is not one (and would overflow
+# the int64 / float32 arrays the dataset keeps).
+_MAX_PIXELS = 2.0**31
 
 
 def _finite_box(bbox: Any) -> tuple[float, float, float, float] | None:
-    """``(x, y, w, h)`` as floats, or None unless ``bbox`` is a list of 4 finite numbers."""
+    """``(x, y, w, h)`` as floats, or None unless ``bbox`` is a list of 4 finite numbers (of pixels:
+    within +-2^31)."""
     if not isinstance(bbox, list) or len(bbox) != 4:
         return None
     x, y, w, h = bbox
@@ -84,9 +88,13 @@ def _finite_box(bbox: Any) -> tuple[float, float, float, float] | None:
         return None
     try:
         # A NaN or an infinity anywhere makes the sum non-finite (this runs once per annotation).
-        return (float(x), float(y), float(w), float(h)) if math.isfinite(x + y + w + h) else None
+        if not math.isfinite(x + y + w + h):
+            return None
     except OverflowError:  # an integer too large for a float
         return None
+    if max(abs(x), abs(y), abs(w), abs(h)) >= _MAX_PIXELS:
+        return None
+    return float(x), float(y), float(w), float(h)
 
 
 class CocoDataset(Dataset):
@@ -173,6 +181,7 @@ class CocoDataset(Dataset):
                 and isinstance(img.get("file_name"), str)
                 and is_image_size(img.get("width"))
                 and is_image_size(img.get("height"))
+                and max(img["width"], img["height"]) < _MAX_PIXELS
             ):
                 skipped_images += 1
                 continue

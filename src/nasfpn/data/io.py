@@ -25,6 +25,17 @@ EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
+class JSONLimitError(json.JSONDecodeError):
+    """JSON that Python refuses to parse: nested too deeply, or an integer of too many digits."""
+
+    def __init__(self, msg: str) -> None:
+        ValueError.__init__(self, msg)  # no "line 1 column 1": the limit is not at a position
+        self.msg, self.doc, self.pos, self.lineno, self.colno = msg, "", 0, 1, 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.msg,)
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; raises ``OSError`` / ``json.JSONDecodeError`` / ``UnicodeDecodeError``.
 
@@ -36,6 +47,12 @@ def read_json(path: str | Path) -> Any:
     try:
         with open(path, "rb") as f:
             return json.load(f)
+    except RecursionError:
+        raise JSONLimitError("nested too deeply for the JSON parser") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError as e:  # Python's limit on the digits of an integer (4300 by default)
+        raise JSONLimitError(str(e).split(";")[0]) from None
     finally:
         if enabled:
             gc.enable()

@@ -129,13 +129,14 @@ def _image_file(images: Path, image_id: str, filename: str) -> str:
 
 
 def _size(tree: ET.Element) -> tuple[int, int] | None:
-    """``(H, W)`` of the XML's ``<size>``, or None where it is missing, zero or not a number."""
+    """``(H, W)`` of the XML's ``<size>``, or None where it is missing, zero, not a number or no
+    image's (2^31 pixels or more)."""
     try:
         width = float(tree.findtext("size/width") or "")
         height = float(tree.findtext("size/height") or "")
     except ValueError:
         return None
-    if not (math.isfinite(width) and math.isfinite(height) and width >= 1 and height >= 1):
+    if not (1 <= width < 2**31 and 1 <= height < 2**31):  # NaN fails too
         return None
     return int(height), int(width)
 
@@ -229,8 +230,13 @@ def read_voc(root: str | Path, split: str) -> ReadResult:
                 Problem("bad_label_file", f"{xml} does not exist", None, None, image_id, f"{list_file}:{n}")
             )
             continue
-        except (OSError, ET.ParseError) as e:
+        except (OSError, ET.ParseError, LookupError) as e:  # LookupError: an encoding Python does not know
             problems.append(Problem("bad_label_file", f"not valid XML ({e})", None, None, image_id, str(xml)))
+            continue
+        except ValueError as e:  # a NUL in the split list's name
+            problems.append(
+                Problem("bad_label_file", f"cannot open {xml!r} ({e})", None, None, image_id, f"{list_file}:{n}")
+            )
             continue
         file_name = _image_file(images, stem, (tree.findtext("filename") or "").strip())
         size = _size(tree)

@@ -61,6 +61,8 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a text file ({e})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
+    except (ValueError, RecursionError) as e:  # a date like 2001-02-30, nesting too deep for the parser
+        raise ValueError(f"{path}: not valid YAML ({type(e).__name__}: {e})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping with 'path', 'train', 'val' and 'names'")
     return loaded
@@ -89,13 +91,21 @@ def _names(path: Path, doc: dict[str, Any]) -> tuple[str, ...]:
     return out
 
 
+def _expand(value: str, path: Path, key: str) -> Path:
+    """``value`` with ``~`` / ``~user`` expanded; ``ValueError`` naming the data.yaml for an unknown user."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        raise ValueError(f"{path}: '{key}: {value}' starts with ~ but that user's home folder is unknown") from None
+
+
 def _root(path: Path, doc: dict[str, Any]) -> Path:
     value = doc.get("path")
     if value is None or value == "":
         return path.parent
     if not isinstance(value, str):
         raise ValueError(f"{path}: 'path' must be the dataset folder, got {value!r}")
-    given = Path(value).expanduser()
+    given = _expand(value, path, "path")
     candidates = [given] if given.is_absolute() else [Path(os.path.normpath(path.parent / given)), given]
     for candidate in candidates:
         if candidate.is_dir():
@@ -154,7 +164,7 @@ def _split_images(
     folders: list[Path] = []
     listed: list[tuple[str, str, str]] = []
     for entry in spec.splits[split]:
-        given = Path(entry).expanduser()
+        given = _expand(entry, spec.yaml, split)
         path = given if given.is_absolute() else Path(os.path.normpath(spec.root / given))
         if path.is_dir():
             folders.append(path)

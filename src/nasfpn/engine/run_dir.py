@@ -5,6 +5,8 @@
     metrics.csv            one row per epoch: mean losses, lr, COCO metrics of the epoch's evaluation
     metrics.json           the last evaluation's metrics
     last.pt / best.pt      training checkpoints (``engine.checkpoint``); best by box AP
+    last.prev.pt           the checkpoint last.pt replaced (kept while the run is not finished)
+    last.checksums.json    size and sha256 of last.pt and last.prev.pt, checked on resume
     last.safetensors / best.safetensors   model weights with their config (``nasfpn eval/predict --weights``)
     loss.png / ap.png      curves
     summary.json           status, best and last metrics, wall time
@@ -25,7 +27,7 @@ from typing import Any
 from nasfpn.core.config import Config, config_to_yaml
 from nasfpn.core.fileio import copy_atomic, write_text_atomic
 from nasfpn.core.weights import save_safetensors
-from nasfpn.engine.checkpoint import model_is_finite, save_checkpoint
+from nasfpn.engine.checkpoint import discard_previous, model_is_finite, save_checkpoint, writing
 from nasfpn.engine.coco_metrics import STAT_KEYS, write_metrics_json
 from nasfpn.engine.step import LOSS_KEYS, StepResult
 
@@ -117,21 +119,33 @@ class RunFiles:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, state: dict[str, Any], best: bool = False, weights: bool = True) -> bool:
-        """Write ``last.pt`` (and ``last.safetensors`` with ``weights``; copies as ``best.*`` with
-        ``best``). A model with non-finite values is not written (the previous files stay): False."""
+        """Write ``last.pt`` (the one it replaces kept as ``last.prev.pt``, both listed with their
+        sha256 in ``last.checksums.json``), and ``last.safetensors`` with ``weights``; copies as
+        ``best.*`` with ``best``. A model with non-finite values is not written (the previous files
+        stay): False. ``CheckpointWriteError`` (file, reason, free space) when the disk is full."""
         if not self.enabled:
             return True
         if not model_is_finite(state["model"]):
             return False
-        self.flush()  # the log on disk reaches at least the checkpoint's step
-        save_checkpoint(state, self.out_dir / "last.pt")
+        last = self.out_dir / "last.pt"
+        with writing(self.out_dir / "log.jsonl"):
+            self.flush()  # the log on disk reaches at least the checkpoint's step
+        save_checkpoint(state, last)
         if weights:
-            save_safetensors(state["model"], self.out_dir / "last.safetensors", state["config"])
+            with writing(self.out_dir / "last.safetensors"):
+                save_safetensors(state["model"], self.out_dir / "last.safetensors", state["config"])
         if best:
-            copy_atomic(self.out_dir / "last.pt", self.out_dir / "best.pt")
+            with writing(self.out_dir / "best.pt"):
+                copy_atomic(last, self.out_dir / "best.pt")
             if weights:
-                copy_atomic(self.out_dir / "last.safetensors", self.out_dir / "best.safetensors")
+                with writing(self.out_dir / "best.safetensors"):
+                    copy_atomic(self.out_dir / "last.safetensors", self.out_dir / "best.safetensors")
         return True
+
+    def keep_last_only(self) -> None:
+        """A finished run keeps its last checkpoint only (no ``last.prev.pt``)."""
+        if self.enabled:
+            discard_previous(self.out_dir / "last.pt")
 
 
 def step_record(result: StepResult, step: int, epoch: int, iter_in_epoch: int) -> dict[str, Any]:

@@ -14,7 +14,15 @@ The loop is a plain function over explicit objects (model, optimizer, scaler, da
   statistics restored; the terms are printed. ``train.max_bad_steps`` skipped steps in a row stop
   the run; the last checkpoint on disk is the last good one (a non-finite model is never written).
 - An unreadable image is replaced by another one (``data.coco``); a batch without any readable
-  image (``data.collate``) is skipped, and its step still counts.
+  image (``data.collate``) is skipped, and its step still counts. A training image folder that is
+  gone stops the run ("data_missing") instead of skipping every step that follows.
+- Faults (``train(handle_signals=True)``, as ``nasfpn train`` runs): SIGTERM / SIGINT stop the run
+  after the step in progress (a second one at once), checkpoint and return "interrupted"; the
+  stop travels in the step's all-reduce, so every rank stops after the same step (rank 0 writes).
+  A checkpoint write that fails (disk full) stops the run ("write_error"; the files already
+  written stay); a DataLoader worker that dies (out-of-memory killer, ...) ends it with
+  "worker_died". Each message names the last checkpoint; ``--resume`` continues from it, taking
+  ``last.prev.pt`` when ``last.pt`` does not verify (``engine.checkpoint``).
 - Under ``torchrun`` the model is wrapped in DistributedDataParallel (gradients averaged over
   ranks; MMDetection's RetinaNet normalises its loss by the positives of each device, as here);
   ``train.sync_bn`` synchronises BatchNorm (``engine.distributed``); rank 0 writes every file.
@@ -26,8 +34,13 @@ kernel settings of ``train.deterministic`` in ``engine.determinism``.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import math
+import os
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,7 +56,14 @@ from nasfpn.data.collate import loader_settings, train_collate
 from nasfpn.data.transforms import TrainTransform
 from nasfpn.engine import distributed as D
 from nasfpn.engine.budget import FIRST_PLAN, REPLAN_EVERY, TimeBudget
-from nasfpn.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
+from nasfpn.engine.checkpoint import (
+    CheckpointWriteError,
+    load_resume_checkpoint,
+    previous_path,
+    rng_state,
+    set_rng_state,
+    write_error_message,
+)
 from nasfpn.engine.data_paths import DataPaths
 from nasfpn.engine.determinism import set_determinism
 from nasfpn.engine.ema import checkpoint_weights, training_weights
@@ -64,7 +84,9 @@ class TrainResult:
 
     out_dir: Path
     status: str
-    """"completed", "diverged" (too many non-finite losses), "time_limit" or "max_steps"."""
+    """"completed", "diverged" (too many non-finite losses), "time_limit", "max_steps", "interrupted"
+    (SIGTERM / SIGINT, checkpointed), "write_error" (a checkpoint could not be written), "worker_died"
+    (a DataLoader worker process ended) or "data_missing" (the training image folder is gone)."""
     message: str
     epochs: int
     """Epochs completed."""
@@ -83,6 +105,8 @@ class TrainResult:
     """The resolved config (classes from the data)."""
     model: nn.Module | None = field(default=None, repr=False)
     """The trained model (unwrapped, on its device) as it is at the end of the run (with ``train.ema``: its EMA)."""
+    signal: int | None = None
+    """The signal that stopped an "interrupted" run."""
 
     @property
     def ok(self) -> bool:
@@ -91,6 +115,105 @@ class TrainResult:
 
 Stop = tuple[str, str]
 """Why a run stops early: ``(status, message)``."""
+_NO_EPOCH_END = ("diverged", "write_error", "worker_died", "data_missing")
+"""Stops without the epoch's evaluation and checkpoint (the last good checkpoint stays the last one)."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to the training process, which stops them itself
+    after its checkpoint (a Ctrl-C reaches every process of the terminal's group)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class _Signals:
+    """SIGTERM / SIGINT during training: noted, and the run stops after the step in progress; a
+    second one stops at once (KeyboardInterrupt, or exit status 128 + signal for SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread (a run in a thread keeps the defaults)
+        for s in STOP_SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker inherited the handler: the training process decides
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            os.write(2, f"\n{name} again: stopping now; the last checkpoint written is kept\n".encode())
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.received = signum
+        # os.write, not print: the handler may run while the main code is inside a print.
+        os.write(2, f"\n{name} received: stopping after this step with a checkpoint ({name} again: at once)\n".encode())
+
+
+_WORKER_DIED = "DataLoader worker (pid"
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> str | None:
+    """Stop the loader's worker processes now; returns how a worker that had died ended
+    (``"signal 9, SIGKILL"``, ``"exit code 1"``) or None.
+
+    Now, not when the garbage collector gets to the loader: until its workers are shut down,
+    PyTorch's SIGCHLD handler keeps their pids and raises its RuntimeError at any child's exit,
+    anywhere in this process, this function included (hence the retries)."""
+    iterator = None
+    for _ in range(5):
+        try:
+            iterator = iterator or getattr(loader, "_iterator", None)
+            loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()  # drops the pids from PyTorch's list however it ends
+            codes = [w.exitcode for w in getattr(iterator, "_workers", None) or []]
+            break
+        except RuntimeError as e:
+            if worker_death(e) is None:
+                raise
+    else:
+        return None
+    # A worker that outlived the shutdown is terminated by it (SIGTERM): not the cause.
+    dead = [c for c in codes if c and c != -signal.SIGTERM] or [c for c in codes if c]
+    if not dead:
+        return None
+    code = dead[0]
+    return f"signal {-code}, {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def worker_death(error: BaseException) -> str | None:
+    """``"signal 9, SIGKILL"``, ``"exit code 1"``, ... when ``error`` is PyTorch's report of a
+    DataLoader worker process that ended; None for any other error."""
+    if not isinstance(error, RuntimeError) or _WORKER_DIED not in str(error):
+        return None
+    # "exited unexpectedly" often wraps the report of the SIGCHLD handler, which names the signal.
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e) for e in chain)
+    found = re.search(r"killed by signal: ([^.]+)", text)
+    if found:
+        name = found.group(1).strip()
+        sig = next((s for s in signal.Signals if signal.strsignal(s) == name), None)
+        return f"signal {int(sig)}, {sig.name}" if sig is not None else f"signal: {name}"
+    found = re.search(r"exit code (-?\d+)", text)
+    return f"exit code {found.group(1)}" if found else "it exited unexpectedly"
 
 
 def train(
@@ -108,6 +231,7 @@ def train(
     time_limit: float | None = None,
     fit_to_time: bool = False,
     check_images: bool = True,
+    handle_signals: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` on ``data``, writing everything into ``out_dir``; returns a ``TrainResult``.
 
@@ -124,12 +248,22 @@ def train(
     run to end, final evaluation included, within ``time_limit`` instead of being cut short by it:
     the schedule is compressed to the steps that fit, re-planned as the speed is measured
     (``engine.budget``); at most the configured epochs. Under ``torchrun`` every process calls this; rank 0 writes the files and gets
-    the metrics (other ranks get a result with empty metrics).
+    the metrics (other ranks get a result with empty metrics). ``handle_signals``: SIGTERM and
+    SIGINT stop the run after the step in progress with a checkpoint (status "interrupted"; the
+    previous handlers are put back when the call returns).
 
-    Raises ``ValueError`` for bad data (the data-check report) or a checkpoint that does not fit.
+    Raises ``ValueError`` for bad data (the data-check report), a checkpoint that does not fit, or
+    no usable checkpoint to resume from.
     """
     start_time = time.time()
-    info = D.init_distributed(device)
+    signals = _Signals()
+    if handle_signals:
+        signals.install()
+    try:
+        info = D.init_distributed(device)
+    except BaseException:
+        signals.restore()
+        raise
     restore = set_determinism(cfg.train.deterministic, info.device)
     try:
         return _Run(
@@ -147,8 +281,10 @@ def train(
             check_images,
             start_time,
             fit_to_time,
+            signals if handle_signals else None,
         ).run()
     finally:
+        signals.restore()
         restore()
         D.cleanup(info)
 
@@ -240,6 +376,7 @@ class _Run:
         check_images: bool,
         start_time: float,
         fit_to_time: bool = False,
+        signals: _Signals | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -257,6 +394,12 @@ class _Run:
         self.console = Console(info.is_main, quiet, progress)
         self.files = RunFiles(out_dir, info.is_main)
         self.tb = TensorBoardLog(out_dir / "tb", info.is_main and cfg.train.tensorboard)
+        self.signals = signals
+        # Why this rank wants the run to stop: (status, message, signal); shared by the next step.
+        self._stop_request: tuple[str, str, int | None] | None = None
+        self._stop_signal: int | None = None
+        self.resumed_from: Path | None = None
+        self._saved: tuple[Path, int] | None = None  # the last checkpoint on disk and its step
         # Checked here, on every rank: (val_ann, val_images) or None.
         self.val_data = data.validation()
 
@@ -316,7 +459,7 @@ class _Run:
                 "the EMA is evaluated and saved"
             )
         if resumed:
-            log(f"resumed from {self.out_dir / 'last.pt'}: epoch {self.epoch + 1}, step {self.step}")
+            log(f"resumed from {self.resumed_from}: epoch {self.epoch + 1}, step {self.step}")
             if cfg.train.init_weights:
                 log(f"train.init_weights {cfg.train.init_weights} not read: the weights come from the checkpoint")
 
@@ -329,6 +472,7 @@ class _Run:
             self.train_ds,
             batch_sampler=batch_list,
             collate_fn=train_collate(self.cfg.data),
+            worker_init_fn=_ignore_stop_signals if self.signals is not None else None,
             **loader_settings(self.device, self.cfg.data.workers),
         )
         return loader, batch_list
@@ -392,17 +536,32 @@ class _Run:
 
     def _load_resume_state(self) -> dict[str, Any] | None:
         path = self.out_dir / "last.pt"
+        prev = previous_path(path)
         if not self.resume:
-            if self.info.is_main and path.is_file():
+            if self.info.is_main and (path.is_file() or prev.is_file()):
                 raise ValueError(
                     f"{self.out_dir} already holds a run (last.pt); resume it (--resume) "
                     "or choose another output folder"
                 )
             return None
-        if not path.is_file():
+        if not (path.is_file() or prev.is_file()):
             self.console.log(f"no checkpoint in {self.out_dir}: starting a new run")
             return None
-        ckpt = load_checkpoint(path)
+        ckpt, used, bad = load_resume_checkpoint(path)  # ValueError when neither file is usable
+        D.barrier()  # every rank has read its checkpoint
+        for line in bad:
+            self.console.warn(f"checkpoint {line}")
+        if used != path:
+            kept = path.with_name(path.name + ".bad")
+            if self.info.is_main and path.is_file():
+                # Out of the rotation: the next checkpoint must not keep it as last.prev.pt.
+                os.replace(path, kept)
+            self.console.warn(
+                f"resuming from {used} (step {ckpt['step']}) instead"
+                + (f"; the bad file is kept as {kept}" if kept.is_file() else "")
+            )
+        self.resumed_from = used
+        self._saved = (used, int(ckpt["step"]))
         saved = config_from_dict(ckpt["config"])
         diff = _dict_diff(config_to_dict(saved.model), config_to_dict(self.cfg.model))
         if diff:
@@ -515,16 +674,97 @@ class _Run:
         self._mark = time.time()
         loader, batch_list = self._loader()
         status, message = "completed", ""
-        while self.epoch < self.cfg.train.epochs:
-            epoch = self.epoch
-            stop = self._train_epoch(loader, batch_list, epoch)
-            if stop is None or stop[0] != "diverged":  # diverged: no evaluation, no checkpoint (keep the good one)
-                self._end_epoch(epoch, stopped=stop is not None)
-            if stop is not None:
-                status, message = stop
-                break
-        self.files.flush()
+        try:
+            while self.epoch < self.cfg.train.epochs:
+                epoch = self.epoch
+                stop = self._train_epoch(loader, batch_list, epoch)
+                if stop is not None and stop[0] == "interrupted":
+                    message = self._save_on_signal(stop[1])  # at once: no evaluation
+                    stop = (stop[0], message)
+                elif stop is None or stop[0] not in _NO_EPOCH_END:
+                    self._end_epoch(epoch, stopped=stop is not None)
+                if stop is not None:
+                    status, message = stop
+                    break
+            failed = self._stop_request is not None and self._stop_request[0] == "write_error"
+            if failed and status != "interrupted" and self._stop_request is not None:
+                status, message = "write_error", self._stop_request[1]  # e.g. the last epoch's checkpoint
+        except (RuntimeError, OSError, EOFError) as e:
+            # A dead worker shows as PyTorch's RuntimeError (its SIGCHLD handler may raise it even
+            # mid-step), or as a broken connection while a batch comes over from the worker.
+            cause = stop_workers(loader) or worker_death(e)
+            if cause is not None:
+                status, message = "worker_died", self._worker_died_message(cause)
+            elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                written = write_error_message(e.filename or self.out_dir, e)
+                status, message = "write_error", f"{written}; {self._last_checkpoint_text()}"
+            else:
+                raise
+        finally:
+            stop_workers(loader)
+        try:
+            self.files.flush()
+        except OSError as e:
+            self.console.warn(f"log.jsonl not updated: {e}")
         return self._finish(status, message)
+
+    # ------------------------------------------------------------------ faults
+    def _stop_asked(self) -> bool:
+        """Asked in every step; the answer travels in the step's all-reduce, so all ranks stop
+        after the same step. Rank 0's clock decides the time limit; any rank's signal or failed
+        write stops every rank."""
+        if self._stop_request is None and self.signals is not None and self.signals.received is not None:
+            self._stop_request = ("interrupted", "", self.signals.received)
+        if self._stop_request is None and self._over_time():
+            self._stop_request = ("time_limit", "", None)
+        return self._stop_request is not None
+
+    def _agreed_stop(self) -> Stop:
+        """Why the run stops, the same on every rank (one gather, at the stop only)."""
+        requests = [r for r in D.all_gather_object(self._stop_request) if r is not None]
+        for kind in ("write_error", "interrupted", "time_limit"):
+            request = next((r for r in requests if r[0] == kind), None)
+            if request is not None:
+                break
+        else:
+            request = ("time_limit", "", None)
+        kind, text, signum = request
+        if kind == "interrupted":
+            assert signum is not None
+            self._stop_signal = signum
+            return kind, f"stopped by {signal.Signals(signum).name} at step {self.step}"
+        if kind == "write_error":
+            return kind, text or "rank 0 could not write a checkpoint"
+        return kind, f"time limit of {self.time_limit:.0f} s reached at step {self.step}"
+
+    def _last_checkpoint_text(self) -> str:
+        if not self.info.is_main:
+            return "rank 0 holds the checkpoints; resume with --resume"
+        if self._saved is None:
+            return "no checkpoint was written yet: --resume starts the run from the beginning"
+        path, step = self._saved
+        return f"last checkpoint: {path} (step {step}); resume with --resume"
+
+    def _save_on_signal(self, message: str) -> str:
+        """The checkpoint of a run stopped by a signal: after a whole step, before any evaluation."""
+        self.save()
+        failed = self._stop_request is not None and self._stop_request[0] == "write_error"
+        if self.info.is_main and not failed and self._saved is not None and self._saved[1] == self.step:
+            return f"{message}; checkpoint written: {self._saved[0]} (step {self.step}); resume with --resume"
+        reason = (
+            f" (the checkpoint could not be written: {self._stop_request[1]})" if failed and self._stop_request else ""
+        )
+        return f"{message}{reason}; {self._last_checkpoint_text()}"
+
+    def _worker_died_message(self, cause: str) -> str:
+        hint = ""
+        if "SIGKILL" in cause:
+            hint = " (SIGKILL is most often the out-of-memory killer: fewer data.workers or a smaller batch use less memory)"
+        return f"a data loader worker died ({cause}) at step {self.step}{hint}; {self._last_checkpoint_text()}"
+
+    def _images_gone(self) -> bool:
+        folder = Path(self.train_ds.image_dir)
+        return not folder.is_dir()
 
     def _train_epoch(self, loader: torch.utils.data.DataLoader, batch_list: D.BatchList, epoch: int) -> Stop | None:
         """The remaining steps of ``epoch``; returns why the run stops, if it does before the epoch's end."""
@@ -556,8 +796,13 @@ class _Run:
         """One step (``batch`` None: no readable image, nothing trained); returns why the run stops after it."""
         step = self.step
         result = None
+        if batch is None and self._images_gone():
+            return "data_missing", (
+                f"the training image folder {self.train_ds.image_dir} is gone (step {step}: no image of the "
+                f"batch could be read); bring it back, then: {self._last_checkpoint_text()}"
+            )
         if batch is not None:
-            result = train_step(self.parts, batch, self.schedule(step), stop=self._over_time)
+            result = train_step(self.parts, batch, self.schedule(step), stop=self._stop_asked)
         self.step += 1
         self.iter_in_epoch += 1
         if result is not None:
@@ -596,7 +841,7 @@ class _Run:
         if self.max_steps is not None and self.step >= self.max_steps:
             return "max_steps", f"stopped after max_steps={self.max_steps}"
         if result is not None and result.stop:
-            return "time_limit", f"time limit of {self.time_limit:.0f} s reached at step {self.step}"
+            return self._agreed_stop()
         return None
 
     def _epochs_text(self) -> str:
@@ -704,8 +949,14 @@ class _Run:
             history=[{k: v for k, v in r.items() if k != "metrics"} for r in self.history],
             config=self.cfg,
             model=self.eval_model,
+            signal=self._stop_signal if status == "interrupted" else None,
         )
-        self.files.summary(
+        if status == "completed":
+            try:
+                self.files.keep_last_only()
+            except OSError as e:
+                self.console.warn(f"{self.out_dir / 'last.prev.pt'} not removed: {e}")
+        self._summary(
             {
                 "status": status,
                 "message": message,
@@ -720,9 +971,33 @@ class _Run:
         )
         return result
 
+    def _summary(self, summary: dict[str, Any]) -> None:
+        try:
+            self.files.summary(summary)
+        except OSError as e:  # a full disk must not turn the run's report into a traceback
+            self.console.warn(f"summary.json not written: {e}")
+
     # ------------------------------------------------------------------ hooks: checkpoints, evaluation
     def save(self, best: bool = False, weights: bool = True) -> None:
-        if self.info.is_main and not self.files.checkpoint(self._state(), best=best, weights=weights):
+        """The checkpoint of this step (rank 0). A failed write stops the run after the next step
+        (every rank agrees through the step), the files already written left as they are."""
+        if not self.info.is_main:
+            return
+        try:
+            written = self.files.checkpoint(self._state(), best=best, weights=weights)
+        except CheckpointWriteError as e:
+            if e.path.name != "last.pt" and e.path.name != "log.jsonl":
+                self._saved = (self.out_dir / "last.pt", self.step)  # last.pt itself was written
+            message = (
+                f"{e}; {self._last_checkpoint_text().replace('; resume with --resume', '')}, intact. "
+                "The run stops: free some space, then resume with --resume"
+            )
+            if self._stop_request is None or self._stop_request[0] != "write_error":
+                self._stop_request = ("write_error", message, None)
+            return
+        if written:
+            self._saved = (self.out_dir / "last.pt", self.step)
+        else:
             self.console.warn("the model holds non-finite values: checkpoint not written (the previous one is kept)")
 
     def evaluate(self) -> dict[str, Any] | None:
