@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -186,7 +186,18 @@ def _read_coco_every_way(ann: Path, images: Path) -> None:
             assert sample["image"].shape[0] == 3
 
 
+def _one_image(image: dict, bbox: list) -> dict:
+    return {
+        "images": [{"id": 1, "file_name": "a.png", "width": SIDE, "height": SIDE, **image}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": bbox, "area": 20}],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+
+
+# The inputs of the bugs the fuzzing found, kept as fixed examples (each ran into another exception).
 @FUZZ
+@example(doc=_one_image({"height": 9.223372036854776e18}, [1, 1, 4, 5]))  # OverflowError (int64 sizes)
+@example(doc=_one_image({}, [-1e300, 0, 2e300, 5]))  # an infinite float32 box
 @given(doc=coco_documents)
 def test_coco_documents(doc):
     with _folder() as tmp:
@@ -207,6 +218,8 @@ def test_coco_documents(doc):
 
 
 @FUZZ
+@example(raw=b"[" * 100_000 + b"]" * 100_000)  # RecursionError
+@example(raw=b'{"images": [], "annotations": [], "categories": [{"id": %s}]}' % (b"7" * 4301))  # ValueError, no file
 @given(raw=raw_json)
 def test_coco_raw_json(raw):
     with _folder() as tmp:
@@ -274,6 +287,8 @@ list_files = st.lists(
 
 
 @FUZZ
+@example(data_yaml=b"$: 0000-00-00", labels=[b"", b""], listing=b"")  # ValueError naming no file
+@example(data_yaml=b"names: [a]\npath: ~!", labels=[b"", b""], listing=b"")  # RuntimeError (home of user "!")
 @given(data_yaml=yaml_docs, labels=st.lists(label_files, min_size=2, max_size=2), listing=list_files)
 def test_yolo_datasets(data_yaml, labels, listing):
     with _folder() as tmp:
@@ -367,6 +382,8 @@ class_lists = st.one_of(
 
 
 @FUZZ
+@example(xmls=[b'<?xml version="1.0" encoding="r"?><a/>', b""], split=b"a\nb", classes=None)  # LookupError
+@example(xmls=[b"", b""], split=b"a\x00", classes=None)  # ValueError naming no file (NUL in a name)
 @given(xmls=st.lists(voc_xml, min_size=2, max_size=2), split=split_lists, classes=class_lists)
 def test_voc_datasets(xmls, split, classes):
     with _folder() as tmp:
