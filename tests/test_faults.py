@@ -177,7 +177,8 @@ def test_ctrl_c_reaching_the_loader_worker_stops_cleanly(setup, reference, tmp_p
     assert rc == 128 + signal.SIGINT, err
     assert "stopped by SIGINT at step" in err and "worker died" not in err
     step = _step_of(out / "last.pt")
-    assert 1 <= step < STEPS and f"stopped by SIGINT at step {step};" in err
+    # After step 2, or 3 if this process was slow to see the signal (then the checkpoint ends the epoch).
+    assert 1 <= step <= STEPS and f"stopped by SIGINT at step {step};" in err
 
     monkeypatch.setattr(CocoDataset, "__getitem__", real)
     assert _cli(cfg_file, data, out, "--resume") == 0
