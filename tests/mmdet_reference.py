@@ -29,6 +29,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,3 +146,19 @@ def filled_state_dict(short: str, root: Path, seed: str = SEED) -> OrderedDict[s
     """The reference checkpoint (MMDetection key names) of model ``short`` (``r50_fpn``, ``r50_nasfpn``)."""
     state, tied = read_keys(root / f"mmdet_keys_{short}.json")
     return fill(state, seed, tied)
+
+
+def to_mmdet_keys(state: Mapping[str, Any]) -> OrderedDict[str, Any]:
+    """Our keys -> MMDetection's, with the shared head conv listed once per level (as mmdet saves it)."""
+    out: OrderedDict[str, Any] = OrderedDict()
+    for k, v in state.items():
+        if k.startswith("head.") and "_norms." in k:
+            branch, level, i, rest = k.split(".", 4)[1:]
+            out[f"bbox_head.{branch.replace('norms', 'convs')}.{level}.{i}.bn.{rest}"] = v
+        elif k.startswith("head.") and "_convs." in k:
+            branch, i, _ = k.split(".")[1:]
+            for n in range(5):
+                out[f"bbox_head.{branch}.{n}.{i}.conv.weight"] = v
+        else:
+            out[k.replace("head.", "bbox_head.", 1)] = v
+    return out

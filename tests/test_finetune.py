@@ -9,7 +9,6 @@ import json
 import math
 import os
 import socket
-from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
@@ -21,6 +20,7 @@ from torch import nn
 import nasfpn.engine.trainer as trainer_module
 from deploy_helpers import fill_deterministic
 from engine_utils import same_layout_data, tiny_config
+from mmdet_reference import to_mmdet_keys
 from nasfpn.cli import main
 from nasfpn.core.config import config_to_yaml
 from nasfpn.core.weights import WeightsError
@@ -133,25 +133,9 @@ def test_backbone_only_transfer_keeps_neck_and_head_as_built(source):
     )
 
 
-def _to_mmdet(state: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    """Our keys -> MMDetection's (the shared head convs once per level, as it saves them)."""
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for k, v in state.items():
-        if k.startswith("head.") and "_norms." in k:
-            branch, level, i, rest = k.split(".", 4)[1:]
-            out[f"bbox_head.{branch.replace('norms', 'convs')}.{level}.{i}.bn.{rest}"] = v
-        elif k.startswith("head.") and "_convs." in k:
-            branch, i, _ = k.split(".")[1:]
-            for level in range(5):
-                out[f"bbox_head.{branch}.{level}.{i}.conv.weight"] = v
-        else:
-            out[k.replace("head.", "bbox_head.", 1)] = v
-    return out
-
-
 def test_an_mmdetection_checkpoint_is_accepted(source, tmp_path):
     _, src = source
-    mmdet = _to_mmdet(src)
+    mmdet = to_mmdet_keys(src)
     mmdet["data_preprocessor.mean"] = torch.zeros(3)  # saved by MMDetection 3, no use here
     path = tmp_path / "mmdet.pth"
     torch.save({"state_dict": mmdet, "meta": {"dataset_meta": {"classes": list(SOURCE_NAMES)}}}, path)

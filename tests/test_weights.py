@@ -7,13 +7,13 @@ import os
 import pickle
 import subprocess
 import sys
-from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
 import torch
 
 import nasfpn
+from mmdet_reference import to_mmdet_keys
 from nasfpn.cli import main
 from nasfpn.core.mmdet import convert_state_dict, rename_key
 from nasfpn.core.presets import PRESETS
@@ -28,22 +28,6 @@ def _tiny_cfg():
         model=replace(cfg.model, head=replace(cfg.model.head, num_classes=3)),
         data=replace(cfg.data, image_size=128, class_names=("a", "b", "c"), category_ids=(1, 3, 7)),
     )
-
-
-def _to_mmdet(state):
-    """Our keys -> MMDetection's, with the shared head conv listed once per level (as mmdet saves it)."""
-    out = OrderedDict()
-    for k, v in state.items():
-        if k.startswith("head.") and "_norms." in k:
-            branch, level, i, rest = k.split(".", 4)[1:]
-            out[f"bbox_head.{branch.replace('norms', 'convs')}.{level}.{i}.bn.{rest}"] = v
-        elif k.startswith("head.") and "_convs." in k:
-            branch, i, _ = k.split(".")[1:]
-            for level in range(5):
-                out[f"bbox_head.{branch}.{level}.{i}.conv.weight"] = v
-        else:
-            out[k.replace("head.", "bbox_head.", 1)] = v
-    return out
 
 
 def test_rename_table_is_one_to_one_and_total(reference_dir):
@@ -76,7 +60,7 @@ def test_mmdet_checkpoint_is_detected_and_converted(tmp_path):
     cfg = _tiny_cfg()
     model = build_model(cfg.model, pretrained_backbone=False)
     path = tmp_path / "mmdet.pth"
-    torch.save({"state_dict": _to_mmdet(model.state_dict()), "meta": {"mmdet_version": "3.3.0", "epoch": 50}}, path)
+    torch.save({"state_dict": to_mmdet_keys(model.state_dict()), "meta": {"mmdet_version": "3.3.0", "epoch": 50}}, path)
     _state, config, kind = read_weights(path)
     assert kind == "mmdet" and config is None
     det = nasfpn.load(cfg, weights=path)
@@ -92,7 +76,7 @@ def test_mmdet_checkpoint_is_detected_and_converted(tmp_path):
 
 def test_inconsistent_shared_conv_aliases_are_refused():
     cfg = _tiny_cfg()
-    state = _to_mmdet(build_model(cfg.model, pretrained_backbone=False).state_dict())
+    state = to_mmdet_keys(build_model(cfg.model, pretrained_backbone=False).state_dict())
     state["bbox_head.cls_convs.3.0.conv.weight"] = state["bbox_head.cls_convs.3.0.conv.weight"] + 1
     with pytest.raises(ValueError, match="aliases of one shared conv"):
         convert_state_dict(state)

@@ -15,6 +15,7 @@ from torchvision.models import resnet as tv_resnet
 
 from nasfpn.core.weights import load_state_dict_file, resolve_source
 from nasfpn.models.backbones_tv import TorchvisionBackbone
+from nasfpn.models.frozen import StageFreezing
 
 # depth -> (block, blocks per stage). Depth 10 is the paper's proxy-task backbone.
 _SPECS: dict[int, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int]]] = {
@@ -33,7 +34,7 @@ _TORCHVISION_WEIGHTS = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(StageFreezing):
     """ResNet trunk without the classifier.
 
     ``forward(x)`` returns ``[C3, C4, C5]`` (strides 8, 16, 32). ``out_channels`` (a tuple) and
@@ -65,23 +66,6 @@ class ResNet(nn.Module):
         if self.frozen_stages == 0:
             return []
         return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
-
-    def _freeze(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> ResNet:
-        super().train(mode)
-        if mode:
-            for m in self._frozen_modules():
-                m.eval()
-            if self.norm_eval:
-                for m in self.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -20,6 +20,7 @@ from torch.fx.experimental.optimization import fuse
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from nasfpn.core.weights import load_state_dict_file, resolve_source
+from nasfpn.models.frozen import StageFreezing
 
 STRIDES = (8, 16, 32)
 
@@ -57,7 +58,7 @@ def _block_strides(model: nn.Module, blocks: list[str], size: int = 64) -> list[
     return [out[b] for b in blocks]
 
 
-class TorchvisionBackbone(nn.Module):
+class TorchvisionBackbone(StageFreezing):
     """A torchvision classifier's trunk. ``forward(x)`` returns ``[C3, C4, C5]`` (strides 8, 16, 32);
     ``out_channels`` (also ``feature_channels``) gives their channel counts.
 
@@ -104,23 +105,6 @@ class TorchvisionBackbone(nn.Module):
 
     def _frozen_modules(self) -> list[nn.Module]:
         return [self.body.get_submodule(b) for b in self._frozen]
-
-    def _freeze(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> TorchvisionBackbone:
-        super().train(mode)
-        if mode:
-            for m in self._frozen_modules():
-                m.eval()
-            if self.norm_eval:
-                for m in self.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-        return self
 
     @torch.no_grad()
     def fold_batchnorm(self) -> None:
