@@ -34,7 +34,7 @@ from nasfpn.data.transforms import TrainTransform
 from nasfpn.data.vis import draw_detections
 from nasfpn.deploy.predictor import load
 from nasfpn.engine import step as engine_step
-from nasfpn.engine.budget import TimeBudget
+from nasfpn.engine.budget import TimeBudget, estimate_eval_seconds
 from nasfpn.engine.coco_metrics import format_table
 from nasfpn.engine.data_paths import DataPaths
 from nasfpn.engine.distributed import iters_per_epoch
@@ -154,8 +154,7 @@ def plan_schedule(
     steps = iters_per_epoch(num_train, cfg.data.batch_size, world_size)
     t = cfg.train
     budget = TimeBudget(budget_seconds, t.epochs * steps, steps, t.epochs + 1)
-    # Evaluation and checkpoint: forward passes over the validation images, about 1/3 of a step each.
-    budget.eval_estimate = 2.0 + num_val / cfg.data.batch_size * step_seconds / 3
+    budget.eval_estimate = estimate_eval_seconds(num_val, cfg.data.batch_size, step_seconds)
     first = budget.plan(0, 0.0, step_seconds)
     interval = max(1, math.ceil(first / steps / 3))
     budget.eval_interval = interval
@@ -258,8 +257,11 @@ def run_demo(
     )
     # Pictures and start-up after training: a few seconds, more on a slower machine.
     reserve = 8.0 + 40.0 * step_s
-    budget = minutes * 60.0 - (time.time() - start) - reserve
-    cfg, planned, plan = plan_schedule(cfg, num_train, step_s, budget, num_val)
+
+    def time_left() -> float:
+        return minutes * 60.0 - (time.time() - start) - reserve
+
+    cfg, planned, plan = plan_schedule(cfg, num_train, step_s, time_left(), num_val)
     precision = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"
     print_fn(f"[2/4] schedule: {plan}; {torch.get_num_threads()} thread(s), {precision}, {step_s:.2f} s per step")
     if planned < STEPS_FOR_TARGET and num_train == DEMO_TRAIN_IMAGES:
@@ -274,9 +276,8 @@ def run_demo(
         shutil.rmtree(run_dir)  # the demo's own folder: a new demo is a new run
     print_fn(f"[3/4] training {cfg.name} on {dev} -> {run_dir}")
     try:
-        time_left = minutes * 60.0 - (time.time() - start) - reserve
         result = train(
-            cfg, data, run_dir, device=device, progress=progress, time_limit=max(time_left, 1.0), fit_to_time=True
+            cfg, data, run_dir, device=device, progress=progress, time_limit=max(time_left(), 1.0), fit_to_time=True
         )
     finally:
         torch.set_num_threads(threads)

@@ -18,6 +18,12 @@ FIRST_PLAN = 5
 """Steps measured before the first plan (the first ones are slower: allocations, caches)."""
 
 
+def estimate_eval_seconds(num_images: int, batch_size: int, seconds_per_step: float) -> float:
+    """An evaluation (with its checkpoint) before one was timed: a forward pass per image costs
+    about a third of a training step's share of it, plus a couple of seconds of scoring."""
+    return 2.0 + num_images / batch_size * seconds_per_step / 3
+
+
 @dataclass
 class TimeBudget:
     """What the rest of a time-limited run can afford."""

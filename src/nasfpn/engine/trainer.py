@@ -55,7 +55,7 @@ from nasfpn.data.coco import CocoDataset
 from nasfpn.data.collate import loader_settings, train_collate
 from nasfpn.data.transforms import TrainTransform
 from nasfpn.engine import distributed as D
-from nasfpn.engine.budget import FIRST_PLAN, REPLAN_EVERY, TimeBudget
+from nasfpn.engine.budget import FIRST_PLAN, REPLAN_EVERY, TimeBudget, estimate_eval_seconds
 from nasfpn.engine.checkpoint import (
     CheckpointWriteError,
     load_resume_checkpoint,
@@ -599,10 +599,8 @@ class _Run:
         self.lr = scaled_lr(cfg.train.base_lr, cfg.train.base_batch_size, total_batch)
         self.iters_per_epoch = D.iters_per_epoch(len(self.train_ds), cfg.data.batch_size, self.info.world_size)
         self.schedule = LRSchedule.from_config(cfg.train, self.lr, self.iters_per_epoch)
-        self.planned_iters = self.schedule.total_iters  # the run's length; a time budget re-plans it
         if ckpt is not None and ckpt.get("plan"):
-            self.planned_iters = int(ckpt["plan"]["total_iters"])
-            self.schedule = self.schedule.fit(self.planned_iters)
+            self.schedule = self.schedule.fit(int(ckpt["plan"]["total_iters"]))
         self._shown_plan = self.planned_iters
         self.budget: TimeBudget | None = None
         if self.fit_to_time:
@@ -836,7 +834,7 @@ class _Run:
         self._mark = time.time()
         if self.budget is not None:
             self._replan()
-        if self.step >= self.planned_iters and self.planned_iters < self.iters_per_epoch * self.cfg.train.epochs:
+        if self.step >= self.planned_iters and self.planned_iters < self.schedule.full_iters:
             return "completed", f"the schedule fitted to the time budget ends at step {self.step}"
         if self.max_steps is not None and self.step >= self.max_steps:
             return "max_steps", f"stopped after max_steps={self.max_steps}"
@@ -848,6 +846,11 @@ class _Run:
         if self.iter_in_epoch == 0:
             return f"{self.epoch} epochs"
         return f"{(self.epoch * self.iters_per_epoch + self.iter_in_epoch) / self.iters_per_epoch:.1f} epochs"
+
+    @property
+    def planned_iters(self) -> int:
+        """The run's length: the schedule's, which a time budget re-plans (``LRSchedule.fit``)."""
+        return self.schedule.total_iters
 
     def planned_epochs(self) -> int:
         return max(1, math.ceil(self.planned_iters / self.iters_per_epoch))
@@ -862,15 +865,13 @@ class _Run:
             return
         per_step = self.train_seconds / n
         if self.budget.eval_seconds is None and self.val_ds is not None:
-            # Before the first evaluation: inference is about a third of a training step per image.
-            self.budget.eval_estimate = 2.0 + len(self.val_ds) / self.cfg.data.batch_size * per_step / 3
+            self.budget.eval_estimate = estimate_eval_seconds(len(self.val_ds), self.cfg.data.batch_size, per_step)
         total = self.budget.plan(self.step, time.time() - self.start_time, per_step)
         total = int(D.broadcast_object(total))
         if total == self.planned_iters:
             return
         first = n == FIRST_PLAN
         shown = self._shown_plan
-        self.planned_iters = total
         self.schedule = self.schedule.fit(total)
         if first or abs(total - shown) > 0.1 * shown:
             self._shown_plan = total
