@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ import torch
 
 from nasfpn.core.config import Config, config_to_dict
 from nasfpn.core.fileio import write_json_atomic
+from nasfpn.core.machine import cpu_flags, cpu_name
 from nasfpn.core.weights import cache_dir
 from nasfpn.data.transforms import round_up
 from nasfpn.deploy.fast import InferenceModel, optimize_for_inference
@@ -117,19 +117,8 @@ def _fmt_ms(ms: float) -> str:
 
 def _cpu_info() -> tuple[str, list[str]]:
     """The CPU's model name and which of the flags that matter for bf16 it has."""
-    name, flags = "", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not name:
-                name = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux
-        pass
-    name = name or platform.processor() or platform.machine() or "unknown CPU"
-    return name, [f for f in _CPU_FLAGS if f in flags]
+    flags = cpu_flags()
+    return cpu_name(), [f for f in _CPU_FLAGS if f in flags]
 
 
 def candidates(device: torch.device) -> tuple[str, ...]:
