@@ -1,7 +1,8 @@
 """Where trials run: in this process, in worker processes, or as Ray tasks.
 
 Every executor has the same small interface (``Executor``): ``capacity`` trials may be in
-flight, ``submit(key, genotype_text, trial_dir)`` starts one, ``wait()`` returns the
+flight, ``submit(key, genotype_text, trial_dir, steps=None)`` starts one (``steps``: a
+multi-fidelity rung's training budget), ``wait()`` returns the
 ``(key, result)`` pairs of the trials that finished, ``close()`` ends the workers. A result is
 the dict of ``evaluate_trial``: ``"ok"`` with a reward, or ``"failed"`` with an error; an
 executor never raises for a trial. ``build_executor`` picks one by backend name:
@@ -51,8 +52,9 @@ class Executor(Protocol):
 
     capacity: int
 
-    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
-        """Start the trial ``key`` on the node-form genotype ``genotype_text`` in ``trial_dir``."""
+    def submit(self, key: Any, genotype_text: str, trial_dir: str, steps: int | None = None) -> None:
+        """Start the trial ``key`` on the node-form genotype ``genotype_text`` in ``trial_dir``
+        (``steps``: the training budget of a multi-fidelity rung; ``None``: the evaluator's own)."""
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
         """The ``(key, result)`` of trials that finished (at least one unless none is in flight)."""
@@ -62,17 +64,37 @@ class Executor(Protocol):
 
 
 # --------------------------------------------------------------------------- one trial
+class TrialRejected(Exception):
+    """Raised by an evaluator for an architecture it will not train (over a cost constraint);
+    ``cost`` holds what was measured."""
+
+    def __init__(self, reason: str, cost: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cost = dict(cost or {})
+
+
 def evaluate_trial(
-    evaluator: Callable[..., dict], genotype_text: str, trial_dir: str, device: str = "cpu", threads: int | None = None
+    evaluator: Callable[..., dict],
+    genotype_text: str,
+    trial_dir: str,
+    device: str = "cpu",
+    threads: int | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
-    """Run ``evaluator`` on one node-form genotype; never raises: a failure comes back as
-    ``{"status": "failed", "error": ...}``."""
+    """Run ``evaluator`` on one node-form genotype (with ``steps=`` when a budget is given);
+    never raises: a failure comes back as ``{"status": "failed", "error": ...}``, an
+    architecture the evaluator refuses (``TrialRejected``) as ``{"status": "rejected", "reason": ...}``."""
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
     try:
         Path(trial_dir).mkdir(parents=True, exist_ok=True)
-        out = evaluator(Genotype.from_string(genotype_text), Path(trial_dir), device)
+        genotype = Genotype.from_string(genotype_text)
+        if steps is None:
+            out = evaluator(genotype, Path(trial_dir), device)
+        else:
+            out = evaluator(genotype, Path(trial_dir), device, steps=steps)
         reward = float(out["reward"])
         if not math.isfinite(reward):
             raise FloatingPointError(f"non-finite reward {reward}")
@@ -82,6 +104,8 @@ def evaluate_trial(
             "metrics": dict(out.get("metrics") or {}),
             "cost": dict(out.get("cost") or {}),
         }
+    except TrialRejected as e:
+        result = {"status": "rejected", "reason": e.reason, "cost": e.cost}
     except Exception as e:  # any trial failure is data, not a reason to stop the search
         if "out of memory" in str(e).lower() and torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -99,17 +123,17 @@ class InlineExecutor:
 
     def __init__(self, evaluator: Callable[..., dict], device: str = "cpu") -> None:
         self.evaluator, self.device = evaluator, device
-        self.queue: list[tuple[Any, str, str]] = []
+        self.queue: list[tuple[Any, str, str, int | None]] = []
         self.capacity = 1
 
-    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
-        self.queue.append((key, genotype_text, trial_dir))
+    def submit(self, key: Any, genotype_text: str, trial_dir: str, steps: int | None = None) -> None:
+        self.queue.append((key, genotype_text, trial_dir, steps))
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
         if not self.queue:
             return []
-        key, text, trial_dir = self.queue.pop(0)
-        return [(key, evaluate_trial(self.evaluator, text, trial_dir, self.device))]
+        key, text, trial_dir, steps = self.queue.pop(0)
+        return [(key, evaluate_trial(self.evaluator, text, trial_dir, self.device, steps=steps))]
 
     def close(self) -> None:
         self.queue.clear()
@@ -140,8 +164,8 @@ def _worker_main(conn, evaluator, device: str, threads: int | None, search_pid: 
             return
         if msg is None:
             return
-        key, text, trial_dir = msg
-        conn.send((key, evaluate_trial(evaluator, text, trial_dir, device, threads)))
+        key, text, trial_dir, steps = msg
+        conn.send((key, evaluate_trial(evaluator, text, trial_dir, device, threads, steps)))
 
 
 @dataclass
@@ -149,7 +173,7 @@ class _Worker:
     device: str
     process: Any = None
     conn: Any = None
-    task: tuple[Any, str, str] | None = None
+    task: tuple[Any, str, str, int | None] | None = None
 
 
 class ProcessExecutor:
@@ -181,11 +205,11 @@ class ProcessExecutor:
         child.close()
         w.conn = parent
 
-    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
+    def submit(self, key: Any, genotype_text: str, trial_dir: str, steps: int | None = None) -> None:
         w = next(w for w in self.workers if w.task is None)
         if w.process is None or not w.process.is_alive():
             self._start(w)
-        w.task = (key, genotype_text, trial_dir)
+        w.task = (key, genotype_text, trial_dir, steps)
         w.conn.send(w.task)
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:
@@ -227,8 +251,10 @@ class ProcessExecutor:
 
 
 # --------------------------------------------------------------------------- Ray
-def _ray_trial(evaluator, genotype_text: str, trial_dir: str, device: str, threads: int | None) -> dict:
-    return evaluate_trial(evaluator, genotype_text, trial_dir, device, threads)
+def _ray_trial(
+    evaluator, genotype_text: str, trial_dir: str, device: str, threads: int | None, steps: int | None = None
+) -> dict:
+    return evaluate_trial(evaluator, genotype_text, trial_dir, device, threads, steps)
 
 
 class RayExecutor:
@@ -264,8 +290,8 @@ class RayExecutor:
         self.remote = ray.remote(_ray_trial).options(num_cpus=self.threads, num_gpus=gpus_per_trial, max_retries=0)
         self.refs: dict[Any, Any] = {}  # Ray object ref -> trial key
 
-    def submit(self, key: Any, genotype_text: str, trial_dir: str) -> None:
-        ref = self.remote.remote(self.evaluator_ref, genotype_text, trial_dir, self.device, self.threads)
+    def submit(self, key: Any, genotype_text: str, trial_dir: str, steps: int | None = None) -> None:
+        ref = self.remote.remote(self.evaluator_ref, genotype_text, trial_dir, self.device, self.threads, steps)
         self.refs[ref] = key
 
     def wait(self, timeout: float | None = None) -> list[tuple[Any, dict[str, Any]]]:

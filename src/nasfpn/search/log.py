@@ -9,6 +9,17 @@
     network, by ``PaperGenotype.canonical``, already finished: its reward is reused,
     ``source_trial`` names it, nothing is trained). Baseline genotypes get lines with a
     ``baseline`` name instead of a trial id and are never shown to the controller.
+
+    ``"rejected"``: the architecture is over a cost constraint (``cost.CostModel``), ``reason``
+    says which; it was measured, not trained.
+
+    Multi-fidelity searches (``asha``): every ``running`` and result line also has ``rung`` and
+    ``steps`` (its training budget); a trial has one pair of lines per rung it reached, a
+    promotion being a ``running`` line at a higher rung. Only rung-0 lines reach the controller
+    (each trial once, at the budget all trials share); the best trial is the best of the highest
+    rung reached. ``split``: where a reward was measured (``heldout``: the held-out part of the
+    training data); lines with ``final`` instead of ``trial`` are the evaluation of the best
+    pyramids on the user's validation set (``split: val``) after the search.
 ``controller.pt``
     Controller snapshot: its ``state_dict`` after the first ``events`` lines of the log.
 
@@ -38,7 +49,7 @@ from nasfpn.search.spec import SearchSpec
 
 LOG_NAME = "trials.jsonl"
 SNAPSHOT_NAME = "controller.pt"
-RESULT_STATUSES = ("ok", "failed", "cached")
+RESULT_STATUSES = ("ok", "failed", "cached", "rejected")
 
 
 # --------------------------------------------------------------------------- the files
@@ -106,8 +117,8 @@ class TrialLog:
 
 def _replay(controller: Controller, records: list[dict[str, Any]]) -> None:
     for r in records:
-        if "trial" not in r:
-            continue
+        if "trial" not in r or r.get("rung", 0) > 0:
+            continue  # promotions to higher rungs are not the controller's
         if r["status"] == "running":
             g = controller.propose()
             if g.to_string() != r["genotype"]:
@@ -138,9 +149,41 @@ def baseline_results(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def best_result(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finished trial with the highest reward (the earliest on a tie)."""
+    """The finished trial with the highest reward (the earliest on a tie); in a multi-fidelity
+    search, of those that reached the highest rung (rewards of different budgets do not compare)."""
     ok = [r for r in trial_results(records) if r["status"] in ("ok", "cached")]
-    return max(ok, key=lambda r: (r["reward"], -r["trial"])) if ok else None
+    return max(ok, key=lambda r: (r.get("rung", 0), r["reward"], -r["trial"])) if ok else None
+
+
+def rung_results(records: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
+    """The result line of each (trial, rung); rung 0 for searches without rungs."""
+    return {(r["trial"], r.get("rung", 0)): r for r in records if "trial" in r and r.get("status") in RESULT_STATUSES}
+
+
+def final_results(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The validation-set result of each pyramid evaluated after the search, by name."""
+    return {r["final"]: r for r in records if "final" in r and r.get("status") in RESULT_STATUSES}
+
+
+def rung_summary(records: list[dict[str, Any]], budgets: list[int]) -> list[dict[str, Any]]:
+    """Per rung of a multi-fidelity search: its steps, trials finished, ok, best reward."""
+    by_rung = rung_results(records)
+    rows = []
+    for k, steps in enumerate(budgets):
+        lines = [r for (_, rung), r in by_rung.items() if rung == k and r["status"] != "cached"]
+        ok = [r for r in lines if r["status"] == "ok"]
+        best = max(ok, key=lambda r: r["reward"]) if ok else None
+        rows.append(
+            {
+                "rung": k,
+                "steps": steps,
+                "finished": len(lines),
+                "ok": len(ok),
+                "best_reward": best["reward"] if best else None,
+                "best_trial": best["trial"] if best else None,
+            }
+        )
+    return rows
 
 
 def unique_counts(records: list[dict[str, Any]]) -> list[int]:
@@ -168,6 +211,7 @@ def summarize(records: list[dict[str, Any]], spec: SearchSpec | None = None) -> 
         "ok": len(ok),
         "failed": sum(r["status"] == "failed" for r in results),
         "cached": sum(r["status"] == "cached" for r in results),
+        "rejected": sum(r["status"] == "rejected" for r in results),
         "unique_architectures": unique[-1] if unique else 0,
         "best": None
         if best is None
@@ -181,4 +225,25 @@ def summarize(records: list[dict[str, Any]], spec: SearchSpec | None = None) -> 
     }
     if spec is not None:
         summary["space_size"] = spec.space().size()
+        summary["reward_split"] = "heldout"
+        if spec.scheduler == "asha":
+            budgets = spec.rungs().budgets
+            summary["scheduler"] = {"kind": "asha", "eta": spec.eta, "budgets": budgets}
+            summary["rungs"] = rung_summary(records, budgets)
+            # Steps trained (promotions add their rung's steps only: they continue from a
+            # checkpoint) against every trained trial at the top budget.
+            lines = [r for r in rung_results(records).values() if r["status"] == "ok"]
+            spent = sum(budgets[r["rung"]] - (budgets[r["rung"] - 1] if r["rung"] else 0) for r in lines)
+            trained = sum(1 for r in lines if r["rung"] == 0)
+            summary["steps_trained"] = spent
+            summary["steps_if_all_at_max"] = trained * budgets[-1]
+        finals = final_results(records)
+        if finals:
+            summary["final"] = {
+                "split": "val",
+                "results": {
+                    name: {k: r.get(k) for k in ("reward", "metrics", "genotype", "source_trial", "search_reward")}
+                    for name, r in finals.items()
+                },
+            }
     return summary

@@ -12,6 +12,8 @@ Files written in the search folder:
     ``log.summarize``: counts, best, baselines, trial times, load average.
 ``reward.png``, ``unique.png``, ``best_cell.png``
     Reward per trial, unique architectures over time, the best pyramid's cell graph.
+``rungs.png``
+    Multi-fidelity searches: every trial's reward at every rung it reached.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ def write_outputs(out_dir: str | Path, spec: SearchSpec, records: list[dict[str,
     summary = summarize(records, spec)
     write_text_atomic(path=out_dir / "summary.json", text=json.dumps(summary, indent=1))
     baselines = {k: v for k, v in summary["baselines"].items() if v is not None}
-    plots.plot_rewards(records, out_dir / "reward.png", f"{spec.controller}: reward over trials", baselines)
+    if spec.scheduler == "asha":
+        # reward.png: rung 0, the budget every trial got (rewards of different budgets do not compare).
+        budgets = spec.rungs().budgets
+        shown = [r for r in records if r.get("rung", 0) == 0]
+        plots.plot_rewards(shown, out_dir / "reward.png", f"{spec.controller}: rung-0 reward ({budgets[0]} steps)")
+        plots.plot_rungs(records, budgets, out_dir / "rungs.png")
+    else:
+        plots.plot_rewards(records, out_dir / "reward.png", f"{spec.controller}: reward over trials", baselines)
     plots.plot_unique({spec.controller: records}, out_dir / "unique.png")
     best = best_result(records)
     if best is None:
@@ -63,11 +72,18 @@ def write_outputs(out_dir: str | Path, spec: SearchSpec, records: list[dict[str,
         ),
     )
     base_text = "".join(f"{name:>8}: {value:.4f}\n" for name, value in sorted(baselines.items()))
+    val_text = ""
+    if "final" in summary:
+        val_text = "on the validation set (trained once more at the top budget, after the search):\n" + "".join(
+            f"{name:>8}: " + (f"{r['reward']:.4f}\n" if r["reward"] is not None else "failed\n")
+            for name, r in summary["final"]["results"].items()
+        )
     write_text_atomic(
         path=out_dir / "best.txt",
         text=f"best trial {best['trial']} of {summary['trials_finished']} ({spec.controller}), reward {best['reward']:.4f}\n"
         f"paper form: {paper.to_string()}\nnode form:  {node.to_string()}\n"
-        + (f"baselines on the same proxy task:\n{base_text}" if base_text else ""),
+        + (f"baselines on the same proxy task:\n{base_text}" if base_text else "")
+        + val_text,
     )
     cfg = full_size_config(node, spec.full_preset)
     write_text_atomic(

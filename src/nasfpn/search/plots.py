@@ -1,4 +1,5 @@
-"""Search plots: reward over trials, unique architectures over time (paper Fig. 5), cell graph.
+"""Search plots: reward over trials, unique architectures over time (paper Fig. 5), rewards per
+rung of a multi-fidelity search, cell graph.
 
 Every function takes plain data (log records, genotypes) and writes one PNG with matplotlib's
 non-interactive backend.
@@ -17,7 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
 
 from nasfpn.models.nasfpn import LEVELS
-from nasfpn.search.log import trial_results, unique_counts
+from nasfpn.search.log import rung_results, trial_results, unique_counts
 from nasfpn.search.space import NUM_INPUTS, PaperGenotype, pool_name
 
 OP_COLOURS = {"sum": "#9ecae1", "gp": "#fdae6b", "gp_tf": "#a1d99b"}
@@ -118,6 +119,36 @@ def plot_best_so_far(
     ax.set_title(title or "best reward so far")
     ax_mean.set_ylabel("proxy reward (AP)")
     ax_mean.set_title("mean reward of the last 10 trials")
+    return _save(fig, path)
+
+
+def plot_rungs(records: list[dict[str, Any]], budgets: list[int], path: str | Path, title: str = "") -> Path:
+    """A multi-fidelity search: the reward of every trial at every rung it reached (x: training
+    steps, log scale), a line per trial, so promotions and early stops show."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    curves: dict[int, list[tuple[int, float]]] = {}
+    for (trial, rung), r in sorted(rung_results(records).items()):
+        if r["status"] == "ok":
+            curves.setdefault(trial, []).append((budgets[rung], r["reward"]))
+    for points in curves.values():
+        top = len(points) == len(budgets)
+        ax.plot(
+            [x for x, _ in points],
+            [y for _, y in points],
+            marker="o",
+            markersize=3,
+            linewidth=1.2 if top else 0.6,
+            color="#d94801" if top else "#6baed6",
+            alpha=1.0 if top else 0.6,
+        )
+    for steps in budgets:
+        ax.axvline(steps, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("training steps (rung budget)")
+    ax.set_ylabel("proxy reward (AP)")
+    ax.set_title(title or "successive halving: reward per rung (orange: reached the top rung)")
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

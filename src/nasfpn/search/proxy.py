@@ -85,6 +85,10 @@ def split_held_out(
 
 
 # --------------------------------------------------------------------------- the proxy task
+_OTHER_WEIGHTS = ("last.prev.pt", "best.pt", "last.safetensors", "best.safetensors")
+"""A finished run's files besides ``last.pt`` that hold weights (deleted unless ``keep_weights``)."""
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     """The proxy model and schedule (the paper: ResNet-10, 512 px, 10 epochs)."""
@@ -114,6 +118,12 @@ class ProxySettings:
     """``"bf16"`` / ``"fp16"``: autocast and channels-last training (bf16 on CPUs with AVX512-BF16
     or AMX, either on CUDA). 1.6x faster trials on such a CPU; rewards of different precisions
     are not comparable, like those of any two proxy settings."""
+
+    max_steps: int = 0
+    """Multi-fidelity searches (``asha``): every run follows the schedule of ``max_steps`` steps
+    (``epochs`` is then ``ceil(max_steps / steps per epoch)``, the step decay in its last epoch)
+    and a rung stops it after its own budget, so a rung's run is the start of the top rung's
+    and a promoted trial continues from its checkpoint. 0: ``epochs`` as set."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -206,9 +216,31 @@ class ProxyTask:
 
     def config(self, genotype: Genotype, seed_index: int = 0) -> Config:
         settings = replace(self.settings, seed=self.settings.seed + seed_index)
+        if settings.max_steps:
+            settings = replace(settings, epochs=self.epochs_for(settings.max_steps))
         return proxy_config(genotype, settings, len(self.class_names), self.class_names, self.category_ids)
 
-    def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    def epochs_for(self, steps: int) -> int:
+        """Epochs that hold ``steps`` training steps: the images with a box (those the trainer
+        keeps, crowd and ignored boxes aside), ``batch_size`` a step."""
+        data = load_coco_json(self.train_ann)
+        with_box = {int(a["image_id"]) for a in data["annotations"] if not a.get("iscrowd", 0)}
+        per_epoch = max(1, -(-len(with_box) // self.settings.batch_size))
+        return max(1, -(-steps // per_epoch))
+
+    def for_split(self, heldout_ann: str | Path, heldout_images: str | Path | None = None) -> ProxyTask:
+        """The same task rewarded on another annotated set (the user's validation set, once the
+        search is over)."""
+        images = str(heldout_images) if heldout_images else None
+        return replace(self, heldout_ann=str(heldout_ann), heldout_images=images)
+
+    def __call__(
+        self, genotype: Genotype, trial_dir: Path, device: str = "cpu", steps: int | None = None
+    ) -> dict[str, Any]:
+        """Train and reward one genotype; ``steps`` (with ``settings.max_steps``): stop at that
+        many steps of the ``max_steps`` schedule, continuing from the folder's checkpoint."""
+        if steps is not None and not self.settings.max_steps:
+            raise ValueError("a proxy run with a step budget needs settings.max_steps (a multi-fidelity search)")
         cfg = self.config(genotype)
         model = build_model(cfg.model, pretrained_backbone=False)
         cost: dict[str, float] = {"params": count_params(model), "flops": count_flops(model, cfg.data.image_size)}
@@ -218,7 +250,7 @@ class ProxyTask:
         # One run: in the trial folder itself. Several: one folder per seed, each run's metrics
         # kept in it, so that a search stopped mid-trial trains only the runs it had not finished.
         runs = [
-            self._run(self.config(genotype, k), trial_dir if n == 1 else trial_dir / f"seed{k}", device)
+            self._run(self.config(genotype, k), trial_dir if n == 1 else trial_dir / f"seed{k}", device, steps)
             for k in range(n)
         ]
         metrics: dict[str, Any] = {
@@ -227,11 +259,14 @@ class ProxyTask:
         if n > 1:
             metrics["AP_per_seed"] = [r["AP"] for r in runs]
         cost["train_s"] = round(sum(r["train_s"] for r in runs), 2)
+        if steps is not None:
+            cost["steps"] = steps
+            cost["resumed"] = all(r.get("resumed", False) for r in runs)
         return {"reward": float(metrics["AP"]), "metrics": metrics, "cost": cost}
 
-    def _run(self, cfg: Config, run_dir: Path, device: str) -> dict[str, float]:
-        """One proxy training: held-out AP, AP50, AP75 and its training seconds."""
-        done = run_dir / "proxy_result.json"
+    def _run(self, cfg: Config, run_dir: Path, device: str, steps: int | None = None) -> dict[str, float]:
+        """One proxy training: held-out AP, AP50, AP75 and its training seconds (to ``steps``)."""
+        done = run_dir / ("proxy_result.json" if steps is None else f"proxy_result_{steps}.json")
         if done.is_file():
             return json.loads(done.read_text())
         data = DataPaths(
@@ -242,7 +277,16 @@ class ProxyTask:
         )
         # A run that was going when the search stopped continues from its last checkpoint.
         resume = (run_dir / "last.pt").is_file()
-        result = train(cfg, data, out_dir=run_dir, resume=resume, device=device, quiet=True, check_images=False)
+        result = train(
+            cfg,
+            data,
+            out_dir=run_dir,
+            resume=resume,
+            device=device,
+            quiet=True,
+            check_images=False,
+            max_steps=steps,
+        )
         if result.status == "diverged":
             raise FloatingPointError(f"proxy training diverged: {result.message}")
         metrics = dict(result.last_metrics)
@@ -250,9 +294,14 @@ class ProxyTask:
             raise RuntimeError(f"proxy training gave no held-out metrics ({result.status}: {result.message})")
         out: dict[str, float] = {k: float(metrics[k]) for k in ("AP", "AP50", "AP75") if k in metrics}
         out["train_s"] = round(result.wall_time, 2)
+        if steps is not None:
+            out["steps_done"] = int(result.steps)
+            out["resumed"] = resume  # continued from the previous rung's (or an interrupted run's) checkpoint
         write_json_atomic(out, done, indent=None)
         if not self.keep_weights:
-            for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors"):
+            # A rung below the top keeps last.pt: a promotion trains on from it.
+            last = steps is None or steps >= self.settings.max_steps
+            for name in (("last.pt",) if last else ()) + _OTHER_WEIGHTS:
                 (run_dir / name).unlink(missing_ok=True)
         return out
 
@@ -298,7 +347,9 @@ class FakeEvaluator:
     Reward: ``genotype_similarity`` to ``target`` plus up to ``noise`` of hash noise. A genotype
     fails (raises) with probability ``fail_rate`` and kills its worker process (``os._exit``)
     with probability ``crash_rate`` (only in a worker process), both decided by its hash.
-    ``seconds``: sleep per trial.
+    ``seconds``: sleep per trial. With ``steps`` (a multi-fidelity rung) the reward is scaled by
+    ``steps / (steps + 20)``, a learning curve that keeps the order of architectures.
+    ``for_split`` gives the evaluator of another split (its noise differs: ``split``).
     """
 
     target: str = NASFPN_GENOTYPE.to_string()
@@ -306,9 +357,15 @@ class FakeEvaluator:
     seconds: float = 0.0
     fail_rate: float = 0.0
     crash_rate: float = 0.0
+    split: str = "heldout"
     creator_pid: int = field(default_factory=os.getpid)
 
-    def __call__(self, genotype: Genotype, trial_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    def for_split(self, heldout_ann: str | Path, heldout_images: str | Path | None = None) -> FakeEvaluator:
+        return replace(self, split=f"other:{heldout_ann}")
+
+    def __call__(
+        self, genotype: Genotype, trial_dir: Path, device: str = "cpu", steps: int | None = None
+    ) -> dict[str, Any]:
         text = genotype.to_string()
         if self.seconds:
             time.sleep(self.seconds)
@@ -317,11 +374,14 @@ class FakeEvaluator:
             raise RuntimeError("simulated training failure")
         if u < self.fail_rate + self.crash_rate and os.getpid() != self.creator_pid:
             os._exit(3)
-        reward = genotype_similarity(genotype, Genotype.from_string(self.target)) + self.noise * _unit_hash(
-            text, "noise"
-        )
+        salt = "noise" if self.split == "heldout" else f"noise:{self.split}"
+        reward = genotype_similarity(genotype, Genotype.from_string(self.target)) + self.noise * _unit_hash(text, salt)
         n_levels = len({c.level for c in genotype.cells} & set(LEVELS))
-        return {"reward": reward, "metrics": {"AP": reward}, "cost": {"cells": len(genotype.cells), "levels": n_levels}}
+        cost: dict[str, Any] = {"cells": len(genotype.cells), "levels": n_levels}
+        if steps is not None:
+            reward *= steps / (steps + 20)
+            cost["steps"] = steps
+        return {"reward": reward, "metrics": {"AP": reward}, "cost": cost}
 
 
 # --------------------------------------------------------------------------- data for a search

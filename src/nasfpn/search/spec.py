@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nasfpn.search.asha import Rungs
 from nasfpn.search.controllers import Controller, build_controller
+from nasfpn.search.cost import CostAware, CostModel
 from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask
 from nasfpn.search.space import SearchSpace
 
@@ -41,6 +43,29 @@ class SearchSpec:
     """A repeated network reuses the reward of its first finished trial instead of training again."""
     full_preset: str = "retinanet_r50_nasfpn_crop640_50e"
     """The full-size model ``best_config.yaml`` builds on the best genotype."""
+    scheduler: str = "none"
+    """``"none"``: every trial gets the evaluator's whole budget; ``"asha"``: asynchronous
+    successive halving over rungs of ``min_steps * eta**k`` training steps up to ``max_steps``."""
+    min_steps: int = 0
+    max_steps: int = 0
+    eta: int = 3
+    cost: dict = field(default_factory=dict)
+    """``CostModel`` fields (``cost.py``): FLOPs / latency constraints and the MnasNet-style
+    reward; empty: rewards are the held-out AP alone."""
+    final: dict = field(default_factory=dict)
+    """After the search: ``{"val_ann", "val_images", "top_k", "baselines"}``, the best ``top_k``
+    pyramids (and the baselines) trained once more at the top budget and evaluated on the
+    user's validation set; empty: none."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("none", "asha"):
+            raise ValueError(f"scheduler must be 'none' or 'asha', got {self.scheduler!r}")
+        if self.scheduler == "asha":
+            self.rungs()  # checks the budgets
+
+    def rungs(self) -> Rungs:
+        """The rung budgets of an ``asha`` search."""
+        return Rungs(self.min_steps, self.max_steps, self.eta)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.__dict__))
@@ -61,7 +86,11 @@ class SearchSpec:
         return build_controller(self.controller, self.space(), self.seed, **self.controller_options)
 
     def build_evaluator(self) -> Callable[..., dict]:
-        return build_evaluator(self.evaluator)
+        """The evaluator, behind its cost model when the spec has one."""
+        evaluator = build_evaluator(self.evaluator)
+        if self.cost:
+            return CostAware(evaluator, CostModel(**self.cost), self.full_preset)
+        return evaluator
 
 
 def build_evaluator(description: dict[str, Any]) -> Callable[..., dict]:
