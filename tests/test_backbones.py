@@ -104,7 +104,7 @@ def test_backbone_config_errors_are_clear():
     with pytest.raises(ValueError, match=r"needs model\.backbone\.name"):
         build_backbone(50, 1, False, kind="torchvision")
     with pytest.raises(ValueError, match="kind must be one of"):
-        build_backbone(50, 1, False, kind="timm")
+        build_backbone(50, 1, False, kind="keras")
 
 
 # sha256 (first 16 hex digits) of the newline-joined state-dict keys, computed before backbones became

@@ -28,13 +28,16 @@ class BackboneConfig:
     """Keep every backbone BN in eval mode while training."""
     pretrained: str | None = None
     """ImageNet weights: "torchvision" (the torchvision ImageNet-1k v1 checkpoint; for ``kind="torchvision"`` the
-    model's default weights), a URL or a file in torchvision's state-dict layout."""
+    model's default weights), a URL or a file in torchvision's state-dict layout. ``kind="timm"``: a URL or a file
+    in timm's state-dict layout, or "timm" (timm's own pretrained download from the Hugging Face Hub, online only)."""
     kind: str = "resnet"
-    """"resnet" (this package's ResNet, sized by ``depth``) or "torchvision" (a torchvision classifier's trunk,
-    named by ``name``; see docs/backbones.md)."""
+    """"resnet" (this package's ResNet, sized by ``depth``), "torchvision" (a torchvision classifier's trunk,
+    named by ``name``) or "timm" (a timm model's ``features_only`` trunk, named by ``name``; needs the optional
+    ``nasfpn[timm]`` extra); see docs/backbones.md."""
     name: str = ""
     """``kind="torchvision"``: the model, e.g. "mobilenet_v2", "mobilenet_v3_large", "resnext50_32x4d",
-    "efficientnet_b0", "regnet_y_400mf" (``depth`` is then unused)."""
+    "efficientnet_b0", "regnet_y_400mf"; ``kind="timm"``: a timm model with maps at strides 8, 16 and 32, e.g.
+    "mobilenetv3_large_100", "efficientnet_b0", "resnet50", "convnext_atto" (``depth`` is then unused)."""
 
 
 @dataclass(frozen=True)

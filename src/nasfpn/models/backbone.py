@@ -1,5 +1,6 @@
 """ResNet backbone (pytorch style: stride on the 3x3 conv), returning C3, C4, C5; ``build_backbone`` also
-builds torchvision trunks (models/backbones_tv.py) behind the same interface.
+builds torchvision trunks (models/backbones_tv.py) and timm trunks (models/backbones_timm.py) behind the same
+interface.
 
 Module names equal torchvision's and MMDetection's (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer2.0.downsample.0``, ...), so ImageNet checkpoints of either load without renaming.
@@ -14,6 +15,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from nasfpn.core.weights import load_state_dict_file, resolve_source
+from nasfpn.models.backbones_timm import TimmBackbone
 from nasfpn.models.backbones_tv import TorchvisionBackbone
 from nasfpn.models.frozen import StageFreezing
 
@@ -94,9 +96,9 @@ class ResNet(StageFreezing):
 
 # The one backbone interface: ``forward(x)`` -> maps at strides 8, 16, 32; ``out_channels``; ``frozen_stages``
 # and ``norm_eval`` honoured in ``train()``.
-Backbone = ResNet | TorchvisionBackbone
+Backbone = ResNet | TorchvisionBackbone | TimmBackbone
 
-BACKBONE_KINDS = ("resnet", "torchvision")
+BACKBONE_KINDS = ("resnet", "torchvision", "timm")
 
 
 def build_backbone(
@@ -114,6 +116,12 @@ def build_backbone(
                 "model.backbone.kind=torchvision needs model.backbone.name, e.g. --set model.backbone.name=mobilenet_v2"
             )
         return TorchvisionBackbone(name, frozen_stages, norm_eval, pretrained)
+    if kind == "timm":
+        if not name:
+            raise ValueError(
+                "model.backbone.kind=timm needs model.backbone.name, e.g. --set model.backbone.name=efficientnet_b0"
+            )
+        return TimmBackbone(name, frozen_stages, norm_eval, pretrained)
     if kind != "resnet":
         raise ValueError(f"model.backbone.kind must be one of {list(BACKBONE_KINDS)}, got {kind!r}")
     model = ResNet(depth, frozen_stages, norm_eval)
