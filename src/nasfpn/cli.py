@@ -399,10 +399,31 @@ def _add_search(sub) -> None:
     d.add_argument("--heldout-images", help="image folder of --heldout-ann (default: the training images)")
     d.add_argument(
         "--held-out",
+        "--holdout",
         default="auto",
-        help="images held out: a count, a fraction, or auto (the paper's 7392 for COCO-sized sets, else 0.2)",
+        help="images held out: a count, a fraction, or auto (the paper's 7392 for COCO-sized sets, else 0.2); "
+        "drawn by image id with --seed",
     )
     d.add_argument("--synthetic-images", type=int, default=400, help="--data synthetic: images generated")
+    d.add_argument(
+        "--data-format",
+        choices=["auto", "coco", "yolo", "voc"],
+        default="auto",
+        help="format of --data (YOLO data.yaml / VOC folder: read into COCO json under --out)",
+    )
+    d.add_argument(
+        "--val-ann",
+        help="the user's validation set (COCO json), used once after the search: the --top-k best pyramids "
+        "are trained again at the top budget and evaluated on it",
+    )
+    d.add_argument("--val-images", help="image folder of --val-ann")
+    d.add_argument("--val-split", help="with --data: the dataset's split to use as --val-ann (e.g. val)")
+    d.add_argument("--top-k", type=int, default=3, help="pyramids evaluated on the validation set")
+    d.add_argument(
+        "--final-baselines",
+        action="store_true",
+        help="also evaluate the published NAS-FPN and FPN genotypes on the validation set",
+    )
     s = p.add_argument_group("search")
     s.add_argument("--controller", choices=["ppo", "evolution", "random"], default="ppo")
     s.add_argument("--trials", type=int, default=None, help="controller trials (default 40)")
@@ -436,6 +457,31 @@ def _add_search(sub) -> None:
     s.add_argument("--ppo-epochs", type=int, default=4, help="ppo: optimisation epochs per update")
     s.add_argument("--ppo-lr", type=float, default=3e-3)
     s.add_argument("--ppo-entropy", type=float, default=1e-3, help="ppo: entropy bonus weight")
+    s.add_argument(
+        "--scheduler",
+        choices=["none", "asha"],
+        default="none",
+        help="asha: asynchronous successive halving, rungs of --min-steps * --eta**k steps up to --max-steps; "
+        "the top 1/eta of a rung train on from their checkpoint",
+    )
+    s.add_argument("--min-steps", type=int, default=0, help="asha: steps of the first rung")
+    s.add_argument("--max-steps", type=int, default=0, help="asha: steps of the top rung")
+    s.add_argument("--eta", type=int, default=3, help="asha: reduction factor between rungs")
+    c = p.add_argument_group("cost (FLOPs / latency of --cost-model, measured before training)")
+    c.add_argument("--max-flops", type=float, default=0.0, help="reject pyramids over this many GFLOPs")
+    c.add_argument("--max-latency-ms", type=float, default=0.0, help="reject pyramids slower than this at batch 1")
+    c.add_argument("--target-flops", type=float, default=0.0, help="reward AP * (GFLOPs / target) ** w")
+    c.add_argument("--target-latency-ms", type=float, default=0.0, help="reward AP * (ms / target) ** w")
+    c.add_argument("--cost-weight", type=float, default=-0.07, help="w (MnasNet's soft constraint: -0.07)")
+    c.add_argument("--cost-weight-over", type=float, help="w above the target (default --cost-weight)")
+    c.add_argument(
+        "--cost-model",
+        default="full",
+        help="the model measured: full (the full-size preset with the pyramid), proxy, or a preset name",
+    )
+    c.add_argument("--cost-size", type=int, default=0, help="input side for FLOPs / latency (default: the model's)")
+    c.add_argument("--latency-runs", type=int, default=10, help="timed forward passes; latency = their median")
+    c.add_argument("--measure-latency", action="store_true", help="measure and record latency without a limit")
     x = p.add_argument_group("proxy task")
     x.add_argument("--proxy-depth", type=int, default=10, help="ResNet depth, trained from scratch")
     x.add_argument("--proxy-size", type=int, default=128, help="image size")
@@ -469,6 +515,25 @@ def _add_search(sub) -> None:
     p.set_defaults(func=_cmd_search)
 
 
+def _cost_options(args: argparse.Namespace) -> dict:
+    """``SearchSpec.cost`` from the cost options; empty when none asks for a cost."""
+    wanted = (args.max_flops, args.max_latency_ms, args.target_flops, args.target_latency_ms, args.measure_latency)
+    if not any(wanted):
+        return {}
+    return {
+        "model": args.cost_model,
+        "image_size": args.cost_size,
+        "max_gflops": args.max_flops,
+        "max_latency_ms": args.max_latency_ms,
+        "target_gflops": args.target_flops,
+        "target_latency_ms": args.target_latency_ms,
+        "weight": args.cost_weight,
+        "weight_over": args.cost_weight_over,
+        "measure_latency": args.measure_latency,
+        "latency_runs": args.latency_runs,
+    }
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from nasfpn.search.runner import search
     from nasfpn.search.spec import SearchSpec, evaluator_spec
@@ -497,6 +562,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
             },
         }.get(args.controller, {})
         evaluator: FakeEvaluator | ProxyTask
+        data, train_ann, train_images = args.data, args.train_ann, args.train_images
+        val_ann, val_images = args.val_ann, args.val_images
+        if data not in (None, "synthetic"):
+            from nasfpn.search.data import dataset_split
+
+            if args.data_format not in ("auto", "coco") or args.val_split:
+                train_ann, train_images = dataset_split(data, "train", out, args.data_format)
+                data = None
+            if args.val_split:
+                val_ann, val_images = dataset_split(args.data, args.val_split, out, args.data_format)
+        if val_ann and not val_images:
+            raise SystemExit("--val-ann needs --val-images")
+        asha = args.scheduler == "asha"
+        if asha and not 0 < args.min_steps <= args.max_steps:
+            raise SystemExit("--scheduler asha needs 0 < --min-steps <= --max-steps")
         if args.fake_evaluator:
             evaluator = FakeEvaluator()
         else:
@@ -511,13 +591,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 precision=args.proxy_precision,
                 seeds=args.proxy_seeds,
+                max_steps=args.max_steps if asha else 0,
             )
             evaluator = prepare_proxy_task(
                 out,
                 settings,
-                args.data,
-                args.train_ann,
-                args.train_images,
+                data,
+                train_ann,
+                train_images,
                 args.heldout_ann,
                 args.heldout_images,
                 args.held_out,
@@ -535,6 +616,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
             evaluator=evaluator_spec(evaluator),
             baselines=not args.no_baselines,
             reuse=not args.no_reuse,
+            scheduler=args.scheduler,
+            min_steps=args.min_steps if asha else 0,
+            max_steps=args.max_steps if asha else 0,
+            eta=args.eta,
+            cost=_cost_options(args),
+            final={
+                "val_ann": str(Path(val_ann).resolve()),
+                "val_images": str(Path(val_images).resolve()),
+                "top_k": args.top_k,
+                "baselines": args.final_baselines,
+            }
+            if val_ann
+            else {},
         )
     backend = "ray" if args.ray_address else ("inline" if args.workers == 0 else "process")
     result = search(
@@ -554,7 +648,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if result.best is not None:
         print(f"best: trial {result.best['trial']} reward {result.best['reward']:.4f}  {result.best['genotype']}")
     for name, reward in sorted(summary["baselines"].items()):
-        print(f"baseline {name}: " + (f"{reward:.4f}" if reward is not None else "failed"))
+        print(f"baseline {name}: " + (f"{reward:.4f}" if reward is not None else "failed / rejected"))
+    for name, r in summary.get("final", {}).get("results", {}).items():
+        shown = f"{r['reward']:.4f}" if r["reward"] is not None else "failed"
+        print(f"validation set: {name} {shown} (held-out reward in the search: {r['search_reward']})")
     print(f"wrote {out / 'best.json'}, {out / 'best_config.yaml'}, plots in {out}")
     return 0
 
