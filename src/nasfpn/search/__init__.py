@@ -6,6 +6,9 @@
 - ``proxy``: the proxy task (short training of a small RetinaNet, reward = held-out AP);
 - ``spec``: ``SearchSpec``, the settings of a search (``search.json``), and the evaluators it names;
 - ``executors``: where trials run: inline, in worker processes or on Ray;
+- ``asha``: asynchronous successive halving (multi-fidelity rungs of training steps);
+- ``cost``: FLOPs and measured latency as constraints or in an MnasNet-style reward;
+- ``data``: one split of a user's COCO / YOLO / VOC dataset as a COCO json;
 - ``log``: the append-only trial log, controller snapshots and resume, and what is read out of it;
 - ``runner``: the asynchronous, resumable event loop (``run_search``) and ``search``;
 - ``outputs``: best genotype, full-size config, summary, plots; the comparison of searches;
@@ -16,7 +19,9 @@
     result = search(spec, "runs/search", workers=2)
 """
 
+from nasfpn.search.asha import Asha, Rungs
 from nasfpn.search.controllers import Controller, PPOController, RandomSearch, RegularizedEvolution, build_controller
+from nasfpn.search.cost import CostAware, CostModel
 from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask, prepare_proxy_task, split_held_out
 from nasfpn.search.runner import SearchResult, run_search, search
 from nasfpn.search.space import (
@@ -32,7 +37,10 @@ from nasfpn.search.spec import SearchSpec, evaluator_spec
 __all__ = [
     "FPN_CELLS_PAPER",
     "NASFPN_PAPER",
+    "Asha",
     "Controller",
+    "CostAware",
+    "CostModel",
     "FakeEvaluator",
     "PPOController",
     "PaperCell",
@@ -41,6 +49,7 @@ __all__ = [
     "ProxyTask",
     "RandomSearch",
     "RegularizedEvolution",
+    "Rungs",
     "SearchResult",
     "SearchSpace",
     "SearchSpec",
