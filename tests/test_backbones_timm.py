@@ -13,6 +13,7 @@ from deploy_helpers import fill_deterministic
 from nasfpn.core.presets import get_config
 from nasfpn.core.structures import ImageMeta
 from nasfpn.deploy import export as ex
+from nasfpn.deploy.check import sample_images
 from nasfpn.deploy.fast import optimize_for_inference
 from nasfpn.deploy.predictor import Detector
 from nasfpn.models.backbone import build_backbone
@@ -219,7 +220,8 @@ def test_fast_path_keeps_the_batchnorm_of_an_untraceable_trunk(timm, monkeypatch
 def _export_and_check(kind: str, name: str, tmp_path) -> ex.ParityReport:
     cfg = _tiny_detector_config(kind, name)
     model = fill_deterministic(build_model(cfg.model, pretrained_backbone=False), cls_bias=-2.0)
-    _, report = ex.export(Detector(model, cfg, optimize=False), tmp_path / f"{name}.onnx")
+    images = sample_images(cfg, 1)  # one picture: the check's cost is mostly the export itself
+    _, report = ex.export(Detector(model, cfg, optimize=False), tmp_path / f"{name}.onnx", images=images)
     assert report is not None and report.ok and report.eager_detections > 0, report.summary()
     return report
 

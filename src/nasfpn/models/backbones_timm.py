@@ -106,14 +106,10 @@ class TimmBackbone(StageFreezing):
             )
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in 0..4, got {frozen_stages}")
-        # The feature levels are read from a parameter-free copy on the meta device (no memory, no init time).
-        with torch.device("meta"):
-            probe = timm.create_model(name, pretrained=False, features_only=True)
-        info = probe.feature_info
+        info = _feature_info(timm, name)
         indices = _out_indices(list(info.reduction()), name)
         channels = [info.channels()[i] for i in indices]
         self.return_nodes = tuple(info.module_name()[i] for i in indices)
-        del probe
         source = str(pretrained) if pretrained else ""
         self.body = _create(timm, name, indices, timm_pretrained=source == "timm")
         if source and source != "timm":
@@ -216,6 +212,19 @@ def _conv_bn_pairs(body: nn.Module) -> list[tuple[str, str]]:
         ):
             pairs.append((str(src.target), str(node.target)))
     return pairs
+
+
+def _feature_info(timm: ModuleType, name: str) -> Any:
+    """timm's ``feature_info`` of every level of ``name``, read from a parameter-free copy on the meta device (no
+    memory, no init time) or, for a model whose init does not run there, from a CPU one."""
+    try:
+        try:
+            with torch.device("meta"):
+                return timm.create_model(name, pretrained=False, features_only=True).feature_info
+        except (NotImplementedError, RuntimeError, ValueError):
+            return timm.create_model(name, pretrained=False, features_only=True).feature_info
+    except RuntimeError as e:  # timm: "features_only not implemented for ..."
+        raise ValueError(f"timm model {name!r} has no features_only trunk: {e}") from e
 
 
 def _create(timm: ModuleType, name: str, indices: tuple[int, ...], timm_pretrained: bool) -> nn.Module:
