@@ -2,12 +2,16 @@
 a tiny end-to-end multi-fidelity search; the command line."""
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from nasfpn.cli import main
 from nasfpn.data.synthetic import generate_dataset
 from nasfpn.search import proxy as proxy_module
+from nasfpn.search.data import dataset_split
 from nasfpn.search.log import LOG_NAME, read_log, rung_results
 from nasfpn.search.proxy import ProxySettings, prepare_proxy_task
 from nasfpn.search.runner import search
@@ -128,3 +132,44 @@ def test_cli_asha_search_with_a_cost_limit_and_a_validation_set(tmp_path, capsys
     records = read_log(out / LOG_NAME)
     assert any(r["status"] == "rejected" for r in records) and any(r.get("rung") == 2 for r in records)
     assert main(["search", "--out", str(out), "--resume"]) == 0
+
+
+def _to_yolo(ds, out: Path) -> Path:
+    """A YOLO copy (data.yaml, images/, labels/) of a synthetic COCO dataset."""
+    for split, ann in (("train", ds.train_annotations), ("val", ds.val_annotations)):
+        coco = json.loads(Path(ann).read_text())
+        src = Path(ds.train_images if split == "train" else ds.val_images)
+        (out / "images" / split).mkdir(parents=True)
+        (out / "labels" / split).mkdir(parents=True)
+        label = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+        for img in coco["images"]:
+            shutil.copy(src / img["file_name"], out / "images" / split / img["file_name"])
+            W, H = img["width"], img["height"]
+            rows = [
+                f"{label[a['category_id']]} {(x + w / 2) / W} {(y + h / 2) / H} {w / W} {h / H}"
+                for a in coco["annotations"]
+                if a["image_id"] == img["id"]
+                for x, y, w, h in [a["bbox"]]
+            ]
+            (out / "labels" / split / img["file_name"]).with_suffix(".txt").write_text("\n".join(rows) + "\n")
+    names = sorted(json.loads(Path(ds.train_annotations).read_text())["categories"], key=lambda c: c["id"])
+    (out / "data.yaml").write_text(
+        "path: .\ntrain: images/train\nval: images/val\nnames:\n"
+        + "".join(f"  {i}: {c['name']}\n" for i, c in enumerate(names))
+    )
+    return out / "data.yaml"
+
+
+def test_dataset_splits_of_coco_and_yolo_folders(tmp_path):
+    ds = generate_dataset(tmp_path / "coco", num_train=6, num_val=3, image_size=64, seed=0)
+    ann, images = dataset_split(tmp_path / "coco", "val", tmp_path / "work")
+    assert ann == Path(ds.val_annotations) and images == Path(ds.val_images)
+    data_yaml = _to_yolo(ds, tmp_path / "yolo")
+    ann, images = dataset_split(data_yaml, "train", tmp_path / "work", "yolo")
+    assert ann == tmp_path / "work" / "data" / "train.json"
+    coco = json.loads(ann.read_text())
+    assert len(coco["images"]) == 6 and all((images / img["file_name"]).is_file() for img in coco["images"])
+    n_boxes = len(json.loads(Path(ds.train_annotations).read_text())["annotations"])
+    assert len(coco["annotations"]) == n_boxes
+    with pytest.raises(ValueError, match="instances_test"):
+        dataset_split(tmp_path / "coco", "test", tmp_path / "work")
