@@ -48,7 +48,7 @@ def fill_deterministic(model: torch.nn.Module, seed: str = "export", cls_bias: f
                 t.copy_(uniform(-bound, bound))
             elif key.endswith("weight"):
                 t.copy_(uniform(0.7, 1.1))
-            elif key == "head.retina_cls.bias":
+            elif key in ("head.retina_cls.bias", "head.retina_cls.pointwise.bias"):  # plain or separable
                 t.copy_(uniform(cls_bias - 0.2, cls_bias + 0.2))
             else:
                 t.copy_(uniform(-0.2, 0.2))

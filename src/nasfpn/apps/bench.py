@@ -278,7 +278,7 @@ def synthetic_targets(
 
 @torch.no_grad()
 def calibrate_scores(model: RetinaNet, batch: torch.Tensor, score_thr: float, pairs_per_image: int) -> float:
-    """Shift ``model.head.retina_cls.bias`` so that about ``pairs_per_image`` (anchor, class) pairs
+    """Shift the classifier bias (``model.head.cls_bias``) so that about ``pairs_per_image`` (anchor, class) pairs
     of each image of ``batch`` score above ``score_thr``; returns the shift."""
     was_training = model.training
     model.eval()
@@ -289,9 +289,7 @@ def calibrate_scores(model: RetinaNet, batch: torch.Tensor, score_thr: float, pa
     kth = logits.topk(k, dim=1).values[:, -1].mean().item()
     # The k-th best logit lands just above the threshold's logit.
     shift = math.log(score_thr / (1 - score_thr)) - kth + 1e-4
-    bias = model.head.retina_cls.bias
-    assert bias is not None  # the classifier conv of RetinaHead has a bias
-    bias += shift
+    model.head.cls_bias.add_(shift)
     model.train(was_training)
     return shift
 

@@ -54,6 +54,8 @@ class NeckConfig:
     """NAS-FPN: recompute each stack in the backward pass (activation checkpointing)."""
     exit_stack: int = 0
     """NAS-FPN anytime detection: inference exits after this many stacks (0 = all of them)."""
+    separable: bool = False
+    """Depthwise-separable 3x3 convs (NAS-FPNLite's merging cells; FPNLite's output and P6/P7 convs)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class HeadConfig:
     prior_prob: float = 0.01
     deep_supervision: bool = False
     """Anytime detection: also run the head on every intermediate NAS-FPN stack while training."""
+    separable: bool = False
+    """Depthwise-separable 3x3 convs in the towers and the predictors (the mobile "Lite" head)."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,9 @@ class TrainConfig:
     base_lr: float = 0.08
     base_batch_size: int = 64
     """lr is base_lr * total_batch / base_batch_size."""
+    optimizer: str = "sgd"
+    """"sgd" (the recipe's) or "adamw" (then ``base_lr`` is AdamW's rate, ~1e-3 scale, and ``weight_decay``
+    its decoupled decay)."""
     momentum: float = 0.9
     weight_decay: float = 1e-4
     norm_weight_decay: float = 0.0

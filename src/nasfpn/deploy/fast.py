@@ -47,16 +47,25 @@ from nasfpn.models.backbone import ResNet
 from nasfpn.models.backbones_timm import TimmBackbone
 from nasfpn.models.detector import Outputs, RetinaNet
 from nasfpn.models.head import RetinaHead
-from nasfpn.models.layers import ConvBN
+from nasfpn.models.layers import ConvBN, SeparableConv2d
 from nasfpn.models.nasfpn import ReLUConvBN
 
 # --------------------------------------------------------------------------- BN folding
 
 
+def _fused(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    """A copy of ``conv`` (plain, or separable: BN folds into its pointwise part) with ``bn`` folded in."""
+    if isinstance(conv, SeparableConv2d):
+        fused = copy.deepcopy(conv)
+        fused.pointwise = fuse_conv_bn_eval(conv.pointwise, bn)
+        return fused
+    return fuse_conv_bn_eval(cast(nn.Conv2d, conv), bn)
+
+
 def _fold(module: nn.Module, conv_name: str, bn_name: str) -> None:
     """``module.<conv_name>`` absorbs ``module.<bn_name>``, which becomes an identity."""
     conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-    setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+    setattr(module, conv_name, _fused(conv, bn))
     setattr(module, bn_name, nn.Identity())
 
 
@@ -76,7 +85,7 @@ def _fold_resnet(backbone: ResNet) -> None:
 def _folded_tower(convs: nn.ModuleList, norms: nn.Module) -> nn.ModuleList:
     """One level's copy of the shared tower convs with that level's BNs folded in."""
     pairs = zip(convs, norms.children())
-    return nn.ModuleList(fuse_conv_bn_eval(cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn)) for conv, bn in pairs)
+    return nn.ModuleList(_fused(conv, cast(nn.BatchNorm2d, bn)) for conv, bn in pairs)
 
 
 class FoldedRetinaHead(nn.Module):

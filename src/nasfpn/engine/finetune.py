@@ -54,7 +54,12 @@ TRANSFER_SCOPES: dict[str, tuple[str, ...]] = {
 FREEZE_PARTS: dict[str, tuple[str, ...]] = {"backbone": ("backbone.",), "neck": ("backbone.", "neck.")}
 """``train.freeze`` parts -> the key prefixes they freeze."""
 
-CLASS_KEYS: tuple[str, ...] = ("head.retina_cls.weight", "head.retina_cls.bias")
+CLASS_KEYS: tuple[str, ...] = (
+    "head.retina_cls.weight",
+    "head.retina_cls.bias",
+    "head.retina_cls.pointwise.weight",  # a separable classifier: its depthwise part has no class channels
+    "head.retina_cls.pointwise.bias",
+)
 """The tensors whose meaning depends on the class set: one output channel per (anchor, class)."""
 
 _KINDS = {

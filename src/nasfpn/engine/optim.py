@@ -73,13 +73,22 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD (momentum, no dampening, no Nesterov) over ``param_groups``; ``lr`` is overwritten every step.
-    On CUDA the update is the fused single-kernel one."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``param_groups``; ``lr`` is overwritten every step.
+
+    "sgd": momentum, no dampening, no Nesterov (the recipe's). "adamw": decoupled weight decay,
+    betas (0.9, 0.999), ``momentum`` unused. On CUDA the update is the fused single-kernel one.
+    """
     groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return make_sgd(groups, lr, cfg.momentum, cfg.weight_decay, groups[0]["params"][0].device)
+    device = groups[0]["params"][0].device
+    if cfg.optimizer == "adamw":
+        fused = torch.device(device).type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    if cfg.optimizer != "sgd":
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    return make_sgd(groups, lr, cfg.momentum, cfg.weight_decay, device)
 
 
 def group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict | None:

@@ -135,10 +135,15 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
     )
     n = cfg.neck
     if n.kind == "fpn":
-        neck: nn.Module = FPN(list(backbone.out_channels), n.channels)
+        neck: nn.Module = FPN(list(backbone.out_channels), n.channels, n.separable)
     elif n.kind == "nasfpn":
         neck = NASFPN(
-            list(backbone.out_channels), n.channels, parse_genotype(n.genotype), n.stacks, n.checkpoint_stacks
+            list(backbone.out_channels),
+            n.channels,
+            parse_genotype(n.genotype),
+            n.stacks,
+            n.checkpoint_stacks,
+            n.separable,
         )
     else:
         raise ValueError(f"unknown neck kind {n.kind!r}; use 'fpn' or 'nasfpn'")
@@ -154,6 +159,7 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
         h.separate_bn,
         len(a.strides),
         h.prior_prob,
+        h.separable,
     )
     lc = cfg.loss
     loss = RetinaLoss(

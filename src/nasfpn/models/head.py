@@ -2,7 +2,8 @@
 
 With ``separate_bn`` (MMDetection's RetinaSepBNHead) each tower conv is shared by all levels
 but followed by one BN per level; without it (the plain RetinaNet head) the tower convs carry
-a bias and no norm. Outputs per level: class logits ``(N, A*K, H, W)`` with channel
+a bias and no norm. With ``separable`` every 3x3 conv, predictors included, is depthwise-separable
+(the head of NAS-FPNLite / SSDLite-style mobile detectors). Outputs per level: class logits ``(N, A*K, H, W)`` with channel
 ``anchor * K + class``, and box deltas ``(N, A*4, H, W)`` with channel ``anchor * 4 + (dx, dy, dw, dh)``.
 """
 
@@ -13,6 +14,8 @@ from typing import cast
 
 import torch
 from torch import nn
+
+from nasfpn.models.layers import conv2d, output_conv
 
 
 class RetinaHead(nn.Module):
@@ -26,6 +29,7 @@ class RetinaHead(nn.Module):
         separate_bn: bool = True,
         num_levels: int = 5,
         prior_prob: float = 0.01,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -33,8 +37,12 @@ class RetinaHead(nn.Module):
         self.separate_bn = separate_bn
         self.num_levels = num_levels
         chans = [in_channels] + [feat_channels] * (stacked_convs - 1)
-        self.cls_convs = nn.ModuleList(nn.Conv2d(c, feat_channels, 3, padding=1, bias=not separate_bn) for c in chans)
-        self.reg_convs = nn.ModuleList(nn.Conv2d(c, feat_channels, 3, padding=1, bias=not separate_bn) for c in chans)
+        self.cls_convs = nn.ModuleList(
+            conv2d(c, feat_channels, 3, bias=not separate_bn, separable=separable) for c in chans
+        )
+        self.reg_convs = nn.ModuleList(
+            conv2d(c, feat_channels, 3, bias=not separate_bn, separable=separable) for c in chans
+        )
         if separate_bn:
             # cls_norms[level][i] follows cls_convs[i] on that level.
             self.cls_norms = nn.ModuleList(
@@ -43,17 +51,24 @@ class RetinaHead(nn.Module):
             self.reg_norms = nn.ModuleList(
                 nn.ModuleList(nn.BatchNorm2d(feat_channels) for _ in chans) for _ in range(num_levels)
             )
-        self.retina_cls = nn.Conv2d(feat_channels, num_anchors * num_classes, 3, padding=1)
-        self.retina_reg = nn.Conv2d(feat_channels, num_anchors * 4, 3, padding=1)
+        self.retina_cls = conv2d(feat_channels, num_anchors * num_classes, 3, separable=separable)
+        self.retina_reg = conv2d(feat_channels, num_anchors * 4, 3, separable=separable)
 
-        for conv in [*self.cls_convs, *self.reg_convs, self.retina_cls, self.retina_reg]:
-            nn.init.normal_(conv.weight, std=0.01)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+        for module in [*self.cls_convs, *self.reg_convs, self.retina_cls, self.retina_reg]:
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.normal_(conv.weight, std=0.01)
+                    if conv.bias is not None:
+                        nn.init.zeros_(conv.bias)
         # Focal-loss prior: every anchor starts as background with probability 1 - prior_prob.
-        cls_bias = self.retina_cls.bias
-        assert cls_bias is not None  # nn.Conv2d has a bias unless built with bias=False
-        nn.init.constant_(cls_bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.cls_bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @property
+    def cls_bias(self) -> torch.Tensor:
+        """The classifier's output bias: one logit offset per (anchor, class) channel."""
+        bias = output_conv(self.retina_cls).bias
+        assert bias is not None  # the classifier is built with a bias
+        return bias
 
     def _tower(self, x: torch.Tensor, convs: nn.ModuleList, norms: nn.ModuleList | None) -> torch.Tensor:
         for i, conv in enumerate(convs):

@@ -7,7 +7,8 @@ A genotype is data. Nodes 0..4 are the pyramid inputs P3..P7; every cell appends
 takes nodes ``a`` and ``b``, resizes both to the size of level ``level`` (nearest upsampling,
 max-pool downsampling), merges them with ``op`` and, if ``out_conv``, applies
 ReLU -> 3x3 conv (with bias) -> BN. ``outputs`` names the nodes that become P3..P7 of the
-stack, which feed the next stack. Ops:
+stack, which feed the next stack. NAS-FPNLite (``separable=True``) is the same graph with
+depthwise-separable 3x3 out convs. Ops:
 
 - ``sum``:   x1 + x2
 - ``gp``:    x2 + sigmoid(avgpool(x2)) * x1          (MMDetection / mmcv GlobalPoolingCell)
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nasfpn.models.layers import ConvBN, caffe2_xavier_
+from nasfpn.models.layers import ConvBN, caffe2_xavier_, conv2d
 
 LEVELS = (3, 4, 5, 6, 7)
 OPS = ("sum", "gp", "gp_tf")
@@ -203,11 +204,11 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class ReLUConvBN(nn.Module):
-    """ReLU -> 3x3 conv (with bias) -> BN: the out conv of a merging cell."""
+    """ReLU -> 3x3 conv (with bias; depthwise-separable if ``separable``) -> BN: the out conv of a merging cell."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, separable: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+        self.conv = conv2d(channels, channels, 3, bias=True, separable=separable)
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,11 +216,13 @@ class ReLUConvBN(nn.Module):
 
 
 class MergingCell(nn.Module):
-    def __init__(self, op: str, channels: int, out_conv: bool, coarse_first: bool = True) -> None:
+    def __init__(
+        self, op: str, channels: int, out_conv: bool, coarse_first: bool = True, separable: bool = False
+    ) -> None:
         super().__init__()
         self.op = op
         self.coarse_first = coarse_first  # gp_tf only: whether x1 is the coarse input
-        self.out_conv = ReLUConvBN(channels) if out_conv else None
+        self.out_conv = ReLUConvBN(channels, separable) if out_conv else None
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x1, x2 = resize_to(x1, size), resize_to(x2, size)
@@ -236,7 +239,7 @@ class MergingCell(nn.Module):
 class PyramidStage(nn.Module):
     """One pyramid network: P3..P7 in, P3..P7 out, cells as the genotype says."""
 
-    def __init__(self, genotype: Genotype, channels: int) -> None:
+    def __init__(self, genotype: Genotype, channels: int, separable: bool = False) -> None:
         super().__init__()
         self.genotype = genotype
         self.names = genotype.cell_names()
@@ -244,7 +247,7 @@ class PyramidStage(nn.Module):
         for name, cell in zip(self.names, genotype.cells):
             a, b = cell.inputs
             coarse_first = genotype.node_level(a) > genotype.node_level(b)
-            cells[name] = MergingCell(cell.op, channels, cell.out_conv, coarse_first)
+            cells[name] = MergingCell(cell.op, channels, cell.out_conv, coarse_first, separable)
         # Registered directly (not in a container) so keys read fpn_stages.0.gp_64_4.out_conv...
         for name, module in cells.items():
             self.add_module(name, module)
@@ -268,6 +271,7 @@ class NASFPN(nn.Module):
         genotype: Genotype = NASFPN_GENOTYPE,
         stacks: int = 7,
         checkpoint_stacks: bool = False,
+        separable: bool = False,
     ) -> None:
         super().__init__()
         if len(in_channels) != 3:
@@ -278,10 +282,12 @@ class NASFPN(nn.Module):
         self.out_channels = channels
         self.checkpoint_stacks = checkpoint_stacks
         self.lateral_convs = nn.ModuleList(ConvBN(c, channels, 1) for c in in_channels)
+        # ceil_mode: an odd P5 (input not a multiple of 128) gives P6 = ceil(P5 / 2), the size the
+        # anchors and the FPN's stride-2 convs assume; on even sizes (MMDetection's) it changes nothing.
         self.extra_downsamples = nn.ModuleList(
-            nn.Sequential(ConvBN(channels, channels, 1), nn.MaxPool2d(2, 2)) for _ in range(2)
+            nn.Sequential(ConvBN(channels, channels, 1), nn.MaxPool2d(2, 2, ceil_mode=True)) for _ in range(2)
         )
-        self.fpn_stages = nn.ModuleList(PyramidStage(genotype, channels) for _ in range(stacks))
+        self.fpn_stages = nn.ModuleList(PyramidStage(genotype, channels, separable) for _ in range(stacks))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 caffe2_xavier_(m)
