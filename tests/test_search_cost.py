@@ -35,10 +35,10 @@ def test_mnasnet_reward_factor():
 
 def test_architectures_over_the_flops_limit_are_rejected_before_training(tmp_path):
     # In the tiny model at 128 px: the published NAS-FPN 1.0546 GFLOPs, the FPN genotype 1.0481,
-    # the first 6 random trials of seed 0 1.036 to 1.046.
+    # the first 4 random trials of seed 0 1.0365 to 1.0457.
     spec = SearchSpec(
         controller="random",
-        trials=6,
+        trials=4,
         seed=0,
         evaluator={"kind": "fake"},
         cost={**TINY, "max_gflops": 1.04},

@@ -9,6 +9,7 @@ in its own folder; the reward is the box AP on the held-out split. Defaults are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +86,14 @@ def split_held_out(
 
 
 # --------------------------------------------------------------------------- the proxy task
+@functools.lru_cache(maxsize=8)
+def _images_with_boxes(ann_file: str) -> int:
+    """Images of a COCO json with a non-crowd box (read once per process: a config is asked for
+    several times per trial)."""
+    data = load_coco_json(ann_file)
+    return len({int(a["image_id"]) for a in data["annotations"] if not a.get("iscrowd", 0)})
+
+
 _OTHER_WEIGHTS = ("last.prev.pt", "best.pt", "last.safetensors", "best.safetensors")
 """A finished run's files besides ``last.pt`` that hold weights (deleted unless ``keep_weights``)."""
 
@@ -223,9 +232,7 @@ class ProxyTask:
     def epochs_for(self, steps: int) -> int:
         """Epochs that hold ``steps`` training steps: the images with a box (those the trainer
         keeps, crowd and ignored boxes aside), ``batch_size`` a step."""
-        data = load_coco_json(self.train_ann)
-        with_box = {int(a["image_id"]) for a in data["annotations"] if not a.get("iscrowd", 0)}
-        per_epoch = max(1, -(-len(with_box) // self.settings.batch_size))
+        per_epoch = max(1, -(-_images_with_boxes(self.train_ann) // self.settings.batch_size))
         return max(1, -(-steps // per_epoch))
 
     def for_split(self, heldout_ann: str | Path, heldout_images: str | Path | None = None) -> ProxyTask:

@@ -408,7 +408,7 @@ def search(
 
 def _drop_checkpoints(out_dir: Path) -> None:
     """The checkpoints a multi-fidelity search kept for promotions, once it is over."""
-    for path in (out_dir / "trials").glob("*/last*.pt"):
+    for path in (out_dir / "trials").rglob("last*.pt"):  # trials/NNNN/ and, with seeds, trials/NNNN/seedK/
         path.unlink(missing_ok=True)
 
 
