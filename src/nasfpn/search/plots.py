@@ -144,6 +144,7 @@ def plot_rungs(records: list[dict[str, Any]], budgets: list[int], path: str | Pa
     for steps in budgets:
         ax.axvline(steps, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("training steps (rung budget)")
     ax.set_ylabel("proxy reward (AP)")
