@@ -62,7 +62,7 @@ def test_architectures_over_the_flops_limit_are_rejected_before_training(tmp_pat
 def test_latency_is_measured_recorded_and_shapes_the_reward(tmp_path):
     spec = SearchSpec(
         controller="random",
-        trials=2,
+        trials=1,
         seed=0,
         evaluator={"kind": "fake"},
         baselines=False,
