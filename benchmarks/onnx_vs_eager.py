@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nasfpn.apps.bench import calibrate_scores
+from nasfpn.core.config import Config
 from nasfpn.core.presets import PRESETS
 from nasfpn.deploy import export as ex
 from nasfpn.deploy.check import sample_images, verify_export
@@ -65,16 +66,26 @@ def _time_interleaved(fns: dict, warmup: int, iters: int) -> dict[str, tuple[flo
 
 
 def bench_model(
-    name: str, workdir: Path, threads: int, warmup: int, iters: int, pairs: int, reuse: bool = False
+    name: str,
+    workdir: Path,
+    threads: int,
+    warmup: int,
+    iters: int,
+    pairs: int,
+    reuse: bool = False,
+    trained: tuple[torch.nn.Module, Config] | None = None,
 ) -> dict:
-    cfg = PRESETS[name]
+    """Timings of the preset ``name`` with random weights (the class bias calibrated to ``pairs``
+    candidates), or of a ``trained`` (model, config) as it is."""
+    cfg = PRESETS[name] if trained is None else trained[1]
     torch.manual_seed(0)
-    model = build_model(cfg.model, pretrained_backbone=False).eval()
+    model = build_model(cfg.model, pretrained_backbone=False).eval() if trained is None else trained[0].eval()
     hw = export_input_hw(cfg)
     image = sample_images(cfg, 3)[2]  # square: no padding, the same input for every runtime
     batch, info, metas = prepare_inputs([image], cfg, hw)
-    assert tuple(batch.shape[-2:]) == (640, 640)
-    calibrate_scores(model, batch, cfg.model.test.score_thr, pairs)
+    assert tuple(batch.shape[-2:]) == tuple(hw), (batch.shape, hw)
+    if trained is None:
+        calibrate_scores(model, batch, cfg.model.test.score_thr, pairs)
     det = Detector(model, cfg)
 
     files = {}

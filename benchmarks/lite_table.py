@@ -1,0 +1,164 @@
+"""Accuracy against latency on the CPU: the mobile presets next to the ResNet-50 ones, in one run.
+
+    python benchmarks/lite_table.py --data runs/demo/data --steps 1000 --out benchmarks/results/lite_table.json
+
+Per model:
+- parameters and FLOPs at the preset's input size (``nasfpn info``'s counters);
+- latency of one pre-processed image at the preset's size, batch 1 (``onnx_vs_eager.bench_model``:
+  the plain model, the fast path (BN folded, channels-last, fp32) and the ONNX ``end2end`` file in
+  ONNX Runtime, interleaved call by call; the exported files checked against PyTorch), with the
+  weights of the short training below where there is one, else random weights;
+- with ``--data``: AP after the same short training on the demo data for every model (``--steps``
+  steps of batch 16 at 128 px, the demo's recipe: SGD 0.08, warm-up, x0.1 for the last fifth,
+  anchors from IoU 0.4 and 2 strides wide for the small shapes, bf16 autocast), from scratch:
+  ImageNet weights cannot be downloaded here, so the mobile trunks start as untrained as the ResNet-10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nasfpn.apps.demo import demo_config
+from nasfpn.core.config import Config
+from nasfpn.core.machine import cpu_name
+from nasfpn.core.presets import PRESETS
+from nasfpn.deploy.predictor import load
+from nasfpn.engine.data_paths import DataPaths
+from nasfpn.engine.trainer import train
+from nasfpn.models import build_model
+from nasfpn.models.summary import model_summary
+from onnx_vs_eager import bench_model
+
+LATENCY_MODELS = (
+    "nasfpn_lite_mobilenetv2_320",
+    "fpnlite_mobilenetv2_320",
+    "nasfpn_mobilenetv2",
+    "nasfpn_tiny",
+    "retinanet_r50_fpn_crop640_50e",
+    "retinanet_r50_nasfpn_crop640_50e",
+)
+TRAINED_MODELS = ("nasfpn_lite_mobilenetv2_320", "fpnlite_mobilenetv2_320", "nasfpn_mobilenetv2", "nasfpn_tiny")
+
+
+def facts(name: str) -> dict:
+    cfg = PRESETS[name]
+    model = build_model(cfg.model, pretrained_backbone=False)
+    s = model_summary(model, cfg.data.image_size)
+    return {"size": cfg.data.image_size, "params_m": s["params_total"] / 1e6, "gflops": s["gflops"]}
+
+
+def short_training(name: str, data: Path, steps: int, out: Path) -> tuple[dict, Path]:
+    """AP of ``name``'s architecture after ``steps`` steps of the demo recipe on the demo data; the
+    record and the trained weights (``last.safetensors``)."""
+    demo = demo_config()
+    m = PRESETS[name].model
+    model = replace(
+        m,
+        backbone=replace(m.backbone, pretrained=None, frozen_stages=0),
+        anchors=replace(m.anchors, octave_base_scale=demo.model.anchors.octave_base_scale),
+        loss=demo.model.loss,
+    )
+    epochs = max(1, round(steps / 250))  # 4,000 images at batch 16: 250 steps an epoch
+    t = demo.train
+    cfg = replace(
+        demo,
+        name=f"{name}_demo_{steps}",
+        model=model,
+        train=replace(t, epochs=epochs, milestones=(max(1, round(epochs * 0.8)),), eval_interval=epochs, amp="bf16"),
+    )
+    paths = DataPaths(
+        data / "annotations/instances_train.json",
+        data / "train",
+        data / "annotations/instances_val.json",
+        data / "val",
+    )
+    t0 = time.time()
+    result = train(cfg, paths, out / name, device="cpu", progress=False, quiet=True)
+    seconds = time.time() - t0
+    metrics = result.last_metrics
+    record = {
+        "steps": result.steps,
+        "AP": metrics.get("AP"),
+        "AP50": metrics.get("AP50"),
+        "train_s": seconds,
+        "s_per_step": seconds / max(1, result.steps),
+    }
+    return record, out / name / "last.safetensors"
+
+
+def trained_at_preset_size(name: str, weights: Path) -> tuple[torch.nn.Module, Config]:
+    """The trained model with its config at the preset's input size (for timing and the export check)."""
+    det = load(weights=weights, optimize=False)
+    cfg = replace(det.config, data=replace(det.config.data, image_size=PRESETS[name].data.image_size))
+    return det.model, cfg
+
+
+def markdown(rows: list[dict], steps: int, threads: int) -> str:
+    lines = [
+        f"CPU: {cpu_name()}, {threads} threads, batch 1, fp32; latency in ms (p50 of interleaved calls).",
+        "",
+        "| model | input | params | GFLOPs | plain | fast path | ONNX Runtime end2end | export check "
+        f"| AP / AP50 after {steps} demo steps | s / step (train, bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r.get("timings", {})
+        ap = r.get("train")
+        check = r.get("check", "")
+        lines.append(
+            f"| {r['name']} | {r['size']} | {r['params_m']:.2f} M | {r['gflops']:.1f} "
+            f"| {t.get('eager_total', [float('nan')])[0]:.1f} | {t.get('eager_fast_total', [float('nan')])[0]:.1f} "
+            f"| {t.get('ort_end2end', [float('nan')])[0]:.1f} | {check} "
+            + (f"| {ap['AP']:.3f} / {ap['AP50']:.3f} | {ap['s_per_step']:.3f} |" if ap else "| - | - |")
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    p.add_argument("--trained", nargs="*", default=list(TRAINED_MODELS), help="models to train on --data")
+    p.add_argument("--data", type=Path, help="the demo data (nasfpn demo's runs/demo/data); no training without it")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/lite_table.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    previous = {r["name"]: r for r in json.loads(args.out.read_text())} if args.out.is_file() else {}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            row = {**previous.get(name, {}), "name": name, **facts(name)}
+            trained = None
+            if args.data and name in args.trained:
+                row["train"], weights = short_training(name, args.data, args.steps, Path(tmp))
+                trained = trained_at_preset_size(name, weights)
+            if not args.no_latency:
+                b = bench_model(name, Path(tmp), args.threads, 3, args.iters, 1000, trained=trained)
+                row["timings"] = b["timings"]
+                row["weights"] = "trained" if trained else "random, class bias calibrated"
+                rep = b["parity"]["end2end"]
+                row["check"] = f"{rep.matched}/{rep.eager_detections} matched, boxes within {rep.max_box_abs:.1g} px"
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            done = {r["name"]: r for r in rows}
+            args.out.write_text(
+                json.dumps(
+                    [done.get(n, previous.get(n)) for n in dict.fromkeys([*previous, *done])], indent=1, default=str
+                )
+            )
+    print(markdown(rows, args.steps, args.threads))
+
+
+if __name__ == "__main__":
+    main()
