@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from nasfpn.cli import main
+from nasfpn.cli import _cost_options, build_parser, main
 from nasfpn.data.synthetic import generate_dataset
 from nasfpn.search import proxy as proxy_module
+from nasfpn.search.cost import CostModel
 from nasfpn.search.data import dataset_split
 from nasfpn.search.log import LOG_NAME, read_log, rung_results
 from nasfpn.search.proxy import ProxySettings, prepare_proxy_task
@@ -118,20 +119,32 @@ def test_a_tiny_asha_search_end_to_end_on_synthetic_data(tmp_path, one_thread):
     assert (tmp_path / "rungs.png").is_file() and result.best["trial"] == 0
 
 
-def test_cli_asha_search_with_a_cost_limit_and_a_validation_set(tmp_path, capsys):
+def test_cli_asha_search_with_a_validation_set(tmp_path, capsys):
     out = tmp_path / "s"
-    args = ["search", "--fake-evaluator", "--controller", "evolution", "--trials", "6", "--out", str(out)]
-    args += ["--scheduler", "asha", "--min-steps", "10", "--max-steps", "40", "--eta", "2", "--no-baselines"]
-    args += ["--max-flops", "1.04", "--cost-model", "nasfpn_tiny", "--cost-size", "128"]
+    args = ["search", "--fake-evaluator", "--controller", "evolution", "--trials", "9", "--out", str(out)]
+    args += ["--scheduler", "asha", "--min-steps", "10", "--max-steps", "90", "--eta", "3", "--no-baselines"]
     args += ["--val-ann", str(tmp_path / "val.json"), "--val-images", str(tmp_path), "--top-k", "1"]
     assert main(args) == 0
     spec = json.loads((out / "search.json").read_text())
-    assert spec["scheduler"] == "asha" and spec["cost"]["max_gflops"] == 1.04 and spec["final"]["top_k"] == 1
-    printed = capsys.readouterr().out
-    assert "validation set: trial" in printed
+    assert spec["scheduler"] == "asha" and spec["final"]["top_k"] == 1 and spec["cost"] == {}
+    assert "validation set: trial" in capsys.readouterr().out
     records = read_log(out / LOG_NAME)
-    assert any(r["status"] == "rejected" for r in records) and any(r.get("rung") == 2 for r in records)
+    assert any(r.get("rung") == 2 for r in records) and sum("final" in r for r in records) == 1
     assert main(["search", "--out", str(out), "--resume"]) == 0
+    assert sum("final" in r for r in read_log(out / LOG_NAME)) == 1
+
+
+def test_cli_cost_options():
+    def cost(*extra):
+        return _cost_options(build_parser().parse_args(["search", "--out", "x", *extra]))
+
+    assert cost() == {}
+    c = cost("--max-flops", "250", "--target-latency-ms", "900", "--cost-model", "proxy", "--latency-runs", "5")
+    assert c["max_gflops"] == 250 and c["target_latency_ms"] == 900 and c["model"] == "proxy"
+    assert c["weight"] == -0.07 and c["weight_over"] is None and c["latency_runs"] == 5
+    model = CostModel(**c)  # what SearchSpec.build_evaluator builds from it
+    assert model.needs_latency and model.violations({"gflops": 260.0, "latency_ms": 1.0}) == ["260.00 GFLOPs > max 250"]
+    assert cost("--measure-latency")["measure_latency"] is True
 
 
 def _to_yolo(ds, out: Path) -> Path:
