@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploy_helpers import fill_deterministic
+from nasfpn.cli import main
+from nasfpn.core.config import config_from_file
 from nasfpn.core.presets import PRESETS, get_config
 from nasfpn.deploy import export as ex
 from nasfpn.deploy.fast import fold_batchnorm
@@ -20,7 +22,7 @@ from nasfpn.models import build_model
 from nasfpn.models.layers import SeparableConv2d, conv2d
 from nasfpn.models.nasfpn import NASFPN_GENOTYPE
 from nasfpn.models.summary import count_flops
-from nasfpn.search.proxy import full_size_config
+from nasfpn.search.proxy import ProxySettings, full_size_config, proxy_config
 
 LITE = ("nasfpn_lite_mobilenetv2_320", "fpnlite_mobilenetv2_320")
 
@@ -128,3 +130,15 @@ def test_a_searched_pyramid_builds_in_the_lite_form():
     )
     cells = [m for m in model.neck.modules() if isinstance(m, SeparableConv2d)]
     assert len(cells) == sum(c.out_conv for c in NASFPN_GENOTYPE.cells)
+
+
+def test_a_search_writes_its_pyramid_into_the_lite_preset_and_trains_lite_proxies(tmp_path):
+    out = tmp_path / "s"
+    args = ["search", "--fake-evaluator", "--trials", "3", "--workers", "0", "--no-baselines", "--out", str(out)]
+    assert main([*args, "--full-preset", "nasfpn_lite_mobilenetv2_320"]) == 0
+    best = config_from_file(out / "best_config.yaml")
+    assert best.model.neck.separable and best.model.head.separable
+    assert best.model.backbone.name == "mobilenet_v2"
+    settings = ProxySettings(separable=True)
+    proxy = proxy_config(NASFPN_GENOTYPE, settings, num_classes=3)
+    assert proxy.model.neck.separable and proxy.model.head.separable

@@ -479,6 +479,12 @@ def _add_search(sub) -> None:
         default="full",
         help="the model measured: full (the full-size preset with the pyramid), proxy, or a preset name",
     )
+    c.add_argument(
+        "--full-preset",
+        default="retinanet_r50_nasfpn_crop640_50e",
+        help="the model the found pyramid goes into (best_config.yaml, --cost-model full), e.g. "
+        "nasfpn_lite_mobilenetv2_320 for the Lite form",
+    )
     c.add_argument("--cost-size", type=int, default=0, help="input side for FLOPs / latency (default: the model's)")
     c.add_argument("--latency-runs", type=int, default=10, help="timed forward passes; latency = their median")
     c.add_argument("--measure-latency", action="store_true", help="measure and record latency without a limit")
@@ -490,6 +496,11 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
     x.add_argument("--proxy-batch", type=int, default=8)
     x.add_argument("--proxy-lr", type=float, default=0.04)
+    x.add_argument(
+        "--proxy-separable",
+        action="store_true",
+        help="train the proxies in the Lite form (depthwise-separable cell and head convs)",
+    )
     x.add_argument(
         "--proxy-seeds",
         type=int,
@@ -588,6 +599,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 width=args.proxy_width,
                 batch_size=args.proxy_batch,
                 lr=args.proxy_lr,
+                separable=args.proxy_separable,
                 seed=args.seed,
                 precision=args.proxy_precision,
                 seeds=args.proxy_seeds,
@@ -621,6 +633,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             max_steps=args.max_steps if asha else 0,
             eta=args.eta,
             cost=_cost_options(args),
+            full_preset=args.full_preset,
             final={
                 "val_ann": str(Path(val_ann).resolve()),
                 "val_images": str(Path(val_images).resolve()),

@@ -123,6 +123,8 @@ class ProxySettings:
     """Training runs per trial, with seeds ``seed``, ``seed + 1``, ...; the reward is their mean AP.
     At the default budget a single run's AP varies with the seed about as much as it does between
     good architectures (docs/search.md): more seeds buy a steadier ranking with trial time."""
+    separable: bool = False
+    """Train the Lite form: depthwise-separable merging-cell and head convs (docs/nasfpn_lite.md)."""
     precision: str = "fp32"
     """``"bf16"`` / ``"fp16"``: autocast and channels-last training (bf16 on CPUs with AVX512-BF16
     or AMX, either on CUDA). 1.6x faster trials on such a CPU; rewards of different precisions
@@ -154,8 +156,16 @@ def proxy_config(
         name=f"proxy_r{s.depth}_nasfpn_{s.stacks}x{s.width}_{s.image_size}",
         model=ModelConfig(
             backbone=BackboneConfig(depth=s.depth, frozen_stages=0, norm_eval=False, pretrained=None),
-            neck=NeckConfig(kind="nasfpn", channels=s.width, stacks=s.stacks, genotype=genotype.to_string()),
-            head=HeadConfig(num_classes=num_classes, stacked_convs=s.head_convs, feat_channels=s.width),
+            neck=NeckConfig(
+                kind="nasfpn",
+                channels=s.width,
+                stacks=s.stacks,
+                genotype=genotype.to_string(),
+                separable=s.separable,
+            ),
+            head=HeadConfig(
+                num_classes=num_classes, stacked_convs=s.head_convs, feat_channels=s.width, separable=s.separable
+            ),
             anchors=AnchorConfig(octave_base_scale=s.anchor_scale),
         ),
         data=DataConfig(
