@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from nasfpn.apps.bench import calibrate_scores
-from nasfpn.core.config import Config
 from nasfpn.core.presets import PRESETS
 from nasfpn.deploy import export as ex
 from nasfpn.deploy.check import sample_images, verify_export
@@ -73,19 +72,17 @@ def bench_model(
     iters: int,
     pairs: int,
     reuse: bool = False,
-    trained: tuple[torch.nn.Module, Config] | None = None,
 ) -> dict:
-    """Timings of the preset ``name`` with random weights (the class bias calibrated to ``pairs``
-    candidates), or of a ``trained`` (model, config) as it is."""
-    cfg = PRESETS[name] if trained is None else trained[1]
+    """Timings of the preset ``name`` at its input size, random weights with the class bias
+    calibrated to ``pairs`` candidates."""
+    cfg = PRESETS[name]
     torch.manual_seed(0)
-    model = build_model(cfg.model, pretrained_backbone=False).eval() if trained is None else trained[0].eval()
+    model = build_model(cfg.model, pretrained_backbone=False).eval()
     hw = export_input_hw(cfg)
     image = sample_images(cfg, 3)[2]  # square: no padding, the same input for every runtime
     batch, info, metas = prepare_inputs([image], cfg, hw)
     assert tuple(batch.shape[-2:]) == tuple(hw), (batch.shape, hw)
-    if trained is None:
-        calibrate_scores(model, batch, cfg.model.test.score_thr, pairs)
+    calibrate_scores(model, batch, cfg.model.test.score_thr, pairs)
     det = Detector(model, cfg)
 
     files = {}

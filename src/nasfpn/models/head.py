@@ -15,7 +15,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from nasfpn.models.layers import conv2d, output_conv
+from nasfpn.models.layers import SeparableConv2d, conv2d, output_conv
 
 
 class RetinaHead(nn.Module):
@@ -60,6 +60,11 @@ class RetinaHead(nn.Module):
                     nn.init.normal_(conv.weight, std=0.01)
                     if conv.bias is not None:
                         nn.init.zeros_(conv.bias)
+            if isinstance(module, SeparableConv2d):
+                # The pointwise part keeps the head's std 0.01 (small outputs at the start, the focal
+                # prior intact); a depthwise part at 0.01 too would scale every gradient of the pair by
+                # 0.01 more, and the predictors hardly learn. Unit gain per channel instead.
+                nn.init.normal_(module.depthwise.weight, std=1.0 / module.depthwise.kernel_size[0])
         # Focal-loss prior: every anchor starts as background with probability 1 - prior_prob.
         nn.init.constant_(self.cls_bias, -math.log((1 - prior_prob) / prior_prob))
 
