@@ -508,6 +508,15 @@ def _add_search(sub) -> None:
         help="training runs per trial (seeds --seed, --seed+1, ...); reward = their mean AP",
     )
     x.add_argument(
+        "--proxy-ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="reward the EMA of the weights (e.g. 0.98; 0: off): steadier rewards at ASHA rungs "
+        "stopped before the schedule's lr decay",
+    )
+    x.add_argument("--proxy-ema-tau", type=float, default=20.0, help="EMA warm-up in steps (with --proxy-ema)")
+    x.add_argument(
         "--proxy-precision",
         choices=_PRECISIONS,
         default="fp32",
@@ -603,6 +612,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 precision=args.proxy_precision,
                 seeds=args.proxy_seeds,
+                ema=args.proxy_ema,
+                ema_tau=args.proxy_ema_tau,
                 max_steps=args.max_steps if asha else 0,
             )
             evaluator = prepare_proxy_task(

@@ -130,6 +130,16 @@ class ProxySettings:
     or AMX, either on CUDA). 1.6x faster trials on such a CPU; rewards of different precisions
     are not comparable, like those of any two proxy settings."""
 
+    ema: float = 0.0
+    """EMA decay of the weights (e.g. 0.98 for a 160-step proxy; 0: off). The reward is then the AP
+    of the averaged weights (``engine.ema``), which, like a decayed learning rate, smooths out the
+    noise of the last steps: a rung stopped before the schedule's step decay scores a steadier
+    model. The EMA state is in ``last.pt``, so a promoted trial continues the same average."""
+    ema_tau: float = 20.0
+    """EMA warm-up in steps (``train.ema_tau``): the decay of update n is
+    ``ema * (1 - exp(-n / ema_tau))``. The trainer's default (2000) is longer than a whole proxy
+    run, which would leave the average close to the raw weights."""
+
     max_steps: int = 0
     """Multi-fidelity searches (``asha``): every run follows the schedule of ``max_steps`` steps
     (``epochs`` is then ``ceil(max_steps / steps per epoch)``, the step decay in its last epoch)
@@ -141,6 +151,10 @@ class ProxySettings:
             raise ValueError(f"proxy precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.seeds < 1:
             raise ValueError(f"proxy seeds must be >= 1, got {self.seeds}")
+        if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
+            raise ValueError(f"proxy ema must be 0 (off) or a decay in (0, 1), got {self.ema}")
+        if self.ema_tau < 0:
+            raise ValueError(f"proxy ema_tau must be >= 0 steps, got {self.ema_tau}")
 
 
 def proxy_config(
@@ -186,6 +200,8 @@ def proxy_config(
             seed=s.seed,
             amp="none" if s.precision == "fp32" else s.precision,
             channels_last=s.precision != "fp32",
+            ema=s.ema,
+            ema_tau=s.ema_tau,
         ),
     )
 
