@@ -1,0 +1,388 @@
+"""Does the proxy rank architectures as a longer training does? One study, resumable.
+
+    python benchmarks/proxy_ranking.py --data synthetic --random 10 --seeds 3 --long-factor 4 \
+        --out benchmarks/results/proxy_ranking.json
+    # the same with rewards read at an early ASHA rung of a 160-step schedule, EMA weights
+    python benchmarks/proxy_ranking.py --data synthetic --random 10 --seeds 3 --max-steps 160 \
+        --rung-steps 20 --proxy-ema 0.95 --out runs/ranking_ema.json
+
+Architectures: the FPN written as merging cells, the published NAS-FPN, ``--random N`` genotypes
+drawn uniformly from the search space (``--random-seed``), and every ``--genotype`` given (a
+name, a node-form or paper-form string, or JSON). Each is trained
+
+- as the proxy, ``--seeds`` times (seeds ``--seed``, ``--seed + 1``, ...): the reward is the
+  held-out AP, at step ``--rung-steps`` of the ``--max-steps`` schedule when one is set (what an
+  ASHA rung sees), else after ``--proxy-epochs``;
+- as the "long" run, ``--long-seeds`` times: the same model and data, ``--long-factor`` times the
+  steps (``K x --max-steps``, or ``K x --proxy-epochs``), its own schedule to the end.
+
+Both go through ``search.proxy.ProxyTask``, the search's own trainer and reward. Written: the JSON
+(``--out``; every run as it finishes, so a stopped study continues where it was, skipping the
+runs already in it) and a Markdown table next to it: per architecture the proxy reward and the
+long-run AP (mean, sd), their ranks, the Spearman correlation of the two means, the seed-to-seed
+and the between-architecture spread of the proxy, and the CPU seconds per run (``process_time``
+of this process: the trainer runs in it, data loading included) with the CPU's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nasfpn.core.fileio import write_json_atomic, write_text_atomic
+from nasfpn.core.machine import cpu_name
+from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype, parse_genotype
+from nasfpn.search.proxy import ProxySettings, ProxyTask, prepare_proxy_task
+from nasfpn.search.space import SearchSpace, parse_paper_genotype
+
+KINDS = ("proxy", "long")
+Evaluate = Callable[[Genotype, str, int, Path], dict[str, Any]]
+"""``(genotype, kind, seed index, run folder) -> {"reward": AP, ...}`` (one training run)."""
+
+
+# --------------------------------------------------------------------------- architectures
+def read_genotype(text: str) -> Genotype:
+    """A genotype from the command line: a name, the paper's form, or the node form."""
+    try:
+        return parse_paper_genotype(text).lower()
+    except (ValueError, KeyError, json.JSONDecodeError):
+        return parse_genotype(text)
+
+
+def architectures(
+    random: int = 0, random_seed: int = 0, extra: tuple[str, ...] = (), num_cells: int = 7, gp: str = "mmdet"
+) -> dict[str, Genotype]:
+    """The studied genotypes by name: ``fpn_cells``, ``nasfpn``, ``random_0..``, ``arg_0..``."""
+    out = {"fpn_cells": FPN_CELLS_GENOTYPE, "nasfpn": NASFPN_GENOTYPE}
+    space = SearchSpace.create(num_cells, gp)
+    rng = np.random.default_rng(random_seed)
+    for k in range(random):
+        out[f"random_{k}"] = space.sample(rng).lower()
+    for k, text in enumerate(extra):
+        out[f"arg_{k}"] = read_genotype(text)
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+def ranks(xs: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (scipy's when installed); ``None`` below 3 pairs or for a
+    constant side, where it is undefined."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman needs pairs, got {len(xs)} and {len(ys)} values")
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        rx, ry = ranks(xs), ranks(ys)
+        mx, my = statistics.fmean(rx), statistics.fmean(ry)
+        cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+        return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return float(spearmanr(xs, ys).statistic)
+
+
+def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+# --------------------------------------------------------------------------- the study
+def run_key(name: str, kind: str, seed_index: int) -> str:
+    return f"{name}|{kind}|{seed_index}"
+
+
+def run_study(
+    genotypes: dict[str, Genotype],
+    evaluate: Evaluate,
+    out: Path,
+    seeds: int = 3,
+    long_seeds: int = 3,
+    meta: dict[str, Any] | None = None,
+    work: Path | None = None,
+    say: Callable[[str], None] = print,
+    machine: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train every missing run, saving ``out`` after each; return the study (``summarize``'d).
+
+    A study already in ``out`` continues: its runs are kept and not trained again (those of a
+    name whose genotype changed excepted); one made with other ``meta`` (the settings) is
+    refused, since its rewards would not compare. ``machine`` (the CPU) is recorded with each run.
+    """
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_suffix("")
+    meta = json.loads(json.dumps(meta or {}))
+    machine = machine if machine is not None else {"cpu": cpu_name(), "torch_threads": torch.get_num_threads()}
+    texts = {name: g.to_string() for name, g in genotypes.items()}
+    study: dict[str, Any] = {"meta": meta, "machine": machine, "genotypes": texts, "runs": {}}
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("meta") != meta:
+            raise SystemExit(f"{out} holds a study with other settings ({old.get('meta')}); use another --out")
+        kept = {key: r for key, r in old.get("runs", {}).items() if texts.get(key.split("|")[0]) == r.get("genotype")}
+        study["runs"] = kept
+    todo = [
+        (name, kind, k)
+        for kind, n in (("proxy", seeds), ("long", long_seeds))
+        for name in genotypes
+        for k in range(n)
+        if run_key(name, kind, k) not in study["runs"]
+    ]
+    if len(todo) < len(genotypes) * (seeds + long_seeds):
+        say(f"{out}: {len(genotypes) * (seeds + long_seeds) - len(todo)} run(s) kept, {len(todo)} to train")
+    for i, (name, kind, k) in enumerate(todo):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        result = evaluate(genotypes[name], kind, k, work / name / f"{kind}_seed{k}")
+        run = {
+            "genotype": texts[name],
+            "reward": float(result["reward"]),
+            "cpu_s": round(time.process_time() - cpu0, 2),
+            "wall_s": round(time.perf_counter() - wall0, 2),
+            **machine,
+            **{key: v for key, v in result.items() if key != "reward"},
+        }
+        study["runs"][run_key(name, kind, k)] = run
+        study.update(summarize(study, genotypes, seeds, long_seeds))
+        write_json_atomic(study, out)
+        say(f"[{i + 1}/{len(todo)}] {name} {kind} seed {k}: AP {run['reward']:.4f} ({run['cpu_s']:.0f} CPU s)")
+    study.update(summarize(study, genotypes, seeds, long_seeds))
+    write_json_atomic(study, out)
+    write_text_atomic(markdown(study), out.with_suffix(".md"))
+    return study
+
+
+def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int, long_seeds: int) -> dict[str, Any]:
+    """Per architecture: mean/sd of the proxy reward and of the long-run AP, CPU s per run; over
+    the architectures with both: the Spearman correlation of the means and the spreads."""
+    runs = study["runs"]
+    table = {}
+    for name in genotypes:
+        row: dict[str, Any] = {}
+        for kind, n in (("proxy", seeds), ("long", long_seeds)):
+            done = [runs[key] for k in range(n) if (key := run_key(name, kind, k)) in runs]
+            row[f"{kind}_mean"], row[f"{kind}_sd"] = _mean_sd([r["reward"] for r in done])
+            row[f"{kind}_n"] = len(done)
+            row[f"{kind}_cpu_s"] = statistics.fmean(r["cpu_s"] for r in done) if done else None
+        table[name] = row
+    both = [name for name, row in table.items() if row["proxy_n"] == seeds and row["long_n"] == long_seeds]
+    proxy = [table[name]["proxy_mean"] for name in both]
+    long = [table[name]["long_mean"] for name in both]
+    for name, r in zip(both, ranks([-x for x in proxy])):
+        table[name]["proxy_rank"] = r
+    for name, r in zip(both, ranks([-x for x in long])):
+        table[name]["long_rank"] = r
+    seed_sds = [table[n]["proxy_sd"] for n in both if table[n]["proxy_sd"] is not None]
+    return {
+        "table": table,
+        "complete": both,
+        "spearman": spearman(proxy, long),
+        "proxy_seed_sd": statistics.fmean(seed_sds) if seed_sds else None,
+        "proxy_between_sd": statistics.stdev(proxy) if len(proxy) > 1 else None,
+    }
+
+
+def _fmt(mean: float | None, sd: float | None, n: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" ({n})"
+
+
+def markdown(study: dict[str, Any]) -> str:
+    meta, machine = study["meta"], study.get("machine", {})
+    rho = study["spearman"]
+    lines = [
+        "# Proxy ranking",
+        "",
+        f"CPU: {machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} torch threads. Proxy: {meta.get('proxy', '')}. Long run: {meta.get('long', '')}.",
+        "",
+        f"Spearman(proxy mean, long-run mean) over {len(study['complete'])} architectures: "
+        + (f"**{rho:.3f}**" if rho is not None else "undefined (fewer than 3 complete, or a constant side)"),
+        "",
+    ]
+    if study["proxy_seed_sd"] is not None and study["proxy_between_sd"] is not None:
+        lines += [
+            f"Proxy spread: seed-to-seed sd {study['proxy_seed_sd']:.4f} (mean over architectures), "
+            f"between architectures (sd of the means) {study['proxy_between_sd']:.4f}.",
+            "",
+        ]
+    lines += [
+        "| architecture | proxy AP mean ± sd (runs) | long-run AP mean ± sd (runs) | proxy rank | long rank "
+        "| CPU s / proxy run | CPU s / long run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(study["table"].items(), key=lambda kv: kv[1].get("long_rank", math.inf))
+    for name, r in rows:
+        cells = [
+            name,
+            _fmt(r["proxy_mean"], r["proxy_sd"], r["proxy_n"]),
+            _fmt(r["long_mean"], r["long_sd"], r["long_n"]),
+            f"{r['proxy_rank']:g}" if "proxy_rank" in r else "-",
+            f"{r['long_rank']:g}" if "long_rank" in r else "-",
+            f"{r['proxy_cpu_s']:.1f}" if r["proxy_cpu_s"] is not None else "-",
+            f"{r['long_cpu_s']:.1f}" if r["long_cpu_s"] is not None else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Genotypes:", ""] + [f"- `{name}`: `{g}`" for name, g in study["genotypes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the trainer
+def proxy_evaluator(
+    task: ProxyTask, long_factor: int, rung_steps: int = 0, device: str = "cpu", keep_weights: bool = False
+) -> Evaluate:
+    """Runs of ``task``: the proxy (at ``rung_steps`` of its ``max_steps`` schedule when set) and
+    the long run (``long_factor`` x the steps, its own schedule), one seed each."""
+    s = task.settings
+    if rung_steps and not s.max_steps:
+        raise SystemExit("--rung-steps needs --max-steps (the schedule the rung is a prefix of)")
+    long_settings = replace(s, epochs=s.epochs * long_factor, max_steps=s.max_steps * long_factor)
+
+    def evaluate(genotype: Genotype, kind: str, seed_index: int, run_dir: Path) -> dict[str, Any]:
+        settings = long_settings if kind == "long" else s
+        one = replace(task, settings=replace(settings, seed=s.seed + seed_index, seeds=1), keep_weights=keep_weights)
+        steps = (rung_steps or s.max_steps) if kind == "proxy" else long_settings.max_steps
+        result = one(genotype, run_dir, device, steps=steps or None)
+        if not keep_weights:
+            (run_dir / "last.pt").unlink(missing_ok=True)  # a rung below the top keeps it for a promotion
+        return {
+            "reward": result["reward"],
+            "AP50": result["metrics"].get("AP50"),
+            "train_s": result["cost"]["train_s"],
+            "steps": result["cost"].get("steps"),
+            "flops": result["cost"]["flops"],
+            "params": result["cost"]["params"],
+        }
+
+    return evaluate
+
+
+def _describe(s: ProxySettings, rung_steps: int, factor: int) -> tuple[str, str]:
+    base = f"R{s.depth}, {s.image_size} px, {s.stacks}x{s.width} ch, batch {s.batch_size}, lr {s.lr:g}, {s.precision}"
+    base += f", EMA {s.ema:g} (tau {s.ema_tau:g})" if s.ema else ", no EMA"
+    if s.max_steps:
+        proxy = f"{base}; AP at step {rung_steps or s.max_steps} of a {s.max_steps}-step schedule"
+        long = f"{factor * s.max_steps} steps"
+    else:
+        proxy, long = f"{base}; {s.epochs} epochs", f"{factor * s.epochs} epochs"
+    return proxy, long
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="the study's JSON (a Markdown table is written next to it)")
+    p.add_argument("--work", help="run folders (default: --out without its suffix)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder (as nasfpn search)")
+    p.add_argument("--train-ann")
+    p.add_argument("--train-images")
+    p.add_argument("--heldout-ann")
+    p.add_argument("--heldout-images")
+    p.add_argument("--holdout", default="auto", help="held-out images: a count, a fraction or 'auto'")
+    p.add_argument("--synthetic-images", type=int, default=400)
+    p.add_argument("--synthetic-size", type=int, default=0, help="default: the proxy image size")
+    p.add_argument("--random", type=int, default=0, help="random genotypes from the search space")
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--cells", type=int, default=7)
+    p.add_argument("--gp", default="mmdet", choices=["mmdet", "tf", "both"])
+    p.add_argument("--genotype", action="append", default=[], help="more architectures (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="proxy runs per architecture")
+    p.add_argument("--long-seeds", type=int, default=0, help="long runs per architecture (default: --seeds)")
+    p.add_argument("--long-factor", type=int, default=4, help="the long run's steps / the proxy's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=0, help="a step schedule instead of --proxy-epochs")
+    p.add_argument("--rung-steps", type=int, default=0, help="read the proxy reward at this step (an ASHA rung)")
+    p.add_argument("--proxy-depth", type=int, default=10)
+    p.add_argument("--proxy-size", type=int, default=128)
+    p.add_argument("--proxy-epochs", type=int, default=4)
+    p.add_argument("--proxy-stacks", type=int, default=1)
+    p.add_argument("--proxy-width", type=int, default=32)
+    p.add_argument("--proxy-head-convs", type=int, default=2)
+    p.add_argument("--proxy-batch", type=int, default=8)
+    p.add_argument("--proxy-lr", type=float, default=0.04)
+    p.add_argument("--proxy-warmup", type=int, default=50)
+    p.add_argument("--proxy-ema", type=float, default=0.0, metavar="DECAY")
+    p.add_argument("--proxy-ema-tau", type=float, default=20.0)
+    p.add_argument("--proxy-separable", action="store_true")
+    p.add_argument("--proxy-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--keep-weights", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = ProxySettings(
+        depth=args.proxy_depth,
+        image_size=args.proxy_size,
+        epochs=args.proxy_epochs,
+        stacks=args.proxy_stacks,
+        width=args.proxy_width,
+        head_convs=args.proxy_head_convs,
+        batch_size=args.proxy_batch,
+        lr=args.proxy_lr,
+        warmup_iters=args.proxy_warmup,
+        seed=args.seed,
+        separable=args.proxy_separable,
+        precision=args.proxy_precision,
+        ema=args.proxy_ema,
+        ema_tau=args.proxy_ema_tau,
+        max_steps=args.max_steps,
+    )
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_suffix("")
+    task = prepare_proxy_task(
+        work,
+        settings,
+        None if args.train_ann else args.data,
+        args.train_ann,
+        args.train_images,
+        args.heldout_ann,
+        args.heldout_images,
+        args.holdout,
+        args.seed,
+        args.synthetic_images,
+        args.synthetic_size or None,
+    )
+    genotypes = architectures(args.random, args.random_seed, tuple(args.genotype), args.cells, args.gp)
+    proxy, long = _describe(settings, args.rung_steps, args.long_factor)
+    meta = {
+        "device": args.device,
+        "proxy": proxy,
+        "long": long,
+        "settings": asdict(settings),
+        "rung_steps": args.rung_steps,
+        "long_factor": args.long_factor,
+        "data": {"train": task.train_ann, "heldout": task.heldout_ann},
+    }
+    long_seeds = args.long_seeds or args.seeds
+    evaluate = proxy_evaluator(task, args.long_factor, args.rung_steps, args.device, args.keep_weights)
+    study = run_study(genotypes, evaluate, out, args.seeds, long_seeds, meta, work)
+    print(markdown(study), end="")
+    return study
+
+
+if __name__ == "__main__":
+    main()
