@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import torch
 
@@ -38,7 +39,12 @@ def test_demo_config_is_the_tiny_preset():
         tiny.model.neck,
         tiny.model.head,
     )
-    assert cfg.model.loss.pos_iou_thr == 0.4 and cfg.data.cache_images and cfg.train == tiny.train
+    assert cfg.model.loss.pos_iou_thr == 0.4 and cfg.data.cache_images
+    assert (cfg.train.optimizer, cfg.train.base_lr, cfg.train.weight_decay) == ("adamw", 0.004, 0.05)
+    assert (
+        replace(cfg.train, optimizer="sgd", base_lr=tiny.train.base_lr, weight_decay=tiny.train.weight_decay)
+        == tiny.train
+    )
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):

@@ -299,11 +299,6 @@ class NASFPN(nn.Module):
     def forward_stacks(self, feats: list[torch.Tensor], stacks: int | None = None) -> list[list[torch.Tensor]]:
         """P3..P7 after each of the first ``stacks`` stages (for deep supervision / anytime exits)."""
         p = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
-        if min(p[-1].shape[-2:]) < 4:
-            raise ValueError(
-                f"input too small for NAS-FPN: C5 is {tuple(p[-1].shape[-2:])}, P6/P7 need it at least 4x4 "
-                "(images of at least 128x128, padded to a multiple of 128)"
-            )
         for down in self.extra_downsamples:
             p.append(down(p[-1]))
         outs = []
