@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nasfpn.cli import add_proxy_arguments, proxy_settings
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
 from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype, parse_genotype
@@ -315,42 +316,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="a step schedule instead of --proxy-epochs")
     p.add_argument("--rung-steps", type=int, default=0, help="read the proxy reward at this step (an ASHA rung)")
-    p.add_argument("--proxy-depth", type=int, default=10)
-    p.add_argument("--proxy-size", type=int, default=128)
-    p.add_argument("--proxy-epochs", type=int, default=4)
-    p.add_argument("--proxy-stacks", type=int, default=1)
-    p.add_argument("--proxy-width", type=int, default=32)
-    p.add_argument("--proxy-head-convs", type=int, default=2)
-    p.add_argument("--proxy-batch", type=int, default=8)
-    p.add_argument("--proxy-lr", type=float, default=0.04)
-    p.add_argument("--proxy-warmup", type=int, default=50)
-    p.add_argument("--proxy-ema", type=float, default=0.0, metavar="DECAY")
-    p.add_argument("--proxy-ema-tau", type=float, default=20.0)
-    p.add_argument("--proxy-separable", action="store_true")
-    p.add_argument("--proxy-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_proxy_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--keep-weights", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = ProxySettings(
-        depth=args.proxy_depth,
-        image_size=args.proxy_size,
-        epochs=args.proxy_epochs,
-        stacks=args.proxy_stacks,
-        width=args.proxy_width,
-        head_convs=args.proxy_head_convs,
-        batch_size=args.proxy_batch,
-        lr=args.proxy_lr,
-        warmup_iters=args.proxy_warmup,
-        seed=args.seed,
-        separable=args.proxy_separable,
-        precision=args.proxy_precision,
-        ema=args.proxy_ema,
-        ema_tau=args.proxy_ema_tau,
-        max_steps=args.max_steps,
-    )
+    settings = proxy_settings(args, seed=args.seed, max_steps=args.max_steps)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_suffix("")
     task = prepare_proxy_task(

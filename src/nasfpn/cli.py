@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only in the command that needs them
     from nasfpn.core.config import Config
+    from nasfpn.search.proxy import ProxySettings
 
 # core.precision.PRECISIONS, spelled out so that building the parser does not import torch.
 _PRECISIONS = ("fp32", "bf16", "fp16")
@@ -489,38 +490,12 @@ def _add_search(sub) -> None:
     c.add_argument("--latency-runs", type=int, default=10, help="timed forward passes; latency = their median")
     c.add_argument("--measure-latency", action="store_true", help="measure and record latency without a limit")
     x = p.add_argument_group("proxy task")
-    x.add_argument("--proxy-depth", type=int, default=10, help="ResNet depth, trained from scratch")
-    x.add_argument("--proxy-size", type=int, default=128, help="image size")
-    x.add_argument("--proxy-epochs", type=int, default=4)
-    x.add_argument("--proxy-stacks", type=int, default=1, help="stacked pyramid networks")
-    x.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
-    x.add_argument("--proxy-batch", type=int, default=8)
-    x.add_argument("--proxy-lr", type=float, default=0.04)
-    x.add_argument(
-        "--proxy-separable",
-        action="store_true",
-        help="train the proxies in the Lite form (depthwise-separable cell and head convs)",
-    )
+    add_proxy_arguments(x)
     x.add_argument(
         "--proxy-seeds",
         type=int,
         default=1,
         help="training runs per trial (seeds --seed, --seed+1, ...); reward = their mean AP",
-    )
-    x.add_argument(
-        "--proxy-ema",
-        type=float,
-        default=0.0,
-        metavar="DECAY",
-        help="reward the EMA of the weights (e.g. 0.98; 0: off): steadier rewards at ASHA rungs "
-        "stopped before the schedule's lr decay",
-    )
-    x.add_argument("--proxy-ema-tau", type=float, default=20.0, help="EMA warm-up in steps (with --proxy-ema)")
-    x.add_argument(
-        "--proxy-precision",
-        choices=_PRECISIONS,
-        default="fp32",
-        help="train trials with autocast + channels-last: bf16 on CPUs with AVX512-BF16/AMX, bf16/fp16 on CUDA",
     )
     x.add_argument(
         "--keep-weights",
@@ -533,6 +508,61 @@ def _add_search(sub) -> None:
         help="reward by similarity to the published NAS-FPN instead of training (instant; dry runs, tests)",
     )
     p.set_defaults(func=_cmd_search)
+
+
+def add_proxy_arguments(group: argparse._ActionsContainer) -> None:
+    """The ``--proxy-*`` options of ``ProxySettings`` (``nasfpn search``, benchmarks/proxy_ranking.py)."""
+    group.add_argument("--proxy-depth", type=int, default=10, help="ResNet depth, trained from scratch")
+    group.add_argument("--proxy-size", type=int, default=128, help="image size")
+    group.add_argument("--proxy-epochs", type=int, default=4)
+    group.add_argument("--proxy-stacks", type=int, default=1, help="stacked pyramid networks")
+    group.add_argument("--proxy-width", type=int, default=32, help="pyramid and head channels")
+    group.add_argument("--proxy-head-convs", type=int, default=2, help="head tower convs")
+    group.add_argument("--proxy-batch", type=int, default=8)
+    group.add_argument("--proxy-lr", type=float, default=0.04)
+    group.add_argument("--proxy-warmup", type=int, default=50, help="warm-up iterations")
+    group.add_argument(
+        "--proxy-separable",
+        action="store_true",
+        help="train the proxies in the Lite form (depthwise-separable cell and head convs)",
+    )
+    group.add_argument(
+        "--proxy-ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="reward the EMA of the weights (e.g. 0.98; 0: off): steadier rewards at ASHA rungs "
+        "stopped before the schedule's lr decay",
+    )
+    group.add_argument("--proxy-ema-tau", type=float, default=20.0, help="EMA warm-up in steps (with --proxy-ema)")
+    group.add_argument(
+        "--proxy-precision",
+        choices=_PRECISIONS,
+        default="fp32",
+        help="train trials with autocast + channels-last: bf16 on CPUs with AVX512-BF16/AMX, bf16/fp16 on CUDA",
+    )
+
+
+def proxy_settings(args: argparse.Namespace, **more: Any) -> ProxySettings:
+    """``ProxySettings`` from ``add_proxy_arguments``' options, plus ``more`` fields (seed, seeds, max_steps)."""
+    from nasfpn.search.proxy import ProxySettings
+
+    return ProxySettings(
+        depth=args.proxy_depth,
+        image_size=args.proxy_size,
+        epochs=args.proxy_epochs,
+        stacks=args.proxy_stacks,
+        width=args.proxy_width,
+        head_convs=args.proxy_head_convs,
+        batch_size=args.proxy_batch,
+        lr=args.proxy_lr,
+        warmup_iters=args.proxy_warmup,
+        separable=args.proxy_separable,
+        precision=args.proxy_precision,
+        ema=args.proxy_ema,
+        ema_tau=args.proxy_ema_tau,
+        **more,
+    )
 
 
 def _cost_options(args: argparse.Namespace) -> dict:
@@ -570,7 +600,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if args.trials is not None:
             spec = SearchSpec.from_dict({**spec.to_dict(), "trials": args.trials})
     else:
-        from nasfpn.search.proxy import FakeEvaluator, ProxySettings, ProxyTask, prepare_proxy_task
+        from nasfpn.search.proxy import FakeEvaluator, ProxyTask, prepare_proxy_task
 
         options = {
             "evolution": {"population_size": args.population, "sample_size": args.tournament},
@@ -600,21 +630,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if args.fake_evaluator:
             evaluator = FakeEvaluator()
         else:
-            settings = ProxySettings(
-                depth=args.proxy_depth,
-                image_size=args.proxy_size,
-                epochs=args.proxy_epochs,
-                stacks=args.proxy_stacks,
-                width=args.proxy_width,
-                batch_size=args.proxy_batch,
-                lr=args.proxy_lr,
-                separable=args.proxy_separable,
-                seed=args.seed,
-                precision=args.proxy_precision,
-                seeds=args.proxy_seeds,
-                ema=args.proxy_ema,
-                ema_tau=args.proxy_ema_tau,
-                max_steps=args.max_steps if asha else 0,
+            settings = proxy_settings(
+                args, seed=args.seed, seeds=args.proxy_seeds, max_steps=args.max_steps if asha else 0
             )
             evaluator = prepare_proxy_task(
                 out,
