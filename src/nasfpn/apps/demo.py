@@ -48,9 +48,9 @@ DEMO_MIN_SIZE = 0.1
 """Smallest shape side, as a fraction of the image side: 13 px at 128 px (the generator's default,
 0.05, goes down to 8 px, which a 128 px model with a stride-8 finest level resolves poorly)."""
 AP50_TARGET = 0.8
-STEPS_FOR_TARGET = 2000
-"""About the steps the demo needs for ``AP50_TARGET`` (benchmarks/RESULTS.md: AP50 0.845 after
-2,000 of a 2,400-step run on a CPU emulated 2x slower, 0.635 after a 1,209-step run at 4x)."""
+STEPS_FOR_TARGET = 1000
+"""About the steps the demo needs for ``AP50_TARGET`` (benchmarks/RESULTS.md: AP50 0.788 after a
+1,000-step run, 0.799 after 1,000 and 0.837 after 1,188 steps of a run on a CPU emulated 4x slower)."""
 
 
 @dataclass
