@@ -18,11 +18,15 @@ FLAGS = {
     "convert": "--config --model --set",
     "predict": "--batch-size --config --device --fast --no-vis --out --plain --precision --score-thr --set --vis-thr "
     "--weights",
-    "search": "--cells --compare --controller --data --fake-evaluator --gp --held-out --heldout-ann --heldout-images "
-    "--keep-weights --no-baselines --no-reuse --out --population --ppo-batch --ppo-entropy --ppo-epochs "
-    "--ppo-lr --proxy-batch --proxy-depth --proxy-epochs --proxy-lr --proxy-precision --proxy-seeds "
-    "--proxy-size --proxy-stacks --proxy-width --ray-address --resume --seed --synthetic-images --threads "
-    "--tournament --train-ann --train-images --trials --workers",
+    "search": "--cells --compare --controller --cost-model --cost-size --cost-weight --cost-weight-over --data "
+    "--data-format --eta --fake-evaluator --final-baselines --full-preset --gp --held-out --heldout-ann "
+    "--heldout-images --holdout --keep-weights --latency-runs --max-flops --max-latency-ms --max-steps "
+    "--measure-latency --min-steps --no-baselines --no-reuse --out --population --ppo-batch --ppo-entropy "
+    "--ppo-epochs --ppo-lr --proxy-batch --proxy-depth --proxy-ema --proxy-ema-tau --proxy-epochs "
+    "--proxy-head-convs --proxy-lr --proxy-precision --proxy-seeds --proxy-separable --proxy-size "
+    "--proxy-stacks --proxy-warmup --proxy-width --ray-address --resume --scheduler --seed "
+    "--synthetic-images --target-flops --target-latency-ms --threads --top-k --tournament --train-ann "
+    "--train-images --trials --val-ann --val-images --val-split --workers",
     "export": "--batch --config --contract --dynamic-batch --dynamic-size --fixed-size --format --no-check --opset "
     "--out --precision --sample --set --size --weights",
     "serve": "--api-key --batch-timeout-ms --config --device --fast --host --max-batch --max-queue --max-upload-mb "

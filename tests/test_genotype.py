@@ -82,10 +82,12 @@ def test_random_genotypes_build_run_backward_and_stack(seed):
     assert len(neck.forward_stacks(feats)) == 2
 
 
-def test_too_small_input_gets_a_clear_error():
-    neck = NASFPN([16, 24, 32], channels=8, stacks=1)
-    with pytest.raises(ValueError, match="at least 128x128"):
-        neck([torch.randn(1, c, 64 // s, 64 // s) for c, s in ((16, 8), (24, 16), (32, 32))])
+def test_inputs_that_are_no_multiple_of_128_get_the_anchor_grid_sizes():
+    # P6 / P7 round up (as the anchors and the FPN's stride-2 convs do): 64 px -> P7 1x1, 320 -> 3x3.
+    neck = NASFPN([16, 24, 32], channels=8, stacks=1).eval()
+    for side, expected in ((64, [8, 4, 2, 1, 1]), (320, [40, 20, 10, 5, 3])):
+        out = neck([torch.randn(1, c, side // s, side // s) for c, s in ((16, 8), (24, 16), (32, 32))])
+        assert [tuple(p.shape[-2:]) for p in out] == [(n, n) for n in expected]
 
 
 def test_odd_sizes_resize_like_mmcv():
