@@ -48,6 +48,8 @@ DEMO_MIN_SIZE = 0.1
 """Smallest shape side, as a fraction of the image side: 13 px at 128 px (the generator's default,
 0.05, goes down to 8 px, which a 128 px model with a stride-8 finest level resolves poorly)."""
 AP50_TARGET = 0.8
+EVAL_DURING_MIN_STEPS = 2000
+"""Evaluations during training (for the time-to-accuracy curve) only where this many steps fit."""
 STEPS_FOR_TARGET = 1000
 """About the steps the demo needs for ``AP50_TARGET`` (benchmarks/RESULTS.md: AP50 0.788 after a
 1,000-step run, 0.799 after 1,000 and 0.837 after 1,188 steps of a run on a CPU emulated 4x slower)."""
@@ -154,13 +156,17 @@ def plan_schedule(
 ) -> tuple[Config, int, str]:
     """The first plan for a run of ``cfg`` fitted to ``budget_seconds``: the steps that fit at
     ``step_seconds`` (the trainer refines it as it measures, ``engine.budget``), and ``cfg`` with
-    an evaluation interval that gives about three evaluations in the run."""
+    an evaluation interval that gives about three evaluations in the run (only the final one on a
+    machine that fits fewer than ``EVAL_DURING_MIN_STEPS``)."""
     steps = iters_per_epoch(num_train, cfg.data.batch_size, world_size)
     t = cfg.train
     budget = TimeBudget(budget_seconds, t.epochs * steps, steps, t.epochs + 1)
     budget.eval_estimate = estimate_eval_seconds(num_val, cfg.data.batch_size, step_seconds)
     first = budget.plan(0, 0.0, step_seconds)
-    interval = max(1, math.ceil(first / steps / 3))
+    # An evaluation's cost grows with the machine's slowness, the budget does not: where fewer than
+    # EVAL_DURING_MIN_STEPS steps fit, the evaluations before the end (two of 500 images took 15% of
+    # the run on a CPU ~4x slower) become training steps, and only the final one is made.
+    interval = max(1, math.ceil(first / steps / 3)) if first >= EVAL_DURING_MIN_STEPS else t.epochs + 1
     budget.eval_interval = interval
     total = budget.plan(0, 0.0, step_seconds)
     cfg = replace(cfg, train=replace(t, eval_interval=interval))
