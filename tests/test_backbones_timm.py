@@ -226,11 +226,13 @@ def _export_and_check(kind: str, name: str, tmp_path) -> ex.ParityReport:
     return report
 
 
+@pytest.mark.slow  # ~6 s each; the Lite export test (test_lite.py) stays in the default run
 def test_onnx_export_check_of_a_torchvision_trunk(tmp_path):
     pytest.importorskip("onnxruntime")
     _export_and_check("torchvision", "mobilenet_v2", tmp_path)
 
 
+@pytest.mark.slow  # ~6 s each; the Lite export test (test_lite.py) stays in the default run
 def test_onnx_export_check_of_a_timm_trunk(timm, tmp_path):
     pytest.importorskip("onnxruntime")
     _export_and_check("timm", "mobilenetv3_large_100", tmp_path)
