@@ -337,3 +337,9 @@ def load_into_model(
             lines.append(f"  wrong shape ({len(misshaped)}): {_short(misshaped)}")
         raise WeightsError("\n".join(lines))
     model.load_state_dict(state, strict=True)
+
+
+def key_list(keys: list[str], limit: int = 8) -> str:
+    """The first ``limit`` state-dict keys of ``keys`` as a list, "..." after it when there are more:
+    the form every weights-do-not-fit error names its missing / unexpected keys in."""
+    return f"{keys[:limit]}{'...' if len(keys) > limit else ''}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from nasfpn.core.weights import load_state_dict_file, resolve_source
+from nasfpn.core.weights import key_list, load_state_dict_file, resolve_source
 from nasfpn.models.backbones_timm import TimmBackbone
 from nasfpn.models.backbones_tv import TorchvisionBackbone
 from nasfpn.models.frozen import StageFreezing
@@ -89,8 +89,8 @@ class ResNet(StageFreezing):
         if missing or unexpected:
             raise ValueError(
                 f"ImageNet weights {source} do not fit ResNet-{self.depth}: "
-                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+                f"missing {key_list(missing)}, "
+                f"unexpected {key_list(unexpected)}"
             )
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nasfpn.core.weights import load_state_dict_file, resolve_source
+from nasfpn.core.weights import key_list, load_state_dict_file, resolve_source
 from nasfpn.models.frozen import StageFreezing
 
 STRIDES = (8, 16, 32)
@@ -283,8 +283,8 @@ def _load_timm_state(body: nn.Module, name: str, source: str) -> None:
     if missing or unexpected or wrong:
         raise ValueError(
             f"weights {source} do not fit timm {name} (a state dict in timm's layout is expected): "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
-            f"wrong shape {wrong[:8]}{'...' if len(wrong) > 8 else ''}"
+            f"missing {key_list(missing)}, "
+            f"unexpected {key_list(unexpected)}, "
+            f"wrong shape {key_list(wrong)}"
         )
     body.load_state_dict({k: state[f] for k, f in found.items() if f is not None})

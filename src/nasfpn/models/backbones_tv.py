@@ -19,7 +19,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from nasfpn.core.weights import load_state_dict_file, resolve_source
+from nasfpn.core.weights import key_list, load_state_dict_file, resolve_source
 from nasfpn.models.frozen import StageFreezing
 
 STRIDES = (8, 16, 32)
@@ -129,6 +129,6 @@ def _load_torchvision(model: nn.Module, name: str, source: str) -> None:
     if missing or unexpected:
         raise ValueError(
             f"weights {source} do not fit torchvision {name} (a torchvision state dict is expected): "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"missing {key_list(missing)}, "
+            f"unexpected {key_list(unexpected)}"
         )
