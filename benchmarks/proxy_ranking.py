@@ -147,11 +147,12 @@ def run_study(
             raise SystemExit(f"{out} holds a study with other settings ({old.get('meta')}); use another --out")
         kept = {key: r for key, r in old.get("runs", {}).items() if texts.get(key.split("|")[0]) == r.get("genotype")}
         study["runs"] = kept
+    # Seed-major: a study stopped part-way has every architecture at the seeds it reached.
     todo = [
         (name, kind, k)
         for kind, n in (("proxy", seeds), ("long", long_seeds))
-        for name in genotypes
         for k in range(n)
+        for name in genotypes
         if run_key(name, kind, k) not in study["runs"]
     ]
     if len(todo) < len(genotypes) * (seeds + long_seeds):
@@ -283,7 +284,10 @@ def proxy_evaluator(
 
 
 def _describe(s: ProxySettings, rung_steps: int, factor: int) -> tuple[str, str]:
-    base = f"R{s.depth}, {s.image_size} px, {s.stacks}x{s.width} ch, batch {s.batch_size}, lr {s.lr:g}, {s.precision}"
+    base = (
+        f"R{s.depth}, {s.image_size} px, {s.stacks}x{s.width} ch, batch {s.batch_size}, {s.optimizer} lr {s.lr:g} "
+        f"(wd {s.weight_decay:g}), anchors matched at IoU {s.match_iou:g}, {s.precision}"
+    )
     base += f", EMA {s.ema:g} (tau {s.ema_tau:g})" if s.ema else ", no EMA"
     if s.max_steps:
         proxy = f"{base}; AP at step {rung_steps or s.max_steps} of a {s.max_steps}-step schedule"
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--holdout", default="auto", help="held-out images: a count, a fraction or 'auto'")
     p.add_argument("--synthetic-images", type=int, default=400)
     p.add_argument("--synthetic-size", type=int, default=0, help="default: the proxy image size")
+    p.add_argument("--synthetic-min-size", type=float, help="shape side / image side (default: the generator's)")
     p.add_argument("--random", type=int, default=0, help="random genotypes from the search space")
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--cells", type=int, default=7)
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seed,
         args.synthetic_images,
         args.synthetic_size or None,
+        synthetic_min_size=args.synthetic_min_size,
     )
     genotypes = architectures(args.random, args.random_seed, tuple(args.genotype), args.cells, args.gp)
     proxy, long = _describe(settings, args.rung_steps, args.long_factor)

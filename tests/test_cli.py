@@ -23,9 +23,9 @@ FLAGS = {
     "--heldout-images --holdout --keep-weights --latency-runs --max-flops --max-latency-ms --max-steps "
     "--measure-latency --min-steps --no-baselines --no-reuse --out --population --ppo-batch --ppo-entropy "
     "--ppo-epochs --ppo-lr --proxy-batch --proxy-depth --proxy-ema --proxy-ema-tau --proxy-epochs "
-    "--proxy-head-convs --proxy-lr --proxy-precision --proxy-seeds --proxy-separable --proxy-size "
-    "--proxy-stacks --proxy-warmup --proxy-width --ray-address --resume --scheduler --seed "
-    "--synthetic-images --target-flops --target-latency-ms --threads --top-k --tournament --train-ann "
+    "--proxy-head-convs --proxy-lr --proxy-match-iou --proxy-optimizer --proxy-precision --proxy-seeds "
+    "--proxy-separable --proxy-size --proxy-stacks --proxy-warmup --proxy-weight-decay --proxy-width "
+    "--ray-address --resume --scheduler --seed --synthetic-images --synthetic-min-size --target-flops --target-latency-ms --threads --top-k --tournament --train-ann "
     "--train-images --trials --val-ann --val-images --val-split --workers",
     "export": "--batch --config --contract --dynamic-batch --dynamic-size --fixed-size --format --no-check --opset "
     "--out --precision --sample --set --size --weights",

@@ -58,6 +58,14 @@ def test_proxy_config_and_full_size_config():
     assert cfg.model.neck.stacks == s.stacks and cfg.model.neck.channels == s.width
     assert parse_genotype(cfg.model.neck.genotype) == NASFPN_GENOTYPE
     assert cfg.data.image_size == 128 and cfg.train.epochs == s.epochs and cfg.train.eval_interval == s.epochs
+    assert cfg.train.optimizer == "sgd" and cfg.model.loss.pos_iou_thr == cfg.model.loss.neg_iou_thr == 0.5
+    fast = proxy_config(NASFPN_GENOTYPE, ProxySettings(optimizer="adamw", lr=4e-3, weight_decay=0.05, match_iou=0.4), 8)
+    assert (fast.train.optimizer, fast.train.base_lr, fast.train.weight_decay) == ("adamw", 4e-3, 0.05)
+    assert fast.model.loss.pos_iou_thr == fast.model.loss.neg_iou_thr == 0.4
+    with pytest.raises(ValueError, match="optimizer"):
+        ProxySettings(optimizer="lamb")
+    with pytest.raises(ValueError, match="match_iou"):
+        ProxySettings(match_iou=1.0)
     full = full_size_config(FPN_CELLS_GENOTYPE)
     assert full.name == "retinanet_r50_nasfpn_searched_crop640_50e"
     assert parse_genotype(full.model.neck.genotype) == FPN_CELLS_GENOTYPE
@@ -65,11 +73,12 @@ def test_proxy_config_and_full_size_config():
 
 
 def test_prepare_proxy_task_on_synthetic_data(tmp_path):
-    task = prepare_proxy_task(tmp_path, ProxySettings(), data="synthetic", synthetic_images=20)
+    task = prepare_proxy_task(tmp_path, ProxySettings(), data="synthetic", synthetic_images=20, synthetic_min_size=0.1)
     assert len(task.class_names) == 8 and len(task.category_ids) == 8
     train = json.loads(Path(task.train_ann).read_text())
     held = json.loads(Path(task.heldout_ann).read_text())
     assert len(train["images"]) == 16 and len(held["images"]) == 4
+    assert min(min(a["bbox"][2:]) for a in train["annotations"]) >= 0.1 * 128  # synthetic_min_size
     assert Path(task.images).is_dir()
     with pytest.raises(ValueError, match="name the data"):
         prepare_proxy_task(tmp_path)

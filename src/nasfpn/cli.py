@@ -407,6 +407,11 @@ def _add_search(sub) -> None:
     )
     d.add_argument("--synthetic-images", type=int, default=400, help="--data synthetic: images generated")
     d.add_argument(
+        "--synthetic-min-size",
+        type=float,
+        help="--data synthetic: smallest shape side as a fraction of the image side (default: the generator's 0.05)",
+    )
+    d.add_argument(
         "--data-format",
         choices=["auto", "coco", "yolo", "voc"],
         default="auto",
@@ -521,6 +526,11 @@ def add_proxy_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--proxy-batch", type=int, default=8)
     group.add_argument("--proxy-lr", type=float, default=0.04)
     group.add_argument("--proxy-warmup", type=int, default=50, help="warm-up iterations")
+    group.add_argument("--proxy-optimizer", choices=["sgd", "adamw"], default="sgd")
+    group.add_argument("--proxy-weight-decay", type=float, default=1e-4, help="(AdamW: ~0.05)")
+    group.add_argument(
+        "--proxy-match-iou", type=float, default=0.5, help="anchor matching IoU (0.4: more positives for small objects)"
+    )
     group.add_argument(
         "--proxy-separable",
         action="store_true",
@@ -557,6 +567,9 @@ def proxy_settings(args: argparse.Namespace, **more: Any) -> ProxySettings:
         batch_size=args.proxy_batch,
         lr=args.proxy_lr,
         warmup_iters=args.proxy_warmup,
+        optimizer=args.proxy_optimizer,
+        weight_decay=args.proxy_weight_decay,
+        match_iou=args.proxy_match_iou,
         separable=args.proxy_separable,
         precision=args.proxy_precision,
         ema=args.proxy_ema,
@@ -644,6 +657,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 args.held_out,
                 args.seed,
                 args.synthetic_images,
+                synthetic_min_size=args.synthetic_min_size,
                 keep_weights=args.keep_weights,
             )
         spec = SearchSpec(

@@ -26,6 +26,7 @@ from nasfpn.core.config import (
     Config,
     DataConfig,
     HeadConfig,
+    LossConfig,
     ModelConfig,
     NeckConfig,
     TrainConfig,
@@ -33,7 +34,7 @@ from nasfpn.core.config import (
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.presets import get_config
 from nasfpn.data.coco import load_coco_json
-from nasfpn.data.synthetic import generate_dataset
+from nasfpn.data.synthetic import SyntheticSpec, generate_dataset
 from nasfpn.engine.trainer import DataPaths, train
 from nasfpn.models import build_model
 from nasfpn.models.nasfpn import LEVELS, NASFPN_GENOTYPE, Genotype
@@ -117,6 +118,13 @@ class ProxySettings:
     batch_size: int = 8
     lr: float = 0.04
     warmup_iters: int = 50
+    optimizer: str = "sgd"
+    """``"sgd"`` (with ``lr`` ~0.04) or ``"adamw"`` (``lr`` ~4e-3): ``TrainConfig.optimizer``."""
+    weight_decay: float = 1e-4
+    """``TrainConfig.weight_decay`` (AdamW's decoupled decay: ~0.05)."""
+    match_iou: float = 0.5
+    """Anchors are positive from this IoU with a box and negative below it (RetinaNet: 0.5). At
+    0.4 small objects get more positive anchors, which speeds up short trainings."""
     seed: int = 0
     """Training seed, the same for every trial so that rewards compare architectures only."""
     seeds: int = 1
@@ -155,6 +163,10 @@ class ProxySettings:
             raise ValueError(f"proxy ema must be 0 (off) or a decay in (0, 1), got {self.ema}")
         if self.ema_tau < 0:
             raise ValueError(f"proxy ema_tau must be >= 0 steps, got {self.ema_tau}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"proxy optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if not 0.0 < self.match_iou < 1.0:
+            raise ValueError(f"proxy match_iou must be in (0, 1), got {self.match_iou}")
 
 
 def proxy_config(
@@ -181,6 +193,7 @@ def proxy_config(
                 num_classes=num_classes, stacked_convs=s.head_convs, feat_channels=s.width, separable=s.separable
             ),
             anchors=AnchorConfig(octave_base_scale=s.anchor_scale),
+            loss=LossConfig(pos_iou_thr=s.match_iou, neg_iou_thr=s.match_iou),
         ),
         data=DataConfig(
             image_size=s.image_size,
@@ -192,7 +205,9 @@ def proxy_config(
         ),
         train=TrainConfig(
             epochs=s.epochs,
+            optimizer=s.optimizer,
             base_lr=s.lr,
+            weight_decay=s.weight_decay,
             base_batch_size=s.batch_size,
             warmup_iters=s.warmup_iters,
             milestones=(max(1, s.epochs - 1),),
@@ -446,12 +461,13 @@ def prepare_proxy_task(
     synthetic_images: int = 400,
     synthetic_size: int | None = None,
     keep_weights: bool = False,
+    synthetic_min_size: float | None = None,
 ) -> ProxyTask:
     """The proxy task of a search: its data located, generated or split under ``work_dir``.
 
     ``data``: a dataset folder, or ``"synthetic"`` for the embedded dataset (``synthetic_images``
-    training images of ``synthetic_size`` px, default the proxy image size, written to
-    ``work_dir/data``); or name ``train_ann`` + ``train_images``. Unless ``heldout_ann`` is given,
+    training images of ``synthetic_size`` px, default the proxy image size, shapes from
+    ``synthetic_min_size`` of the image side, written to ``work_dir/data``); or name ``train_ann`` + ``train_images``. Unless ``heldout_ann`` is given,
     ``held_out`` images (a count, a fraction, or ``"auto"``: the paper's 7392 for COCO-sized sets,
     else 20%) are carved out of the training annotations with ``split_held_out``.
     """
@@ -464,6 +480,7 @@ def prepare_proxy_task(
             num_val=0,
             image_size=synthetic_size or settings.image_size,
             seed=0,
+            min_size=SyntheticSpec.min_size if synthetic_min_size is None else synthetic_min_size,
         )
         train_ann, train_images = ds.train_annotations, ds.train_images
     elif data is not None:
