@@ -151,7 +151,7 @@ def build(
     small = np.asarray(Image.open(source / f"{VAL_CROP}.png").convert("RGB"))
     small_boxes = read_voc_boxes(source / f"{VAL_CROP}.xml")
     h, w = big.shape[:2]
-    cut = int(round(h * (1.0 - heldout_frac)))
+    cut = round(h * (1.0 - heldout_frac))
     xs = tile_origins(w, tile, stride)
     train = [(x, y) for y in tile_origins(h, tile, stride, 0, cut) for x in xs]
     xs_held = tile_origins(w, tile, tile)
