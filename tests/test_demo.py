@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -66,8 +68,11 @@ def test_demo_end_to_end_small(tmp_path, capsys):
         "train.epochs=1",
         "train.warmup_iters=2",
     ]
-    result = run_demo(tmp_path, minutes=5, overrides=overrides, num_train=8, num_val=4, progress=False)
+    # The budget counts from ``started`` (the command line's process start, before its imports).
+    started = time.time() - 60.0
+    result = run_demo(tmp_path, minutes=5, overrides=overrides, num_train=8, num_val=4, progress=False, started=started)
     assert result.ok and result.epochs == 1, result.status
+    assert result.wall_time >= 60.0
     out = capsys.readouterr().out
     assert "[1/4]" in out and "[4/4]" in out and "Average Precision" in out and "AP50" in out
     assert {"AP", "AP50", "per_class"} <= set(result.metrics)
@@ -112,3 +117,13 @@ def test_fastest_setup_prefers_bf16_only_when_clearly_faster(monkeypatch):
         assert {amp for _, amp in seen} == {"none"}
     finally:
         torch.set_num_threads(threads)
+
+
+def test_process_start_time_is_this_process_start():
+    from nasfpn.core.machine import process_start_time
+
+    started = process_start_time()
+    if not Path("/proc/self/stat").is_file():
+        assert started is None
+        return
+    assert started is not None and 0.0 <= time.time() - started < 3600.0

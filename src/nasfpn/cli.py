@@ -1261,6 +1261,9 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from nasfpn.core.machine import process_start_time
+
+    started = process_start_time()  # the budget counts the imports too (seconds on a slow CPU)
     from nasfpn.apps.demo import run_demo
 
     result = run_demo(
@@ -1270,6 +1273,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         overrides=args.overrides,
         progress=False if args.no_progress else None,
+        started=started,
     )
     return 0 if result.ok else 1
 
