@@ -209,6 +209,7 @@ def dynamic_onnx(tiny_weights, tmp_path_factory) -> tuple[Path, str]:
     return out, printed.getvalue()
 
 
+@pytest.mark.slow  # a dynamic-size export of its own (~22 s); test_lite exports the default (dynamic) form in the default run
 def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, dynamic_onnx):
     out, printed = dynamic_onnx
     assert "input Bx3xHxW (multiples of 128, >= 256)" in printed
@@ -239,6 +240,7 @@ def test_dynamic_size_end2end_pads_as_pytorch_does(tiny_weights, dynamic_onnx):
     assert tuple(batch.shape[-2:]) == (256, 256)
 
 
+@pytest.mark.slow  # shares the dynamic-size export above
 def test_example_client_reproduces_nasfpn_predict(tiny_weights, dynamic_onnx, tmp_path):
     """examples/onnx_client.py (onnxruntime + numpy + Pillow, no nasfpn) against `nasfpn predict`
     on upscaled, downscaled, portrait, landscape and unresized images."""
@@ -341,6 +343,7 @@ print(len(outputs))
 """
 
 
+@pytest.mark.slow  # a torch.export of its own (~8 s)
 def test_torch_export_loads_without_the_package(tiny_weights, tmp_path):
     det = load(None, weights=tiny_weights)
     out = tmp_path / "tiny.pt2"

@@ -36,6 +36,7 @@ def _multipart(name: str, data: bytes, boundary: str = "nasfpnload") -> tuple[by
     return head + data[: len(data) // 2], data[len(data) // 2 :] + f"\r\n--{boundary}--\r\n".encode(), boundary
 
 
+@pytest.mark.slow  # hundreds of requests (~7 s); test_serve covers batching and shutdown
 def test_load_invariants_then_graceful_shutdown(tmp_path):
     lt = _load_test()
     weights = save_tiny_weights(tmp_path / "tiny.safetensors", ["data.image_size=128"])  # 4x less compute

@@ -45,8 +45,11 @@ def _slow_enabled(config) -> bool:
     return os.environ.get("NASFPN_SLOW") == "1" or ("slow" in expr and "not slow" not in expr)
 
 
+# The default run checks the NAS-FPN model's iteration (the trainer's assignment, losses, gradients
+# and SGD step are shared); the FPN model's, which differs in the neck only, is slow like float64
+# (~11 s; its inference parity is in the default run, tests/test_parity_mmdet.py).
 PASSES = [
-    pytest.param(("r50_fpn", "float32"), id="r50_fpn-float32"),
+    pytest.param(("r50_fpn", "float32"), id="r50_fpn-float32", marks=pytest.mark.slow),
     pytest.param(("r50_nasfpn", "float32"), id="r50_nasfpn-float32"),
     pytest.param(("r50_fpn", "float64"), id="r50_fpn-float64", marks=pytest.mark.slow),
     pytest.param(("r50_nasfpn", "float64"), id="r50_nasfpn-float64", marks=pytest.mark.slow),
