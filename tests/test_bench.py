@@ -3,7 +3,6 @@ modes on small inputs, and the command line; the scripts' harness in ``benchmark
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from nasfpn.apps import bench
 from nasfpn.cli import main
 from nasfpn.core.presets import get_config
@@ -25,10 +25,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.fixture(scope="module")
 def harness():
     """``benchmarks/harness.py``, the module the scripts import as ``harness``."""
-    spec = importlib.util.spec_from_file_location("harness", BENCHMARKS / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("harness")
 
 
 def test_percentile_and_latency_stats():

@@ -1,20 +1,15 @@
 """benchmarks/compare_pyramids.py: Student's t p-values, the paired test, the summary table."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_pyramids.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cp():
-    spec = importlib.util.spec_from_file_location("compare_pyramids", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare_pyramids")
 
 
 @pytest.mark.parametrize(("t", "df"), [(12.706, 1), (4.303, 2), (2.228, 10), (1.960, 100000)])

@@ -1,24 +1,18 @@
 """benchmarks/proxy_ranking.py: the rank statistics, the resume of a study, and one tiny real study."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_ranking.py"
 
 
 @pytest.fixture(scope="module")
 def pr():
-    spec = importlib.util.spec_from_file_location("proxy_ranking", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("proxy_ranking")
 
 
 def test_ranks_and_spearman(pr, monkeypatch):

@@ -4,28 +4,22 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from benchmark_scripts import load_benchmark
 from deploy_helpers import save_tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_test():
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "benchmarks" / "load_test.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = module  # its dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("load_test")
 
 
 def _multipart(name: str, data: bytes, boundary: str = "nasfpnload") -> tuple[bytes, bytes, str]:

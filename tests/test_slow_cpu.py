@@ -1,21 +1,16 @@
 """benchmarks/slow_cpu.py: the command's exit status comes back, its children are at normal priority."""
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "slow_cpu.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def slow_cpu():
-    spec = importlib.util.spec_from_file_location("slow_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("slow_cpu")
 
 
 def test_exit_status_and_normal_scheduling_of_the_command(slow_cpu, tmp_path):

@@ -1,6 +1,5 @@
 """benchmarks/trees_dataset.py: tile origins, boxes cut by tiles, and the three splits from VOC files."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,15 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trees_dataset.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def td():
-    spec = importlib.util.spec_from_file_location("trees_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("trees_dataset")
 
 
 def test_tile_origins_cover_the_range_and_end_flush(td):
