@@ -124,6 +124,51 @@ def test_resnet_presets_keep_their_state_dict_keys(preset):
     assert (len(keys), hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]) == RESNET_KEYS[preset]
 
 
+def test_resnet_widths_and_stem_shape_the_trunk():
+    torch.manual_seed(0)
+    backbone = build_backbone(10, 0, False, widths=(64, 128, 96, 80), stem="conv3x2").eval()
+    assert backbone.out_channels == (128, 96, 80)
+    assert isinstance(backbone.maxpool, torch.nn.Identity) and backbone.stem_in[0].stride == (2, 2)
+    with torch.no_grad():
+        feats = backbone(torch.randn(2, 3, 128, 128))
+    assert [tuple(f.shape[1:]) for f in feats] == [(128, 16, 16), (96, 8, 8), (80, 4, 4)]
+    # Initialised as torchvision's ResNet (kaiming normal, fan_out): conv std = sqrt(2 / fan_out).
+    w = backbone.layer3[0].conv1.weight
+    assert abs(w.std().item() - (2 / (96 * 9)) ** 0.5) < 0.005
+    bottleneck = build_backbone(50, 0, False, widths=(16, 32, 64, 128))
+    assert bottleneck.out_channels == (128, 256, 512)  # 4x the inner widths
+    frozen = build_backbone(10, 1, False, stem="conv3x2")
+    assert not any(p.requires_grad for p in frozen.stem_in.parameters())
+    assert all(p.requires_grad for p in frozen.layer2.parameters())
+
+
+def test_resnet_reshaped_detector_folds_its_batchnorm():
+    torch.manual_seed(0)
+    cfg = tiny_config().model
+    cfg = replace(cfg, backbone=replace(cfg.backbone, widths=(32, 48, 48, 48), stem="conv3x2"))
+    model = build_model(cfg).eval()
+    for m in model.modules():  # non-trivial statistics, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = optimize_for_inference(model, fuse_bn=True, channels_last=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        plain, folded = model(x), fast(x)
+    for a, b in zip(plain[0] + plain[1], folded[0] + folded[1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_resnet_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="widths must be 4 channel counts"):
+        build_backbone(10, 0, False, widths=(64, 128, 256))
+    with pytest.raises(ValueError, match="stem must be one of"):
+        build_backbone(10, 0, False, stem="conv5")
+    with pytest.raises(ValueError, match="ImageNet weights fit ResNet's own widths"):
+        build_backbone(18, 0, False, pretrained="torchvision", widths=(64, 128, 128, 128))
+
+
 def test_mobilenet_preset_describes_itself(capsys):
     assert main(["info", "nasfpn_mobilenetv2", "--size", "128"]) == 0
     out = capsys.readouterr().out

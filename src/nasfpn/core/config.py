@@ -38,6 +38,13 @@ class BackboneConfig:
     """``kind="torchvision"``: the model, e.g. "mobilenet_v2", "mobilenet_v3_large", "resnext50_32x4d",
     "efficientnet_b0", "regnet_y_400mf"; ``kind="timm"``: a timm model with maps at strides 8, 16 and 32, e.g.
     "mobilenetv3_large_100", "efficientnet_b0", "resnet50", "convnext_atto" (``depth`` is then unused)."""
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    """``kind="resnet"``: channels of layer1..layer4 (a bottleneck's inner width, its output is 4x); the stem
+    gives ``widths[0]``. Other than ResNet's own (the default), no ImageNet weights fit: for training from
+    scratch, e.g. the demo's (64, 128, 128, 128)."""
+    stem: str = "conv7"
+    """``kind="resnet"``: "conv7" (ResNet's 7x7 conv of stride 2 and 3x3 max-pool) or "conv3x2" (two 3x3
+    convs of stride 2, the first of ``widths[0] // 2`` channels, no max-pool: cheaper on small images)."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ def _fold(module: nn.Module, conv_name: str, bn_name: str) -> None:
 
 
 def _fold_resnet(backbone: ResNet) -> None:
+    if isinstance(backbone.stem_in, nn.Sequential):
+        _fold(backbone.stem_in, "0", "1")  # Sequential(conv, bn, relu)
     _fold(backbone, "conv1", "bn1")
     for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
         for block in layer:

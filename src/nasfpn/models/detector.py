@@ -131,7 +131,14 @@ def build_model(cfg: ModelConfig, pretrained_backbone: bool = True) -> RetinaNet
     and ``pretrained_backbone`` is true."""
     b = cfg.backbone
     backbone = build_backbone(
-        b.depth, b.frozen_stages, b.norm_eval, b.pretrained if pretrained_backbone else None, b.kind, b.name
+        b.depth,
+        b.frozen_stages,
+        b.norm_eval,
+        b.pretrained if pretrained_backbone else None,
+        b.kind,
+        b.name,
+        b.widths,
+        b.stem,
     )
     n = cfg.neck
     if n.kind == "fpn":
