@@ -20,8 +20,10 @@ FIRST_PLAN = 5
 
 def estimate_eval_seconds(num_images: int, batch_size: int, seconds_per_step: float) -> float:
     """An evaluation (with its checkpoint) before one was timed: a forward pass per image costs
-    about a third of a training step's share of it, plus a couple of seconds of scoring."""
-    return 2.0 + num_images / batch_size * seconds_per_step / 3
+    about a third of a training step's share of it, plus the scoring and the checkpoint, which run
+    on the CPU: about 2 s where a step takes 0.1 s, and slower as the steps are on a slower CPU
+    (the demo's final evaluation took 15 s at 0.43 s per step, where a constant 2 s planned 6.5)."""
+    return max(2.0, 20.0 * seconds_per_step) + num_images / batch_size * seconds_per_step / 3
 
 
 @dataclass
