@@ -13,7 +13,10 @@ command itself on every core, or any other work) delays them, and the command ru
 than its share, slower than 1x but less than ``factor``x (measured: factor 4 gave 3.1x). So this
 process asks for real-time scheduling (``SCHED_FIFO``; root or CAP_SYS_NICE) and says so when it
 cannot have it; check the measured slow-down (e.g. seconds per training step against a 1x run)
-either way.
+either way. Even so the factor is a duty cycle, not the slow-down: the work resumed after each
+pause runs on cold caches, and on some days it costs more (measured on one day: factor 4 slowed
+isolated demo steps 4.5x and the demo's training loop 5.2-5.5x; factor 3.5: 3.9x and 4.2x;
+on an earlier day factor 4 gave 3.94x on a busy loop and 4.1x on the demo's steps).
 """
 
 from __future__ import annotations
