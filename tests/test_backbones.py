@@ -53,11 +53,10 @@ def test_detector_on_a_torchvision_backbone(name):
     assert [m.shape[-1] for m in cls_maps] == [16, 8, 4, 2, 1] and len(reg_maps) == 5
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_large", "regnet_y_400mf"])
-def test_inference_fast_path_folds_the_trunks_batchnorm(name):
-    torch.manual_seed(0)
-    model = build_model(_tiny_model_cfg(name)).eval()
-    for m in model.backbone.modules():  # non-trivial statistics, so a wrong fold shows
+def _assert_folding_keeps_outputs(model: torch.nn.Module, statistics_of: torch.nn.Module) -> None:
+    """The fast path folds every BN of ``model`` and gives its outputs, with non-trivial BN
+    statistics in ``statistics_of`` (so that a wrong fold shows)."""
+    for m in statistics_of.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
@@ -68,6 +67,13 @@ def test_inference_fast_path_folds_the_trunks_batchnorm(name):
         plain, folded = model(x), fast(x)
     for a, b in zip(plain[0] + plain[1], folded[0] + folded[1]):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "regnet_y_400mf"])
+def test_inference_fast_path_folds_the_trunks_batchnorm(name):
+    torch.manual_seed(0)
+    model = build_model(_tiny_model_cfg(name)).eval()
+    _assert_folding_keeps_outputs(model, model.backbone)
 
 
 def test_frozen_stages_and_norm_eval():
@@ -147,17 +153,7 @@ def test_resnet_reshaped_detector_folds_its_batchnorm():
     cfg = tiny_config().model
     cfg = replace(cfg, backbone=replace(cfg.backbone, widths=(32, 48, 48, 48), stem="conv3x2"))
     model = build_model(cfg).eval()
-    for m in model.modules():  # non-trivial statistics, so a wrong fold shows
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    fast = optimize_for_inference(model, fuse_bn=True, channels_last=False)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
-    x = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        plain, folded = model(x), fast(x)
-    for a, b in zip(plain[0] + plain[1], folded[0] + folded[1]):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    _assert_folding_keeps_outputs(model, model)
 
 
 def test_resnet_shape_errors_are_clear():
