@@ -91,13 +91,18 @@ class ResNet(StageFreezing):
         self.stem_in: nn.Module = nn.Identity()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        if widths != RESNET_WIDTHS or stem != "conv7":
+        if self.reshaped:  # built as torchvision's first, so ResNet's own trunk keeps its exact initialisation
             self._reshape(block, layers)
         expansion = block.expansion
         self.feature_channels = [w * expansion for w in widths[1:]]
         self.out_channels = tuple(self.feature_channels)
         self.feature_strides = [8, 16, 32]
         self._freeze()
+
+    @property
+    def reshaped(self) -> bool:
+        """Widths or stem other than ResNet's own (no ImageNet weights fit)."""
+        return self.widths != RESNET_WIDTHS or self.stem != "conv7"
 
     def _reshape(self, block: type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], layers: list[int]) -> None:
         """New stem and stages for ``self.widths`` / ``self.stem``, initialised as torchvision's."""
@@ -139,7 +144,7 @@ class ResNet(StageFreezing):
 
     def load_imagenet(self, source: str) -> None:
         """Load ImageNet weights: "torchvision", an http(s) URL, or a local file (torchvision layout)."""
-        if self.widths != RESNET_WIDTHS or self.stem != "conv7":
+        if self.reshaped:
             raise ValueError(
                 f"ImageNet weights fit ResNet's own widths {RESNET_WIDTHS} and 7x7 stem only, not widths "
                 f"{self.widths} with stem {self.stem!r}: train this trunk from scratch (backbone.pretrained=null)"
