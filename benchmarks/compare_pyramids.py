@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,61 +31,9 @@ from nasfpn.core.machine import cpu_name
 from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype, parse_genotype
 from nasfpn.search.data import dataset_split
 from nasfpn.search.proxy import ProxyTask
+from nasfpn.search.stats import mean_se, paired_test
 
 BASELINES = {"fpn_cells": FPN_CELLS_GENOTYPE, "nasfpn": NASFPN_GENOTYPE}
-
-
-# --------------------------------------------------------------------------- statistics
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-14:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def paired_test(a: list[float], b: list[float]) -> dict[str, float]:
-    """Mean and standard error of ``a - b`` (paired by position), the t statistic, its p-value."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-    if n < 2:
-        return {"n": n, "mean_diff": mean, "se_diff": se, "t": math.nan, "p": math.nan}
-    t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return {"n": n, "mean_diff": mean, "se_diff": se, "t": t, "p": t_two_sided_p(t, n - 1) if t else 1.0}
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
 
 
 # --------------------------------------------------------------------------- the comparison

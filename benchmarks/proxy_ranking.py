@@ -27,6 +27,7 @@ of this process: the trainer runs in it, data loading included) with the CPU's n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -40,13 +41,19 @@ import numpy as np
 import torch
 
 from nasfpn.cli import add_proxy_arguments, proxy_settings
+from nasfpn.core.config import config_from_dict
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
+from nasfpn.core.weights import read_weights
+from nasfpn.engine.evaluate import evaluate_model
+from nasfpn.models import build_model
 from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype, parse_genotype
-from nasfpn.search.proxy import ProxySettings, ProxyTask, prepare_proxy_task
+from nasfpn.search.proxy import OTHER_WEIGHTS, ProxySettings, ProxyTask, prepare_proxy_task
 from nasfpn.search.space import SearchSpace, parse_paper_genotype
+from nasfpn.search.stats import paired_test, ranks, spearman
 
 KINDS = ("proxy", "long")
+BASELINES = ("fpn_cells", "nasfpn")
 Evaluate = Callable[[Genotype, str, int, Path], dict[str, Any]]
 """``(genotype, kind, seed index, run folder) -> {"reward": AP, ...}`` (one training run)."""
 
@@ -74,39 +81,6 @@ def architectures(
     return out
 
 
-# --------------------------------------------------------------------------- statistics
-def ranks(xs: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their mean rank."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    out = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation (scipy's when installed); ``None`` below 3 pairs or for a
-    constant side, where it is undefined."""
-    if len(xs) != len(ys):
-        raise ValueError(f"spearman needs pairs, got {len(xs)} and {len(ys)} values")
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:
-        rx, ry = ranks(xs), ranks(ys)
-        mx, my = statistics.fmean(rx), statistics.fmean(ry)
-        cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-        return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return float(spearmanr(xs, ys).statistic)
-
-
 def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
@@ -128,12 +102,15 @@ def run_study(
     work: Path | None = None,
     say: Callable[[str], None] = print,
     machine: dict[str, Any] | None = None,
+    rescore: Callable[[Path], dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """Train every missing run, saving ``out`` after each; return the study (``summarize``'d).
 
     A study already in ``out`` continues: its runs are kept and not trained again (those of a
     name whose genotype changed excepted); one made with other ``meta`` (the settings) is
     refused, since its rewards would not compare. ``machine`` (the CPU) is recorded with each run.
+    ``rescore(run folder)``: scores on the untouched set for kept long runs that have none yet
+    (a study trained with ``--keep-weights`` before ``--val-ann`` was given); ``None``: no weights.
     """
     out = Path(out)
     work = Path(work) if work is not None else out.with_suffix("")
@@ -147,6 +124,13 @@ def run_study(
             raise SystemExit(f"{out} holds a study with other settings ({old.get('meta')}); use another --out")
         kept = {key: r for key, r in old.get("runs", {}).items() if texts.get(key.split("|")[0]) == r.get("genotype")}
         study["runs"] = kept
+        for key, r in kept.items():
+            name, kind, k = key.split("|")
+            if rescore is not None and kind == "long" and "val_AP" not in r:
+                scores = rescore(work / name / f"long_seed{k}")
+                if scores is not None:
+                    r.update(scores)
+                    say(f"{name} long seed {k}: scored on the untouched set from its kept weights")
     # Seed-major: a study stopped part-way has every architecture at the seeds it reached.
     todo = [
         (name, kind, k)
@@ -179,8 +163,11 @@ def run_study(
 
 
 def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int, long_seeds: int) -> dict[str, Any]:
-    """Per architecture: mean/sd of the proxy reward and of the long-run AP, CPU s per run; over
-    the architectures with both: the Spearman correlation of the means and the spreads."""
+    """Per architecture: mean/sd of the proxy reward, of the long-run AP and (when scored) of the
+    long runs' AP on the untouched set, CPU s per run; over the architectures with every run: the
+    Spearman correlation of the means, the spreads, how well each side ranks against itself
+    (``self_rank``), the correlation against the number of proxy seeds, and the pyramid the proxy
+    ranks first among the non-baselines against the baselines on the untouched set."""
     runs = study["runs"]
     table = {}
     for name in genotypes:
@@ -190,6 +177,12 @@ def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int,
             row[f"{kind}_mean"], row[f"{kind}_sd"] = _mean_sd([r["reward"] for r in done])
             row[f"{kind}_n"] = len(done)
             row[f"{kind}_cpu_s"] = statistics.fmean(r["cpu_s"] for r in done) if done else None
+        val = [
+            runs[run_key(name, "long", k)].get("val_AP") for k in range(long_seeds) if run_key(name, "long", k) in runs
+        ]
+        val = [v for v in val if v is not None]
+        row["val_mean"], row["val_sd"] = _mean_sd(val)
+        row["val_n"] = len(val)
         table[name] = row
     both = [name for name, row in table.items() if row["proxy_n"] == seeds and row["long_n"] == long_seeds]
     proxy = [table[name]["proxy_mean"] for name in both]
@@ -199,12 +192,81 @@ def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int,
     for name, r in zip(both, ranks([-x for x in long])):
         table[name]["long_rank"] = r
     seed_sds = [table[n]["proxy_sd"] for n in both if table[n]["proxy_sd"] is not None]
-    return {
+    out: dict[str, Any] = {
         "table": table,
         "complete": both,
         "spearman": spearman(proxy, long),
         "proxy_seed_sd": statistics.fmean(seed_sds) if seed_sds else None,
         "proxy_between_sd": statistics.stdev(proxy) if len(proxy) > 1 else None,
+        "self_rank": {kind: self_rank(runs, both, kind, n) for kind, n in (("proxy", seeds), ("long", long_seeds))},
+        "by_proxy_seeds": by_proxy_seeds(runs, both, seeds, long),
+    }
+    scored = [n for n in both if table[n]["val_n"] == long_seeds]
+    if len(scored) == len(both) and both:
+        out["spearman_val"] = {
+            "proxy": spearman(proxy, [table[n]["val_mean"] for n in both]),
+            "long": spearman(long, [table[n]["val_mean"] for n in both]),
+        }
+        out["untouched"] = found_against_baselines(runs, table, both, long_seeds)
+    return out
+
+
+def self_rank(runs: dict[str, Any], names: list[str], kind: str, n: int) -> float | None:
+    """How well one run ranks the architectures as the other runs of the same kind do: the mean,
+    over the seeds, of the Spearman correlation of that seed's rewards with the mean of the other
+    seeds' (a ceiling on how well anything can agree with this kind's means)."""
+    if n < 2 or len(names) < 3:
+        return None
+    rhos = []
+    for k in range(n):
+        one = [runs[run_key(name, kind, k)]["reward"] for name in names]
+        rest = [statistics.fmean(runs[run_key(name, kind, j)]["reward"] for j in range(n) if j != k) for name in names]
+        rho = spearman(one, rest)
+        if rho is not None:
+            rhos.append(rho)
+    return statistics.fmean(rhos) if rhos else None
+
+
+def by_proxy_seeds(runs: dict[str, Any], names: list[str], seeds: int, long: list[float]) -> list[dict[str, Any]]:
+    """Spearman(mean of k proxy seeds, long-run mean) for k = 1..seeds, averaged over every set of
+    k seeds, with the CPU seconds those k proxy runs cost per architecture."""
+    out = []
+    for k in range(1, seeds + 1):
+        rhos = []
+        for subset in itertools.combinations(range(seeds), k):
+            means = [statistics.fmean(runs[run_key(name, "proxy", j)]["reward"] for j in subset) for name in names]
+            rho = spearman(means, long)
+            if rho is not None:
+                rhos.append(rho)
+        cpu = [runs[run_key(name, "proxy", j)]["cpu_s"] for name in names for j in range(seeds)]
+        out.append(
+            {
+                "seeds": k,
+                "spearman": statistics.fmean(rhos) if rhos else None,
+                "cpu_s": k * statistics.fmean(cpu) if cpu else None,
+            }
+        )
+    return out
+
+
+def found_against_baselines(
+    runs: dict[str, Any], table: dict[str, Any], names: list[str], long_seeds: int
+) -> dict[str, Any] | None:
+    """The search's pick (the highest proxy mean that is not a baseline: a random search over the
+    study's other architectures) against FPN and NAS-FPN on the untouched set, paired by seed."""
+    candidates = [n for n in names if n not in BASELINES]
+    present = [b for b in BASELINES if b in names]
+    if not candidates or not present:
+        return None
+    found = max(candidates, key=lambda n: table[n]["proxy_mean"])
+
+    def val(name: str) -> list[float]:
+        return [runs[run_key(name, "long", k)]["val_AP"] for k in range(long_seeds)]
+
+    return {
+        "found": found,
+        "val_AP": {n: val(n) for n in [found, *present]},
+        "tests": {f"{found} - {b}": paired_test(val(found), val(b)) for b in present},
     }
 
 
@@ -212,6 +274,10 @@ def _fmt(mean: float | None, sd: float | None, n: int) -> str:
     if mean is None:
         return "-"
     return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" ({n})"
+
+
+def _rho(rho: float | None) -> str:
+    return "undefined" if rho is None else f"{rho:.3f}"
 
 
 def markdown(study: dict[str, Any]) -> str:
@@ -232,10 +298,33 @@ def markdown(study: dict[str, Any]) -> str:
             f"between architectures (sd of the means) {study['proxy_between_sd']:.4f}.",
             "",
         ]
+    selfr = study.get("self_rank") or {}
+    if selfr.get("proxy") is not None and selfr.get("long") is not None:
+        lines += [
+            f"Each side against itself (one seed's ranking against the mean of the other seeds', mean over "
+            f"the seeds): proxy {selfr['proxy']:.3f}, long run {selfr['long']:.3f}.",
+            "",
+        ]
+    curve = [c for c in study.get("by_proxy_seeds") or [] if c["spearman"] is not None]
+    if curve:
+        lines += [
+            "| proxy seeds averaged | Spearman with the long-run means | CPU s per architecture |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {c['seeds']} | {c['spearman']:.3f} | {c['cpu_s']:.0f} |" for c in curve]
+        lines.append("")
+    val = study.get("spearman_val")
+    if val:
+        lines += [
+            f"On the untouched set (the long runs' final weights): Spearman with the proxy means "
+            f"{_rho(val['proxy'])}, with the long runs' held-out means {_rho(val['long'])}.",
+            "",
+        ]
+    scored = any(r.get("val_n") for r in study["table"].values())
     lines += [
         "| architecture | proxy AP mean ± sd (runs) | long-run AP mean ± sd (runs) | proxy rank | long rank "
-        "| CPU s / proxy run | CPU s / long run |",
-        "|---|---|---|---|---|---|---|",
+        "| CPU s / proxy run | CPU s / long run |" + (" untouched-set AP (long runs) |" if scored else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if scored else ""),
     ]
     rows = sorted(study["table"].items(), key=lambda kv: kv[1].get("long_rank", math.inf))
     for name, r in rows:
@@ -248,17 +337,60 @@ def markdown(study: dict[str, Any]) -> str:
             f"{r['proxy_cpu_s']:.1f}" if r["proxy_cpu_s"] is not None else "-",
             f"{r['long_cpu_s']:.1f}" if r["long_cpu_s"] is not None else "-",
         ]
+        if scored:
+            cells.append(_fmt(r["val_mean"], r["val_sd"], r["val_n"]))
         lines.append("| " + " | ".join(cells) + " |")
+    pick = study.get("untouched")
+    if pick:
+        lines += [
+            "",
+            f"The proxy's pick among the non-baselines, `{pick['found']}`, against the baselines on the "
+            "untouched set (the long runs, paired by seed):",
+            "",
+            "| pyramid | AP per seed | mean |",
+            "|---|---|---|",
+        ]
+        for name, aps in pick["val_AP"].items():
+            lines.append(f"| {name} | {', '.join(f'{x:.4f}' for x in aps)} | {statistics.fmean(aps):.4f} |")
+        lines += ["", "| paired by seed | mean difference ± SE | t | p (two-sided) |", "|---|---|---|---|"]
+        for name, t in pick["tests"].items():
+            lines.append(f"| {name} | {t['mean_diff']:+.4f} ± {t['se_diff']:.4f} | {t['t']:.2f} | {t['p']:.3f} |")
     lines += ["", "Genotypes:", ""] + [f"- `{name}`: `{g}`" for name, g in study["genotypes"].items()]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- the trainer
+def score_weights(run_dir: Path, ann: str, images: str, device: str = "cpu") -> dict[str, Any] | None:
+    """AP and AP50 of a finished run's final weights (``last.safetensors``, which carries its
+    config) on another annotated set, evaluated as the trainer evaluates; ``None`` without them."""
+    weights = Path(run_dir) / "last.safetensors"
+    if not weights.is_file():
+        return None
+    state, config, _ = read_weights(weights)
+    if config is None:
+        raise SystemExit(f"{weights} carries no config")
+    cfg = config_from_dict(config)
+    model = build_model(cfg.model, pretrained_backbone=False)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    metrics, _ = evaluate_model(
+        model, cfg, ann, images, device, cfg.data.batch_size, 0, progress=False, amp=cfg.train.amp
+    )
+    assert metrics is not None  # one process
+    return {"val_AP": float(metrics["AP"]), "val_AP50": float(metrics["AP50"])}
+
+
 def proxy_evaluator(
-    task: ProxyTask, long_factor: int, rung_steps: int = 0, device: str = "cpu", keep_weights: bool = False
+    task: ProxyTask,
+    long_factor: int,
+    rung_steps: int = 0,
+    device: str = "cpu",
+    keep_weights: bool = False,
+    val: tuple[str, str] | None = None,
 ) -> Evaluate:
     """Runs of ``task``: the proxy (at ``rung_steps`` of its ``max_steps`` schedule when set) and
-    the long run (``long_factor`` x the steps, its own schedule), one seed each."""
+    the long run (``long_factor`` x the steps, its own schedule), one seed each. ``val``
+    (annotations, images): every long run's final weights are also scored on that set."""
     s = task.settings
     if rung_steps and not s.max_steps:
         raise SystemExit("--rung-steps needs --max-steps (the schedule the rung is a prefix of)")
@@ -266,11 +398,15 @@ def proxy_evaluator(
 
     def evaluate(genotype: Genotype, kind: str, seed_index: int, run_dir: Path) -> dict[str, Any]:
         settings = long_settings if kind == "long" else s
-        one = replace(task, settings=replace(settings, seed=s.seed + seed_index, seeds=1), keep_weights=keep_weights)
+        score = val is not None and kind == "long"
+        keep = keep_weights or score
+        one = replace(task, settings=replace(settings, seed=s.seed + seed_index, seeds=1), keep_weights=keep)
         steps = (rung_steps or s.max_steps) if kind == "proxy" else long_settings.max_steps
         result = one(genotype, run_dir, device, steps=steps or None)
+        scores = score_weights(run_dir, *val, device) if score and val is not None else None
         if not keep_weights:
-            (run_dir / "last.pt").unlink(missing_ok=True)  # a rung below the top keeps it for a promotion
+            for name in ("last.pt", *OTHER_WEIGHTS):
+                (run_dir / name).unlink(missing_ok=True)  # a rung below the top keeps last.pt for a promotion
         return {
             "reward": result["reward"],
             "AP50": result["metrics"].get("AP50"),
@@ -278,6 +414,7 @@ def proxy_evaluator(
             "steps": result["cost"].get("steps"),
             "flops": result["cost"]["flops"],
             "params": result["cost"]["params"],
+            **(scores or {}),
         }
 
     return evaluate
@@ -306,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-images")
     p.add_argument("--heldout-ann")
     p.add_argument("--heldout-images")
+    p.add_argument("--val-ann", help="an untouched set: every long run's final weights are scored on it too")
+    p.add_argument("--val-images")
     p.add_argument("--holdout", default="auto", help="held-out images: a count, a fraction or 'auto'")
     p.add_argument("--synthetic-images", type=int, default=400)
     p.add_argument("--synthetic-size", type=int, default=0, help="default: the proxy image size")
@@ -357,8 +496,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": {"train": task.train_ann, "heldout": task.heldout_ann},
     }
     long_seeds = args.long_seeds or args.seeds
-    evaluate = proxy_evaluator(task, args.long_factor, args.rung_steps, args.device, args.keep_weights)
-    study = run_study(genotypes, evaluate, out, args.seeds, long_seeds, meta, work)
+    val = (args.val_ann, args.val_images or str(Path(args.val_ann).parent)) if args.val_ann else None
+    evaluate = proxy_evaluator(task, args.long_factor, args.rung_steps, args.device, args.keep_weights, val)
+
+    def rescore(run_dir: Path) -> dict[str, Any] | None:
+        return score_weights(run_dir, *val, args.device) if val is not None else None
+
+    study = run_study(genotypes, evaluate, out, args.seeds, long_seeds, meta, work, rescore=rescore if val else None)
     print(markdown(study), end="")
     return study
 

@@ -8,11 +8,16 @@ large, fully annotated aerial crops from Yellowstone (site YELL): 2299 x 2472 px
 boxes and 1249 x 1035 px with 279, Pascal VOC files, one class "Tree", boxes of 8-106 px. Written
 here as COCO folders of square tiles at the native resolution (``--tile`` px):
 
-- ``train``: the upper ``1 - --heldout-frac`` of the large crop, tiles every ``--stride`` px;
-- ``heldout``: the rest of the large crop, tiles without overlap (the search's rewards: a
-  separate band of the ground, so no tile shares pixels with a training tile);
-- ``val``: the other crop, tiles without overlap, untouched until the end of a search.
+- ``train``: the upper band of the large crop, tiles every ``--stride`` px;
+- ``heldout``: the band below it, ``--heldout-frac`` of the crop's height (the search's rewards:
+  a separate band of the ground, so no tile shares pixels with a training tile);
+- ``val``: untouched until the end of a search. With ``--val-frac F``, the bottom band of the large
+  crop, ``F`` of its height (the same stand as the training band), and the other crop is written
+  as ``other`` (another stand, for the domain gap); without it, the other crop.
 
+Evaluation tiles (``heldout``, ``val``, ``other``) are cut every ``--eval-stride`` px (default: the
+tile, no overlap); a smaller stride shows every tree in several tiles, at other positions and cut
+by other borders, so an AP over them depends less on a few boxes.
 A box is kept in a tile when at least ``--min-visible`` of its area lies inside (clipped to the
 tile); tiles without a box are dropped from ``train``, kept in ``heldout`` and ``val``. Layout:
 ``annotations/instances_{split}.json`` + ``{split}/`` (``nasfpn search --data OUT
@@ -144,25 +149,40 @@ def build(
     stride: int = 64,
     heldout_frac: float = 0.3,
     min_visible: float = 0.6,
+    val_frac: float = 0.0,
+    eval_stride: int = 0,
 ) -> dict[str, dict[str, int]]:
-    """Write the three splits (module docstring) from the ``deepforest/data`` folder ``source``."""
+    """Write the splits (module docstring) from the ``deepforest/data`` folder ``source``."""
+    if not 0 < heldout_frac + val_frac < 1 or heldout_frac <= 0 or val_frac < 0:
+        raise SystemExit(f"--heldout-frac {heldout_frac} and --val-frac {val_frac} must leave a training band")
+    eval_stride = eval_stride or tile
     big = np.asarray(Image.open(source / f"{TRAIN_CROP}.png").convert("RGB"))
     big_boxes = read_voc_boxes(source / f"{TRAIN_CROP}.xml")
     small = np.asarray(Image.open(source / f"{VAL_CROP}.png").convert("RGB"))
     small_boxes = read_voc_boxes(source / f"{VAL_CROP}.xml")
     h, w = big.shape[:2]
-    cut = round(h * (1.0 - heldout_frac))
-    xs = tile_origins(w, tile, stride)
-    train = [(x, y) for y in tile_origins(h, tile, stride, 0, cut) for x in xs]
-    xs_held = tile_origins(w, tile, tile)
-    held = [(x, y) for y in tile_origins(h, tile, tile, cut, h) for x in xs_held]
+    cut = round(h * (1.0 - heldout_frac - val_frac))
+    cut_val = round(h * (1.0 - val_frac))
+
+    def band(y0: int, y1: int, step: int) -> list[tuple[int, int]]:
+        return [(x, y) for y in tile_origins(h, tile, step, y0, y1) for x in tile_origins(w, tile, step)]
+
     sh, sw = small.shape[:2]
-    val = [(x, y) for y in tile_origins(sh, tile, tile) for x in tile_origins(sw, tile, tile)]
-    return {
-        "train": write_split(out, "train", big, big_boxes, train, tile, min_visible, False, "yell528"),
-        "heldout": write_split(out, "heldout", big, big_boxes, held, tile, min_visible, True, "yell528"),
-        "val": write_split(out, "val", small, small_boxes, val, tile, min_visible, True, "yell541"),
+    other = [(x, y) for y in tile_origins(sh, tile, eval_stride) for x in tile_origins(sw, tile, eval_stride)]
+    counts = {
+        "train": write_split(out, "train", big, big_boxes, band(0, cut, stride), tile, min_visible, False, "yell528"),
+        "heldout": write_split(
+            out, "heldout", big, big_boxes, band(cut, cut_val, eval_stride), tile, min_visible, True, "yell528"
+        ),
     }
+    if val_frac > 0:
+        counts["val"] = write_split(
+            out, "val", big, big_boxes, band(cut_val, h, eval_stride), tile, min_visible, True, "yell528"
+        )
+        counts["other"] = write_split(out, "other", small, small_boxes, other, tile, min_visible, True, "yell541")
+    else:
+        counts["val"] = write_split(out, "val", small, small_boxes, other, tile, min_visible, True, "yell541")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
@@ -171,13 +191,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     p.add_argument("--wheel", help=f"a downloaded deepforest wheel (default: pip download {WHEEL})")
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--stride", type=int, default=64, help="training tiles' step (tile: no overlap)")
-    p.add_argument("--heldout-frac", type=float, default=0.3, help="bottom band of the large crop held out")
+    p.add_argument("--heldout-frac", type=float, default=0.3, help="band of the large crop held out for rewards")
+    p.add_argument("--val-frac", type=float, default=0.0, help="bottom band of the large crop kept as val")
+    p.add_argument("--eval-stride", type=int, default=0, help="evaluation tiles' step (default: the tile)")
     p.add_argument("--min-visible", type=float, default=0.6, help="kept box area inside a tile, at least")
     args = p.parse_args(argv)
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         counts = build(
-            out, data_dir(args.wheel, Path(tmp)), args.tile, args.stride, args.heldout_frac, args.min_visible
+            out,
+            data_dir(args.wheel, Path(tmp)),
+            args.tile,
+            args.stride,
+            args.heldout_frac,
+            args.min_visible,
+            args.val_frac,
+            args.eval_stride,
         )
     (out / "counts.json").write_text(json.dumps(counts, indent=1))
     for split, c in counts.items():

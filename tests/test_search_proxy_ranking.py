@@ -1,7 +1,6 @@
-"""benchmarks/proxy_ranking.py: the rank statistics, the resume of a study, and one tiny real study."""
+"""benchmarks/proxy_ranking.py: the architectures, the resume of a study, and one tiny real study."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -13,24 +12,6 @@ from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE
 @pytest.fixture(scope="module")
 def pr():
     return load_benchmark("proxy_ranking")
-
-
-def test_ranks_and_spearman(pr, monkeypatch):
-    assert pr.ranks([0.3, 0.1, 0.3, 0.2]) == [3.5, 1.0, 3.5, 2.0]
-    assert pr.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert pr.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    # ranks 1..5 against 2,1,4,3,5: sum d^2 = 4, rho = 1 - 6*4 / (5*24) = 0.8
-    xs, ys = [0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.1, 0.4, 0.3, 0.5]
-    assert pr.spearman(xs, ys) == pytest.approx(0.8)
-    assert pr.spearman([1, 2], [2, 1]) is None and pr.spearman([1, 1, 1], [1, 2, 3]) is None
-    # Without scipy: the rank implementation gives the same values, ties included.
-    monkeypatch.setitem(sys.modules, "scipy.stats", None)
-    assert pr.spearman(xs, ys) == pytest.approx(0.8)
-    ties = ([0.1, 0.1, 0.3, 0.5], [1.0, 2.0, 2.0, 3.0])
-    monkeypatch.undo()
-    with_scipy = pr.spearman(*ties)
-    monkeypatch.setitem(sys.modules, "scipy.stats", None)
-    assert pr.spearman(*ties) == pytest.approx(with_scipy)
 
 
 def test_architectures_are_fixed_by_the_seed_and_take_command_line_genotypes(pr):
@@ -96,6 +77,50 @@ def test_study_correlates_the_means_and_resumes_without_retraining(pr, tmp_path)
         pr.run_study(genotypes, evaluate, out, seeds=2, long_seeds=3, meta={"proxy": "other"}, say=lambda s: None)
 
 
+def test_self_ranking_seed_curve_and_the_pick_on_the_untouched_set(pr, tmp_path):
+    genotypes = pr.architectures(random=3, random_seed=1)
+    names = list(genotypes)  # fpn_cells, nasfpn, random_0..2
+
+    def evaluate(genotype, kind, k, run_dir):
+        i = names.index(run_dir.parent.name)
+        # Proxy seed 1 reverses the order at a tenth of the scale; seed 0 and the long runs keep it.
+        proxy = 0.01 * (len(names) - i) if k == 1 else 0.1 * i
+        out = {"reward": (proxy if kind == "proxy" else 0.1 * i) + 0.01 * k}
+        if kind == "long":
+            out["val_AP"] = 0.05 * i + 0.02 * k  # the untouched set agrees with the long runs
+        return out
+
+    out = tmp_path / "study.json"
+    study = pr.run_study(genotypes, evaluate, out, seeds=2, long_seeds=3, meta={}, say=lambda s: None)
+    assert study["self_rank"]["long"] == pytest.approx(1.0) and study["self_rank"]["proxy"] == pytest.approx(-1.0)
+    curve = {c["seeds"]: c["spearman"] for c in study["by_proxy_seeds"]}
+    assert curve[1] == pytest.approx(0.0) and curve[2] == pytest.approx(1.0)  # seeds: +1 and -1; their mean: +1
+    assert study["spearman_val"]["long"] == pytest.approx(1.0)
+    pick = study["untouched"]
+    assert pick["found"] == "random_2"  # the highest proxy mean, 0.045 i + 0.025, among the non-baselines
+    assert set(pick["tests"]) == {f"{pick['found']} - fpn_cells", f"{pick['found']} - nasfpn"}
+    gap = pick["tests"][f"{pick['found']} - fpn_cells"]
+    assert gap["mean_diff"] == pytest.approx(0.05 * 4) and gap["n"] == 3
+    md = out.with_suffix(".md").read_text()
+    assert "untouched set" in md and "| proxy seeds averaged |" in md and "paired by seed" in md
+
+    # A study trained without an untouched set: its kept long runs are scored when one is given.
+    saved = json.loads(out.read_text())
+    for r in saved["runs"].values():
+        r.pop("val_AP", None)
+    out.write_text(json.dumps(saved))
+    folders = []
+
+    def rescore(run_dir):
+        folders.append(run_dir.relative_to(tmp_path / "study").as_posix())
+        return None if run_dir.parent.name == "random_2" else {"val_AP": 0.5}
+
+    again = pr.run_study(genotypes, evaluate, out, seeds=2, long_seeds=3, meta={}, say=lambda s: None, rescore=rescore)
+    assert sorted(folders) == sorted(f"{n}/long_seed{k}" for n in names for k in range(3))
+    assert again["table"]["nasfpn"]["val_mean"] == pytest.approx(0.5) and again["table"]["random_2"]["val_n"] == 0
+    assert "untouched" not in again  # not every architecture scored
+
+
 def test_a_tiny_real_study_trains_through_the_proxy_task_and_resumes(pr, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "ranking.json"
@@ -116,3 +141,10 @@ def test_a_tiny_real_study_trains_through_the_proxy_task_and_resumes(pr, tmp_pat
     before = out.read_text()
     pr.main(args)  # resumed: nothing trained again
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
+    # An untouched set (here the held-out file itself): long runs' final weights are scored on it.
+    heldout = study["meta"]["data"]["heldout"]
+    images = str(tmp_path / "ranking" / "data" / "train")
+    scored = pr.main([*args, "--out", str(tmp_path / "scored.json"), "--val-ann", heldout, "--val-images", images])
+    for key, r in scored["runs"].items():
+        assert ("val_AP" in r) == ("|long|" in key) and 0 <= r.get("val_AP", 0) <= 1
+    assert not list((tmp_path / "scored").rglob("*.safetensors"))  # scored, then deleted

@@ -95,7 +95,7 @@ def _images_with_boxes(ann_file: str) -> int:
     return len({int(a["image_id"]) for a in data["annotations"] if not a.get("iscrowd", 0)})
 
 
-_OTHER_WEIGHTS = ("last.prev.pt", "best.pt", "last.safetensors", "best.safetensors")
+OTHER_WEIGHTS = ("last.prev.pt", "best.pt", "last.safetensors", "best.safetensors")
 """A finished run's files besides ``last.pt`` that hold weights (deleted unless ``keep_weights``)."""
 
 
@@ -349,7 +349,7 @@ class ProxyTask:
         if not self.keep_weights:
             # A rung below the top keeps last.pt: a promotion trains on from it.
             last = steps is None or steps >= self.settings.max_steps
-            for name in (("last.pt",) if last else ()) + _OTHER_WEIGHTS:
+            for name in (("last.pt",) if last else ()) + OTHER_WEIGHTS:
                 (run_dir / name).unlink(missing_ok=True)
         return out
 
