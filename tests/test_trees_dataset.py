@@ -62,3 +62,26 @@ def test_build_writes_disjoint_train_heldout_and_val_splits(td, tmp_path):
     with pytest.raises(ValueError, match="empty extent"):
         _voc(src / "bad.xml", [(10, 10, 5, 40)])
         td.read_voc_boxes(src / "bad.xml")
+
+
+def test_a_validation_band_of_the_training_crop_and_overlapping_evaluation_tiles(td, tmp_path):
+    src = tmp_path / "data"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    # 640 px high: training rows 0..383, held-out band 384..511, validation band 512..639
+    Image.fromarray(rng.integers(0, 255, (640, 256, 3), dtype=np.uint8)).save(src / f"{td.TRAIN_CROP}.png")
+    _voc(src / f"{td.TRAIN_CROP}.xml", [(10, 10, 40, 40), (100, 420, 130, 450), (150, 560, 180, 590)])
+    Image.fromarray(rng.integers(0, 255, (128, 256, 3), dtype=np.uint8)).save(src / f"{td.VAL_CROP}.png")
+    _voc(src / f"{td.VAL_CROP}.xml", [(5, 5, 25, 25)])
+    counts = td.build(tmp_path / "out", src, tile=128, stride=64, heldout_frac=0.2, val_frac=0.2, eval_stride=64)
+    ann = tmp_path / "out" / "annotations"
+    val = json.loads((ann / "instances_val.json").read_text())
+    assert all(img["file_name"].startswith("yell528_") for img in val["images"])  # the training crop's band
+    assert {int(img["file_name"].split("_y")[1][:4]) for img in val["images"]} == {512}
+    # one row of tiles every 64 px across 256 px: x = 0, 64, 128; the tree at x 150..180 is in two
+    assert counts["val"] == {"images": 3, "boxes": 2}
+    assert counts["heldout"]["images"] == 3 and counts["other"] == {"images": 3, "boxes": 1}
+    train = json.loads((ann / "instances_train.json").read_text())
+    assert max(int(img["file_name"].split("_y")[1][:4]) for img in train["images"]) + 128 <= 384
+    with pytest.raises(SystemExit, match="training band"):
+        td.build(tmp_path / "bad", src, heldout_frac=0.5, val_frac=0.5)
