@@ -201,6 +201,10 @@ def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int,
         "self_rank": {kind: self_rank(runs, both, kind, n) for kind, n in (("proxy", seeds), ("long", long_seeds))},
         "by_proxy_seeds": by_proxy_seeds(runs, both, seeds, long),
     }
+    if both:
+        # What a search would lose by trusting the proxy: the long-run AP of its first pick below the best.
+        pick = max(both, key=lambda n: table[n]["proxy_mean"])
+        out["regret"] = {"pick": pick, "long_gap": max(long) - table[pick]["long_mean"]}
     scored = [n for n in both if table[n]["val_n"] == long_seeds]
     if len(scored) == len(both) and both:
         out["spearman_val"] = {
@@ -296,6 +300,12 @@ def markdown(study: dict[str, Any]) -> str:
         lines += [
             f"Proxy spread: seed-to-seed sd {study['proxy_seed_sd']:.4f} (mean over architectures), "
             f"between architectures (sd of the means) {study['proxy_between_sd']:.4f}.",
+            "",
+        ]
+    regret = study.get("regret")
+    if regret:
+        lines += [
+            f"The proxy's first pick, `{regret['pick']}`, is {regret['long_gap']:.4f} AP below the best long-run mean.",
             "",
         ]
     selfr = study.get("self_rank") or {}

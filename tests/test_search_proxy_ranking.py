@@ -49,6 +49,7 @@ def test_study_correlates_the_means_and_resumes_without_retraining(pr, tmp_path)
     assert len(calls) == 5 * (2 + 3)
     assert study["complete"] == names
     assert study["spearman"] == pytest.approx(1 - 6 * 2 / (5 * 24))  # one swap: sum d^2 = 2
+    assert study["regret"]["pick"] == "random_1" and study["regret"]["long_gap"] == pytest.approx(0.1)
     row = study["table"]["nasfpn"]
     assert row["proxy_mean"] == pytest.approx(0.105) and row["long_mean"] == pytest.approx(0.11)
     assert row["proxy_sd"] == pytest.approx(0.00707, abs=1e-4) and row["long_n"] == 3
@@ -96,6 +97,7 @@ def test_self_ranking_seed_curve_and_the_pick_on_the_untouched_set(pr, tmp_path)
     curve = {c["seeds"]: c["spearman"] for c in study["by_proxy_seeds"]}
     assert curve[1] == pytest.approx(0.0) and curve[2] == pytest.approx(1.0)  # seeds: +1 and -1; their mean: +1
     assert study["spearman_val"]["long"] == pytest.approx(1.0)
+    assert study["regret"] == {"pick": "random_2", "long_gap": pytest.approx(0.0)}
     pick = study["untouched"]
     assert pick["found"] == "random_2"  # the highest proxy mean, 0.045 i + 0.025, among the non-baselines
     assert set(pick["tests"]) == {f"{pick['found']} - fpn_cells", f"{pick['found']} - nasfpn"}
