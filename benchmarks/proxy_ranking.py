@@ -199,6 +199,7 @@ def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int,
         "proxy_seed_sd": statistics.fmean(seed_sds) if seed_sds else None,
         "proxy_between_sd": statistics.stdev(proxy) if len(proxy) > 1 else None,
         "self_rank": {kind: self_rank(runs, both, kind, n) for kind, n in (("proxy", seeds), ("long", long_seeds))},
+        "proxy_vs_other_long": proxy_vs_other_long(runs, both, proxy, long_seeds),
         "by_proxy_seeds": by_proxy_seeds(runs, both, seeds, long),
     }
     if both:
@@ -226,6 +227,22 @@ def self_rank(runs: dict[str, Any], names: list[str], kind: str, n: int) -> floa
         one = [runs[run_key(name, kind, k)]["reward"] for name in names]
         rest = [statistics.fmean(runs[run_key(name, kind, j)]["reward"] for j in range(n) if j != k) for name in names]
         rho = spearman(one, rest)
+        if rho is not None:
+            rhos.append(rho)
+    return statistics.fmean(rhos) if rhos else None
+
+
+def proxy_vs_other_long(runs: dict[str, Any], names: list[str], proxy: list[float], n: int) -> float | None:
+    """The proxy means against the same targets as the long runs' ``self_rank`` (the mean of the
+    long seeds but one, averaged over the one left out): the two compare per CPU second."""
+    if n < 2 or len(names) < 3:
+        return None
+    rhos = []
+    for k in range(n):
+        rest = [
+            statistics.fmean(runs[run_key(name, "long", j)]["reward"] for j in range(n) if j != k) for name in names
+        ]
+        rho = spearman(proxy, rest)
         if rho is not None:
             rhos.append(rho)
     return statistics.fmean(rhos) if rhos else None
@@ -312,7 +329,8 @@ def markdown(study: dict[str, Any]) -> str:
     if selfr.get("proxy") is not None and selfr.get("long") is not None:
         lines += [
             f"Each side against itself (one seed's ranking against the mean of the other seeds', mean over "
-            f"the seeds): proxy {selfr['proxy']:.3f}, long run {selfr['long']:.3f}.",
+            f"the seeds): proxy {selfr['proxy']:.3f}, long run {selfr['long']:.3f}; the proxy means against "
+            f"the same targets as the long run's: {_rho(study.get('proxy_vs_other_long'))}.",
             "",
         ]
     curve = [c for c in study.get("by_proxy_seeds") or [] if c["spearman"] is not None]

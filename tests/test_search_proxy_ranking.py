@@ -94,6 +94,7 @@ def test_self_ranking_seed_curve_and_the_pick_on_the_untouched_set(pr, tmp_path)
     out = tmp_path / "study.json"
     study = pr.run_study(genotypes, evaluate, out, seeds=2, long_seeds=3, meta={}, say=lambda s: None)
     assert study["self_rank"]["long"] == pytest.approx(1.0) and study["self_rank"]["proxy"] == pytest.approx(-1.0)
+    assert study["proxy_vs_other_long"] == pytest.approx(1.0)  # the proxy means keep the long runs' order
     curve = {c["seeds"]: c["spearman"] for c in study["by_proxy_seeds"]}
     assert curve[1] == pytest.approx(0.0) and curve[2] == pytest.approx(1.0)  # seeds: +1 and -1; their mean: +1
     assert study["spearman_val"]["long"] == pytest.approx(1.0)
