@@ -41,14 +41,19 @@ def _voc(path: Path, boxes) -> None:
     path.write_text(f"<annotation>{objects}</annotation>")
 
 
-def test_build_writes_disjoint_train_heldout_and_val_splits(td, tmp_path):
-    src = tmp_path / "data"
+def _crops(td, src: Path, train_height: int, train_boxes) -> Path:
+    """The two crops as the wheel ships them: a ``train_height`` x 256 one and a 128 x 256 one."""
     src.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (320, 256, 3), dtype=np.uint8)).save(src / f"{td.TRAIN_CROP}.png")
-    _voc(src / f"{td.TRAIN_CROP}.xml", [(10, 10, 40, 40), (150, 20, 190, 60), (60, 270, 90, 300)])
+    rng = np.random.default_rng(train_height)
+    Image.fromarray(rng.integers(0, 255, (train_height, 256, 3), dtype=np.uint8)).save(src / f"{td.TRAIN_CROP}.png")
+    _voc(src / f"{td.TRAIN_CROP}.xml", train_boxes)
     Image.fromarray(rng.integers(0, 255, (128, 256, 3), dtype=np.uint8)).save(src / f"{td.VAL_CROP}.png")
     _voc(src / f"{td.VAL_CROP}.xml", [(5, 5, 25, 25)])
+    return src
+
+
+def test_build_writes_disjoint_train_heldout_and_val_splits(td, tmp_path):
+    src = _crops(td, tmp_path / "data", 320, [(10, 10, 40, 40), (150, 20, 190, 60), (60, 270, 90, 300)])
     counts = td.build(tmp_path / "out", src, tile=128, stride=64, heldout_frac=0.2)
     # 320 px high, cut at 256: training tiles in rows 0..255, held-out tiles in the band 256..319 (none: < 128)
     assert counts["heldout"] == {"images": 0, "boxes": 0}
@@ -65,14 +70,8 @@ def test_build_writes_disjoint_train_heldout_and_val_splits(td, tmp_path):
 
 
 def test_a_validation_band_of_the_training_crop_and_overlapping_evaluation_tiles(td, tmp_path):
-    src = tmp_path / "data"
-    src.mkdir()
-    rng = np.random.default_rng(1)
     # 640 px high: training rows 0..383, held-out band 384..511, validation band 512..639
-    Image.fromarray(rng.integers(0, 255, (640, 256, 3), dtype=np.uint8)).save(src / f"{td.TRAIN_CROP}.png")
-    _voc(src / f"{td.TRAIN_CROP}.xml", [(10, 10, 40, 40), (100, 420, 130, 450), (150, 560, 180, 590)])
-    Image.fromarray(rng.integers(0, 255, (128, 256, 3), dtype=np.uint8)).save(src / f"{td.VAL_CROP}.png")
-    _voc(src / f"{td.VAL_CROP}.xml", [(5, 5, 25, 25)])
+    src = _crops(td, tmp_path / "data", 640, [(10, 10, 40, 40), (100, 420, 130, 450), (150, 560, 180, 590)])
     counts = td.build(tmp_path / "out", src, tile=128, stride=64, heldout_frac=0.2, val_frac=0.2, eval_stride=64)
     ann = tmp_path / "out" / "annotations"
     val = json.loads((ann / "instances_val.json").read_text())
