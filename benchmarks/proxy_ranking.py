@@ -16,6 +16,10 @@ name, a node-form or paper-form string, or JSON). Each is trained
 - as the "long" run, ``--long-seeds`` times: the same model and data, ``--long-factor`` times the
   steps (``K x --max-steps``, or ``K x --proxy-epochs``), its own schedule to the end.
 
+With ``--val-ann``/``--val-images`` (an untouched set), every long run's final weights are also
+scored there, and the table adds the study's pick among the non-baselines (a random search over
+them) against FPN and NAS-FPN on it, paired by seed.
+
 Both go through ``search.proxy.ProxyTask``, the search's own trainer and reward. Written: the JSON
 (``--out``; every run as it finishes, so a stopped study continues where it was, skipping the
 runs already in it) and a Markdown table next to it: per architecture the proxy reward and the
