@@ -28,12 +28,12 @@ from typing import Any
 from nasfpn.cli import add_proxy_arguments, proxy_settings
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
-from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype, parse_genotype
+from nasfpn.models.nasfpn import GENOTYPES, Genotype, parse_genotype
 from nasfpn.search.data import dataset_split
 from nasfpn.search.proxy import ProxyTask
 from nasfpn.search.stats import mean_se, paired_test
 
-BASELINES = {"fpn_cells": FPN_CELLS_GENOTYPE, "nasfpn": NASFPN_GENOTYPE}
+BASELINES = GENOTYPES
 
 
 # --------------------------------------------------------------------------- the comparison

@@ -45,19 +45,18 @@ import numpy as np
 import torch
 
 from nasfpn.cli import add_proxy_arguments, proxy_settings
-from nasfpn.core.config import config_from_dict
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
-from nasfpn.core.weights import read_weights
+from nasfpn.deploy.predictor import load
 from nasfpn.engine.evaluate import evaluate_model
-from nasfpn.models import build_model
-from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype, parse_genotype
+from nasfpn.models.nasfpn import GENOTYPES, Genotype, parse_genotype
 from nasfpn.search.proxy import OTHER_WEIGHTS, ProxySettings, ProxyTask, prepare_proxy_task
 from nasfpn.search.space import SearchSpace, parse_paper_genotype
 from nasfpn.search.stats import paired_test, ranks, spearman
 
 KINDS = ("proxy", "long")
-BASELINES = ("fpn_cells", "nasfpn")
+BASELINES = {name: GENOTYPES[name] for name in ("fpn_cells", "nasfpn")}
+"""The published pyramids every study includes, in the order they are trained and listed."""
 Evaluate = Callable[[Genotype, str, int, Path], dict[str, Any]]
 """``(genotype, kind, seed index, run folder) -> {"reward": AP, ...}`` (one training run)."""
 
@@ -75,7 +74,7 @@ def architectures(
     random: int = 0, random_seed: int = 0, extra: tuple[str, ...] = (), num_cells: int = 7, gp: str = "mmdet"
 ) -> dict[str, Genotype]:
     """The studied genotypes by name: ``fpn_cells``, ``nasfpn``, ``random_0..``, ``arg_0..``."""
-    out = {"fpn_cells": FPN_CELLS_GENOTYPE, "nasfpn": NASFPN_GENOTYPE}
+    out = dict(BASELINES)
     space = SearchSpace.create(num_cells, gp)
     rng = np.random.default_rng(random_seed)
     for k in range(random):
@@ -128,11 +127,10 @@ def run_study(
             raise SystemExit(f"{out} holds a study with other settings ({old.get('meta')}); use another --out")
         kept = {key: r for key, r in old.get("runs", {}).items() if texts.get(key.split("|")[0]) == r.get("genotype")}
         study["runs"] = kept
-        for key, r in kept.items():
-            name, kind, k = key.split("|")
-            if rescore is not None and kind == "long" and "val_AP" not in r:
-                scores = rescore(work / name / f"long_seed{k}")
-                if scores is not None:
+        if rescore is not None:
+            for key, r in kept.items():
+                name, kind, k = key.split("|")
+                if kind == "long" and "val_AP" not in r and (scores := rescore(work / name / f"long_seed{k}")):
                     r.update(scores)
                     say(f"{name} long seed {k}: scored on the untouched set from its kept weights")
     # Seed-major: a study stopped part-way has every architecture at the seeds it reached.
@@ -220,15 +218,16 @@ def summarize(study: dict[str, Any], genotypes: dict[str, Genotype], seeds: int,
     return out
 
 
-def self_rank(runs: dict[str, Any], names: list[str], kind: str, n: int) -> float | None:
-    """How well one run ranks the architectures as the other runs of the same kind do: the mean,
-    over the seeds, of the Spearman correlation of that seed's rewards with the mean of the other
-    seeds' (a ceiling on how well anything can agree with this kind's means)."""
+def _leave_one_seed_out(
+    runs: dict[str, Any], names: list[str], kind: str, n: int, fixed: list[float] | None = None
+) -> float | None:
+    """Mean over the seeds ``k`` of ``kind`` of the Spearman correlation between seed ``k``'s
+    rewards (or ``fixed``, the same for every ``k``) and the mean of the other seeds' rewards."""
     if n < 2 or len(names) < 3:
         return None
     rhos = []
     for k in range(n):
-        one = [runs[run_key(name, kind, k)]["reward"] for name in names]
+        one = fixed if fixed is not None else [runs[run_key(name, kind, k)]["reward"] for name in names]
         rest = [statistics.fmean(runs[run_key(name, kind, j)]["reward"] for j in range(n) if j != k) for name in names]
         rho = spearman(one, rest)
         if rho is not None:
@@ -236,20 +235,16 @@ def self_rank(runs: dict[str, Any], names: list[str], kind: str, n: int) -> floa
     return statistics.fmean(rhos) if rhos else None
 
 
+def self_rank(runs: dict[str, Any], names: list[str], kind: str, n: int) -> float | None:
+    """How well one run ranks the architectures as the other runs of the same kind do (a ceiling
+    on how well anything can agree with this kind's means)."""
+    return _leave_one_seed_out(runs, names, kind, n)
+
+
 def proxy_vs_other_long(runs: dict[str, Any], names: list[str], proxy: list[float], n: int) -> float | None:
     """The proxy means against the same targets as the long runs' ``self_rank`` (the mean of the
     long seeds but one, averaged over the one left out): the two compare per CPU second."""
-    if n < 2 or len(names) < 3:
-        return None
-    rhos = []
-    for k in range(n):
-        rest = [
-            statistics.fmean(runs[run_key(name, "long", j)]["reward"] for j in range(n) if j != k) for name in names
-        ]
-        rho = spearman(proxy, rest)
-        if rho is not None:
-            rhos.append(rho)
-    return statistics.fmean(rhos) if rhos else None
+    return _leave_one_seed_out(runs, names, "long", n, fixed=proxy)
 
 
 def by_proxy_seeds(runs: dict[str, Any], names: list[str], seeds: int, long: list[float]) -> list[dict[str, Any]]:
@@ -398,15 +393,10 @@ def score_weights(run_dir: Path, ann: str, images: str, device: str = "cpu") -> 
     weights = Path(run_dir) / "last.safetensors"
     if not weights.is_file():
         return None
-    state, config, _ = read_weights(weights)
-    if config is None:
-        raise SystemExit(f"{weights} carries no config")
-    cfg = config_from_dict(config)
-    model = build_model(cfg.model, pretrained_backbone=False)
-    model.load_state_dict(state)
-    model.to(device).eval()
+    det = load(None, weights=weights, device=device, optimize=False)
+    cfg = det.config
     metrics, _ = evaluate_model(
-        model, cfg, ann, images, device, cfg.data.batch_size, 0, progress=False, amp=cfg.train.amp
+        det.model, cfg, ann, images, device, cfg.data.batch_size, 0, progress=False, amp=cfg.train.amp
     )
     assert metrics is not None  # one process
     return {"val_AP": float(metrics["AP"]), "val_AP50": float(metrics["AP50"])}
@@ -430,12 +420,12 @@ def proxy_evaluator(
 
     def evaluate(genotype: Genotype, kind: str, seed_index: int, run_dir: Path) -> dict[str, Any]:
         settings = long_settings if kind == "long" else s
-        score = val is not None and kind == "long"
-        keep = keep_weights or score
+        scored_on = val if kind == "long" else None
+        keep = keep_weights or scored_on is not None
         one = replace(task, settings=replace(settings, seed=s.seed + seed_index, seeds=1), keep_weights=keep)
         steps = (rung_steps or s.max_steps) if kind == "proxy" else long_settings.max_steps
         result = one(genotype, run_dir, device, steps=steps or None)
-        scores = score_weights(run_dir, *val, device) if score and val is not None else None
+        scores = score_weights(run_dir, *scored_on, device) if scored_on is not None else None
         if not keep_weights:
             for name in ("last.pt", *OTHER_WEIGHTS):
                 (run_dir / name).unlink(missing_ok=True)  # a rung below the top keeps last.pt for a promotion
@@ -530,11 +520,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     long_seeds = args.long_seeds or args.seeds
     val = (args.val_ann, args.val_images or str(Path(args.val_ann).parent)) if args.val_ann else None
     evaluate = proxy_evaluator(task, args.long_factor, args.rung_steps, args.device, args.keep_weights, val)
+    rescore = None
+    if val is not None:
+        ann, images = val
 
-    def rescore(run_dir: Path) -> dict[str, Any] | None:
-        return score_weights(run_dir, *val, args.device) if val is not None else None
+        def rescore(run_dir: Path) -> dict[str, Any] | None:
+            return score_weights(run_dir, ann, images, args.device)
 
-    study = run_study(genotypes, evaluate, out, args.seeds, long_seeds, meta, work, rescore=rescore if val else None)
+    study = run_study(genotypes, evaluate, out, args.seeds, long_seeds, meta, work, rescore=rescore)
     print(markdown(study), end="")
     return study
 

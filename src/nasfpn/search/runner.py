@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nasfpn.core.fileio import write_json_atomic
-from nasfpn.models.nasfpn import FPN_CELLS_GENOTYPE, NASFPN_GENOTYPE, Genotype
+from nasfpn.models.nasfpn import GENOTYPES, Genotype
 from nasfpn.search.asha import Asha, Rungs
 from nasfpn.search.controllers import Controller
 from nasfpn.search.executors import Executor, build_executor
@@ -367,7 +367,7 @@ def search(
         raise ValueError(f"{out_dir} already holds a search; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.to_dict(), spec_path)
-    baselines = {"nasfpn": NASFPN_GENOTYPE, "fpn_cells": FPN_CELLS_GENOTYPE} if spec.baselines else None
+    baselines = dict(GENOTYPES) if spec.baselines else None
     rungs = spec.rungs() if spec.scheduler == "asha" else None
     evaluator = spec.build_evaluator()
     result = run_search(
