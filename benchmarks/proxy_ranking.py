@@ -48,7 +48,7 @@ from nasfpn.cli import add_proxy_arguments, proxy_settings
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
 from nasfpn.deploy.predictor import load
-from nasfpn.engine.evaluate import evaluate_model
+from nasfpn.engine.evaluate import check_ground_truth, evaluate_model
 from nasfpn.models.nasfpn import GENOTYPES, Genotype, parse_genotype
 from nasfpn.search.proxy import OTHER_WEIGHTS, ProxySettings, ProxyTask, prepare_proxy_task
 from nasfpn.search.space import SearchSpace, parse_paper_genotype
@@ -389,17 +389,28 @@ def markdown(study: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the trainer
 def score_weights(run_dir: Path, ann: str, images: str, device: str = "cpu") -> dict[str, Any] | None:
     """AP and AP50 of a finished run's final weights (``last.safetensors``, which carries its
-    config) on another annotated set, evaluated as the trainer evaluates; ``None`` without them."""
+    config) on another annotated set, evaluated as the trainer evaluates; ``None`` without them.
+    The set's ground truth is checked once by the caller (``check_untouched_set``), not per run."""
     weights = Path(run_dir) / "last.safetensors"
     if not weights.is_file():
         return None
     det = load(None, weights=weights, device=device, optimize=False)
     cfg = det.config
     metrics, _ = evaluate_model(
-        det.model, cfg, ann, images, device, cfg.data.batch_size, 0, progress=False, amp=cfg.train.amp
+        det.model, cfg, ann, images, device, cfg.data.batch_size, 0, progress=False, amp=cfg.train.amp, check=False
     )
     assert metrics is not None  # one process
     return {"val_AP": float(metrics["AP"]), "val_AP50": float(metrics["AP50"])}
+
+
+def check_untouched_set(ann: str, images: str) -> None:
+    """Refuse a missing or malformed untouched set before any run is trained for it."""
+    if not Path(images).is_dir():
+        raise SystemExit(f"--val-images {images}: no such folder (the images of --val-ann {ann})")
+    try:
+        check_ground_truth(ann, images)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def proxy_evaluator(
@@ -523,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rescore = None
     if val is not None:
         ann, images = val
+        check_untouched_set(ann, images)
 
         def rescore(run_dir: Path) -> dict[str, Any] | None:
             return score_weights(run_dir, ann, images, args.device)

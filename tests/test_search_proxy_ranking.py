@@ -151,3 +151,10 @@ def test_a_tiny_real_study_trains_through_the_proxy_task_and_resumes(pr, tmp_pat
     for key, r in scored["runs"].items():
         assert ("val_AP" in r) == ("|long|" in key) and 0 <= r.get("val_AP", 0) <= 1
     assert not list((tmp_path / "scored").rglob("*.safetensors"))  # scored, then deleted
+    # A wrong untouched set is refused before anything is trained for it.
+    bad = [*args, "--out", str(tmp_path / "bad.json")]
+    with pytest.raises(SystemExit, match="no such folder"):
+        pr.main([*bad, "--val-ann", heldout, "--val-images", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="annotation file missing"):
+        pr.main([*bad, "--val-ann", str(tmp_path / "missing.json"), "--val-images", images])
+    assert not (tmp_path / "bad.json").exists()
