@@ -32,12 +32,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from nasfpn.data.voc import read_voc_objects
 
 WHEEL = "deepforest==2.1.0"
 TRAIN_CROP = "2019_YELL_2_528000_4978000_image_crop2"
@@ -46,16 +47,10 @@ VAL_CROP = "2019_YELL_2_541000_4977000_image_crop"
 
 def read_voc_boxes(xml_path: Path) -> np.ndarray:
     """``(N, 4)`` float boxes ``x0, y0, x1, y1`` of a Pascal VOC file (pixel corners as written)."""
-    root = ET.parse(xml_path).getroot()
-    boxes = []
-    for obj in root.iter("object"):
-        b = obj.find("bndbox")
-        if b is None:
-            raise ValueError(f"{xml_path}: an object without <bndbox>")
-        boxes.append([float(b.findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")])
+    boxes = [box for _, box, _ in read_voc_objects(xml_path, ("Tree",))]
     out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if not np.isfinite(out).all() or (out[:, 2:] <= out[:, :2]).any():
-        raise ValueError(f"{xml_path}: a box with a missing or empty extent")
+    if (out[:, 2:] <= out[:, :2]).any():
+        raise ValueError(f"{xml_path}: a box with an empty extent")
     return out
 
 

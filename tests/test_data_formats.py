@@ -18,6 +18,7 @@ from nasfpn.data.checks import DataCheckError, check_dataset, validate_dataset
 from nasfpn.data.coco import CocoDataset
 from nasfpn.data.formats import DataSource, detect_format
 from nasfpn.data.synthetic import generate_dataset
+from nasfpn.data.voc import read_voc_objects
 from nasfpn.engine.coco_metrics import evaluate_detections
 from nasfpn.engine.data_paths import DataPaths, split_data
 
@@ -318,6 +319,20 @@ def test_voc_problems_name_xml_file_and_object(tmp_path):
     text = "\n".join(map(str, problems))
     assert f"{xml / 'a.xml'} object 2: name 'dgo' is not one of the 20 classes" in text
     assert "<xmin>x</xmin> is not a number" in text
+
+
+def test_one_voc_file_reads_its_objects_as_written_or_names_the_bad_one(tmp_path):
+    obj = "<object><name>{}</name>{}<bndbox><xmin>3</xmin><ymin>2</ymin><xmax>{}</xmax><ymax>9</ymax></bndbox></object>"
+    xml = tmp_path / "a.xml"
+    xml.write_text(
+        f"<annotation>{obj.format('cat', '', 10)}{obj.format('dog', '<difficult>1</difficult>', 7.5)}</annotation>"
+    )
+    assert read_voc_objects(xml, ("dog", "cat")) == [(1, [3.0, 2.0, 10.0, 9.0], 0), (0, [3.0, 2.0, 7.5, 9.0], 1)]
+    with pytest.raises(ValueError, match=r"a.xml object 2: name 'dog' is not one of the 1 classes \(given: cat\)"):
+        read_voc_objects(xml, ("cat",))
+    xml.write_text(f"<annotation>{obj.format('cat', '', 'ten')}</annotation>")
+    with pytest.raises(ValueError, match="object 1: <xmax>ten</xmax> is not a number"):
+        read_voc_objects(xml, ("cat",))
 
 
 def test_check_data_command(datasets, broken_yolo, tmp_path, capsys):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,24 @@ def _object(
     if difficult not in (0.0, 1.0):
         return "bad_value", f"<difficult>{difficult_text}</difficult> is not 0 or 1"
     return index[name], values, int(difficult)
+
+
+def read_voc_objects(xml: str | Path, classes: Sequence[str]) -> list[tuple[int, list[float], int]]:
+    """The objects of one VOC file: ``(class index, [xmin, ymin, xmax, ymax] as written, difficult)``.
+
+    For single files outside a dataset folder; raises ``ValueError`` naming the file and the
+    object at the first bad one (``read_voc`` collects them instead).
+    """
+    root = ET.parse(xml).getroot()
+    index = {n: i for i, n in enumerate(classes)}
+    objects = []
+    for k, obj in enumerate(root.findall("object"), 1):
+        parsed = _object(obj, index, f"given: {', '.join(classes)}")
+        if isinstance(parsed[0], str):
+            raise ValueError(f"{xml} object {k}: {parsed[1]}")
+        label, box, difficult = parsed
+        objects.append((int(label), list(box), int(difficult)))
+    return objects
 
 
 def _number(v: float) -> int | float:
