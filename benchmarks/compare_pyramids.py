@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from harness import kept_runs
 from nasfpn.cli import add_proxy_arguments, proxy_settings
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
@@ -50,11 +51,7 @@ def run(
     meta = {"settings": json.loads(json.dumps(asdict(task.settings))), "val": task.heldout_ann}
     texts = {name: g.to_string() for name, g in pyramids.items()}
     study: dict[str, Any] = {"meta": meta, "machine": {"cpu": cpu_name()}, "genotypes": texts, "runs": {}}
-    if out.is_file():
-        old = json.loads(out.read_text())
-        if old.get("meta") != meta:
-            raise SystemExit(f"{out} holds a comparison with other settings; use another --out")
-        study["runs"] = {k: r for k, r in old["runs"].items() if texts.get(k.split("|")[0]) == r["genotype"]}
+    study["runs"] = kept_runs(out, meta, texts)
     for k in range(seeds):  # seed-major: a stopped comparison has every pyramid at the seeds reached
         for name, genotype in pyramids.items():
             key = f"{name}|seed{k}"

@@ -1,4 +1,5 @@
-"""What the scripts in ``benchmarks/`` share: side-by-side timing, its command-line options, tables.
+"""What the scripts in ``benchmarks/`` share: side-by-side timing, its command-line options, tables,
+the resume of a study file.
 
 The scripts run as ``python benchmarks/<script>.py``; Python puts the script's folder first on
 ``sys.path``, so ``import harness`` works from any current directory. The measurements that
@@ -9,6 +10,7 @@ The scripts run as ``python benchmarks/<script>.py``; Python puts the script's f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -89,3 +91,15 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
     out = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join(out)
+
+
+def kept_runs(out: Path, meta: dict[str, Any], genotypes: dict[str, str]) -> dict[str, Any]:
+    """The runs of the study already in ``out`` (JSON: ``meta`` + ``runs`` keyed ``name|...``) that a
+    resumed study keeps: all but those of a name whose genotype text changed or is gone. A study
+    made with other ``meta`` (the settings) is refused: its figures would not compare."""
+    if not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    if old.get("meta") != meta:
+        raise SystemExit(f"{out} holds a study with other settings ({old.get('meta')}); use another --out")
+    return {key: r for key, r in old.get("runs", {}).items() if genotypes.get(key.split("|")[0]) == r.get("genotype")}

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness import kept_runs
 from nasfpn.cli import add_proxy_arguments, proxy_settings
 from nasfpn.core.fileio import write_json_atomic, write_text_atomic
 from nasfpn.core.machine import cpu_name
@@ -121,18 +122,12 @@ def run_study(
     machine = machine if machine is not None else {"cpu": cpu_name(), "torch_threads": torch.get_num_threads()}
     texts = {name: g.to_string() for name, g in genotypes.items()}
     study: dict[str, Any] = {"meta": meta, "machine": machine, "genotypes": texts, "runs": {}}
-    if out.is_file():
-        old = json.loads(out.read_text())
-        if old.get("meta") != meta:
-            raise SystemExit(f"{out} holds a study with other settings ({old.get('meta')}); use another --out")
-        kept = {key: r for key, r in old.get("runs", {}).items() if texts.get(key.split("|")[0]) == r.get("genotype")}
-        study["runs"] = kept
-        if rescore is not None:
-            for key, r in kept.items():
-                name, kind, k = key.split("|")
-                if kind == "long" and "val_AP" not in r and (scores := rescore(work / name / f"long_seed{k}")):
-                    r.update(scores)
-                    say(f"{name} long seed {k}: scored on the untouched set from its kept weights")
+    study["runs"] = kept_runs(out, meta, texts)
+    for key, r in study["runs"].items() if rescore is not None else ():
+        name, kind, k = key.split("|")
+        if kind == "long" and "val_AP" not in r and (scores := rescore(work / name / f"long_seed{k}")):
+            r.update(scores)
+            say(f"{name} long seed {k}: scored on the untouched set from its kept weights")
     # Seed-major: a study stopped part-way has every architecture at the seeds it reached.
     todo = [
         (name, kind, k)
