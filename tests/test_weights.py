@@ -100,6 +100,20 @@ def test_wrong_model_reports_missing_unexpected_and_misshaped(tmp_path):
         nasfpn.load(replace(cfg, model=replace(cfg.model, neck=replace(cfg.model.neck, stacks=1))), weights=path)
 
 
+def test_a_named_config_at_another_input_size_than_the_weights_is_said(tmp_path, caplog):
+    cfg = replace(_tiny_cfg(), data=replace(_tiny_cfg().data, image_size=256))
+    path = tmp_path / "m.safetensors"
+    nasfpn.deploy.predictor.export_weights(build_model(cfg.model, pretrained_backbone=False), cfg, path)
+    with caplog.at_level("WARNING", logger="nasfpn.deploy.predictor"):
+        assert nasfpn.load("nasfpn_tiny", weights=path, optimize=False).config.data.image_size == 128
+    assert "trained at 256 px input, the config given says 128 px: predicting at 128" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nasfpn.deploy.predictor"):
+        assert nasfpn.load("-", weights=path, optimize=False).config.data.image_size == 256
+        nasfpn.load("nasfpn_tiny", weights=path, optimize=False, overrides=["data.image_size=192"])
+    assert "trained at" not in caplog.text  # the file's config, or a size set on purpose
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))

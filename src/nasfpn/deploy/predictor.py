@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from nasfpn.models import RetinaNet, build_model
 
 if TYPE_CHECKING:
     from nasfpn.deploy.autoprecision import PrecisionChoice
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -208,11 +211,33 @@ def load(
     # unless ``overrides`` / ``config_file`` set them.
     config = adopt_file_classes(resolve_config(name_or_config, None, None, file_config), file_config)
     config = resolve_config(config, overrides, config_file)
+    if (
+        file_config is not None
+        and config_file is None
+        and not any(o.startswith("data.image_size=") for o in overrides or ())
+    ):
+        _warn_other_input_size(config, file_config, weights)
     # Trained weights replace everything: no need to fetch ImageNet backbone weights first.
     model = build_model(config.model, pretrained_backbone=state is None)
     if state is not None:
         load_into_model(model, state, kind or "state_dict", str(weights), config, file_config)
     return Detector(model, config, device, optimize)
+
+
+def _warn_other_input_size(config: Config, file_config: dict[str, Any], weights: Any) -> None:
+    """A named preset keeps its own input size; say so when the weights were trained at another
+    one (their detections at the preset's size differ from those the training run evaluated)."""
+    trained = file_config.get("data", {}).get("image_size") if isinstance(file_config.get("data"), dict) else None
+    if isinstance(trained, int) and trained != config.data.image_size:
+        logger.warning(
+            "%s was trained at %d px input, the config given says %d px: predicting at %d. Give no "
+            "config (or '-') to use the file's, or set data.image_size=%d",
+            weights,
+            trained,
+            config.data.image_size,
+            config.data.image_size,
+            trained,
+        )
 
 
 def export_weights(detector_or_model: Detector | RetinaNet, config: Config, path: str | Path) -> None:
