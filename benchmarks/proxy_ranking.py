@@ -123,11 +123,12 @@ def run_study(
     texts = {name: g.to_string() for name, g in genotypes.items()}
     study: dict[str, Any] = {"meta": meta, "machine": machine, "genotypes": texts, "runs": {}}
     study["runs"] = kept_runs(out, meta, texts)
-    for key, r in study["runs"].items() if rescore is not None else ():
-        name, kind, k = key.split("|")
-        if kind == "long" and "val_AP" not in r and (scores := rescore(work / name / f"long_seed{k}")):
-            r.update(scores)
-            say(f"{name} long seed {k}: scored on the untouched set from its kept weights")
+    if rescore is not None:
+        for key, r in study["runs"].items():
+            name, kind, k = key.split("|")
+            if kind == "long" and "val_AP" not in r and (scores := rescore(work / name / f"long_seed{k}")):
+                r.update(scores)
+                say(f"{name} long seed {k}: scored on the untouched set from its kept weights")
     # Seed-major: a study stopped part-way has every architecture at the seeds it reached.
     todo = [
         (name, kind, k)

@@ -209,13 +209,9 @@ def load(
         state, file_config, kind = read_weights(weights)
     # The classes are those the weights were trained for (a named preset's 80 or another dataset's),
     # unless ``overrides`` / ``config_file`` set them.
-    config = adopt_file_classes(resolve_config(name_or_config, None, None, file_config), file_config)
-    config = resolve_config(config, overrides, config_file)
-    if (
-        file_config is not None
-        and config_file is None
-        and not any(o.startswith("data.image_size=") for o in overrides or ())
-    ):
+    named = adopt_file_classes(resolve_config(name_or_config, None, None, file_config), file_config)
+    config = resolve_config(named, overrides, config_file)
+    if file_config is not None and config.data.image_size == named.data.image_size:  # not set on purpose
         _warn_other_input_size(config, file_config, weights)
     # Trained weights replace everything: no need to fetch ImageNet backbone weights first.
     model = build_model(config.model, pretrained_backbone=state is None)
